@@ -1,0 +1,74 @@
+"""run_spmd: results come back in rank order, failures and hangs surface fast and named."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from xdit_compile.testing import SpmdError, run_spmd
+
+
+def _rank_payload(scale: float) -> dict[str, object]:
+    rank = dist.get_rank()
+    ones = torch.ones(3)
+    # The all_reduce proves the ranks really share a process group.
+    dist.all_reduce(ones)
+    base = torch.arange(8.0) * scale + rank
+    return {"rank": rank, "world": dist.get_world_size(), "sum": ones, "view": base[2:5]}
+
+
+def _raise_on_rank_one() -> int:
+    if dist.get_rank() == 1:
+        raise ValueError("boom from the second rank")
+    return dist.get_rank()
+
+
+def _rank_one_blocks_in_barrier() -> int:
+    # Rank 0 skips the barrier and stays busy (returning would close its connections and make
+    # the barrier fail instead of hang), so rank 1 waits in a collective that never completes.
+    if dist.get_rank() == 1:
+        dist.barrier()
+    else:
+        time.sleep(600)
+    return dist.get_rank()
+
+
+def _rank_one_hangs() -> int:
+    if dist.get_rank() == 1:
+        threading.Event().wait()
+    return dist.get_rank()
+
+
+def test_results_are_in_rank_order_and_tensors_survive() -> None:
+    results = run_spmd(_rank_payload, 2, 10.0)
+    assert [r["rank"] for r in results] == [0, 1]
+    assert all(r["world"] == 2 for r in results)
+    for rank, result in enumerate(results):
+        torch.testing.assert_close(result["sum"], torch.full((3,), 2.0), rtol=0, atol=0)
+        torch.testing.assert_close(result["view"], torch.tensor([20.0, 30.0, 40.0]) + rank)
+
+
+def test_exception_on_one_rank_surfaces_with_traceback() -> None:
+    with pytest.raises(SpmdError) as info:
+        run_spmd(_raise_on_rank_one, 2, timeout=60.0)
+    message = str(info.value)
+    assert "rank 1 raised" in message
+    assert "ValueError: boom from the second rank" in message
+    assert "_raise_on_rank_one" in message  # the frame is in the traceback text
+
+
+@pytest.mark.parametrize(
+    ("fn", "stuck"), [(_rank_one_blocks_in_barrier, "[0, 1]"), (_rank_one_hangs, "[1]")]
+)
+def test_stuck_ranks_are_killed_at_the_timeout_and_named(fn: object, stuck: str) -> None:
+    start = time.monotonic()
+    with pytest.raises(SpmdError) as info:
+        run_spmd(fn, 2, timeout=5.0)
+    assert time.monotonic() - start < 30.0
+    message = str(info.value)
+    assert "timed out" in message
+    assert f"rank(s) {stuck} did not finish" in message

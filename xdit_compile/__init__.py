@@ -1,0 +1,23 @@
+"""xdit_compile: run any Diffusion Transformer in parallel with one line.
+
+    model = torch.compile(model, backend="xdit", options={"ulysses_degree": 2})
+
+The backend traces the model with Dynamo, finds attention, norms and patch embeddings in the
+graph, propagates sequence/batch sharding through it and rewrites it into per-rank programs
+that call torch.distributed collectives (Ulysses, Ring, USP, CFG and data parallel).
+"""
+
+from __future__ import annotations
+
+from .annotate import replicate, shard
+from .backend import xdit_backend
+from .errors import CollectiveError, PassError, PlanError, ShardingError, XditError
+from .placements import Partial, Replicate, Shard
+from .plan import ParallelPlan
+from .report import PlanReport, clear_reports, reports
+
+__all__ = [
+    "CollectiveError", "ParallelPlan", "Partial", "PassError", "PlanError", "PlanReport", "Replicate",
+    "Shard", "ShardingError", "XditError", "clear_reports", "replicate", "reports", "shard", "xdit_backend",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,219 @@
+"""The Dynamo backend ``"xdit"`` and the pass runner.
+
+``torch.compile(model, backend="xdit", options={...})`` calls ``xdit_backend`` once per
+graph on every rank (SPMD). Passes, in order (``XDIT_DISABLE_PASSES=name,...`` skips some):
+
+    annotations      read xdit_compile.shard/replicate marks          (forced placements)
+    plan:<axis>      choose seeds and propagate placements           (per axis: batch, sp)
+    lower:<axis>     rewrite into this rank's program for that axis
+    refresh:<axis>   recompute fake shapes for the next axis
+    strip_marks      drop the annotation nodes
+
+Then the per-rank graph goes to the inner compiler (inductor by default, or eager).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.fx as fx
+
+from . import plan as plan_mod
+from .axis import Axis
+from .errors import PassError, PlanError, XditError
+from .graph import input_label, is_tensor, is_user_input, op_name, shape, value
+from .passes.choose_seeds import choose_seeds
+from .passes.lower import lower
+from .passes.propagate import WholeGraphFallback
+from .passes.refresh_meta import refresh_meta
+from .placements import REPLICATE, Shard
+from .plan import ParallelPlan
+from .report import AxisReport, PlanReport, publish
+
+log = logging.getLogger("xdit_compile")
+
+
+@dataclass
+class State:
+    """What passes share for one graph."""
+
+    plan: ParallelPlan
+    example_inputs: Sequence[Any]
+    rank: int
+    axes: list[Axis]
+    report: PlanReport
+    forced: dict[str, dict[fx.Node, Any]] = field(default_factory=dict)
+
+
+PassFn = Callable[[fx.GraphModule, State], bool]
+
+
+def run_passes(gm: fx.GraphModule, state: State, passes: Sequence[tuple[str, PassFn]]) -> None:
+    """Run ``passes`` in order; errors name the failing pass and those that ran before it."""
+    disabled = {p for p in os.environ.get("XDIT_DISABLE_PASSES", "").split(",") if p}
+    done: list[str] = []
+    for name, fn in passes:
+        if name in disabled or name.split(":")[0] in disabled:
+            log.info("xdit: pass %s disabled by XDIT_DISABLE_PASSES", name)
+            continue
+        start = time.perf_counter()
+        try:
+            fn(gm, state)
+        except (XditError, WholeGraphFallback):
+            raise
+        except Exception as e:
+            raise PassError(f"xdit pass {name!r} failed after passes {done or 'none'}: {type(e).__name__}: {e}") from e
+        state.report.pass_seconds[name] = time.perf_counter() - start
+        done.append(name)
+
+
+# ---------------------------------------------------------------------- passes
+def _annotations(gm: fx.GraphModule, state: State) -> bool:
+    for node in gm.graph.nodes:
+        if op_name(node) == "mark":
+            src, axis, dim = node.args
+            p = REPLICATE if dim < 0 else Shard(dim, (shape(src)[dim],), 1)
+            state.forced.setdefault(axis, {})[node] = p
+    return False
+
+
+def _strip_marks(gm: fx.GraphModule, state: State) -> bool:
+    changed = False
+    for node in list(gm.graph.nodes):
+        if op_name(node) == "mark":
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+            changed = True
+    if changed:
+        gm.recompile()
+    return changed
+
+
+def _axis_passes(axis: Axis) -> list[tuple[str, PassFn]]:
+    holder: dict[str, Any] = {}
+
+    def plan_pass(gm: fx.GraphModule, state: State) -> bool:
+        forced = state.forced.get(axis.name, {})
+        # Marks for the other axis pass values through unchanged on this one.
+        holder["prop"] = choose_seeds(gm, axis.n, axis.name == "batch", _graph_facts(gm)[0], forced=forced)
+        return False
+
+    def lower_pass(gm: fx.GraphModule, state: State) -> bool:
+        prop = holder["prop"]
+        lowered = lower(gm, prop, axis)
+        ar = AxisReport(axis.name, axis.n)
+        ar.seeds = [(input_label(n), str(p)) for n, p in prop.seeds.items()]
+        ar.replicated = [(n.name, str(op_name(n)), why) for n, why in prop.fallbacks]
+        ar.attention = lowered.attention
+        ar.collectives = lowered.collectives
+        state.report.axes.append(ar)
+        return True
+
+    def refresh_pass(gm: fx.GraphModule, state: State) -> bool:
+        refresh_meta(gm, state.example_inputs)
+        return False
+
+    return [(f"plan:{axis.name}", plan_pass), (f"lower:{axis.name}", lower_pass), (f"refresh:{axis.name}", refresh_pass)]
+
+
+# ---------------------------------------------------------------------- the backend
+def _graph_facts(gm: fx.GraphModule) -> tuple[int | None, int | None]:
+    """(batch size, attention heads) read off the graph, for the automatic plan."""
+    batch = None
+    biggest = -1
+    for node in gm.graph.nodes:
+        if node.op == "placeholder" and is_tensor(node) and is_user_input(node):
+            s = shape(node)
+            if len(s) >= 2 and isinstance(s[0], int) and value(node).numel() > biggest:
+                biggest, batch = value(node).numel(), s[0]
+    heads = None
+    for node in gm.graph.nodes:
+        if op_name(node) == "scaled_dot_product_attention":
+            q = node.args[0] if node.args else node.kwargs.get("query")
+            h = shape(q)[-3] if len(shape(q)) >= 3 else 1
+            heads = h if heads is None else min(heads, h)
+    return batch, heads
+
+
+def _axes(plan: ParallelPlan, rank: int) -> list[Axis]:
+    groups = plan_mod.process_groups(plan)
+    axes = []
+    for name in ("batch", "sp"):
+        n = plan.degree(name)
+        if n <= 1:
+            continue
+        kw: dict[str, Any] = {}
+        if name == "sp":
+            kw = dict(ulysses=plan.degree("ulysses"), ring=plan.degree("ring"))
+            if kw["ulysses"] > 1 and kw["ring"] > 1:
+                kw.update(ulysses_group=groups["ulysses"].group_name, ring_group=groups["ring"].group_name)
+        axes.append(Axis(name, n, plan.axis_rank(name, rank), groups[name].group_name, **kw))
+    return axes
+
+
+def _inner(plan: ParallelPlan, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
+    if plan.inner == "eager":
+        return gm.forward
+    from torch._inductor.compile_fx import compile_fx
+
+    return compile_fx(gm, example_inputs)
+
+
+def xdit_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: dict | None = None, **_: Any) -> Callable:
+    """Rewrite a Dynamo graph into this rank's parallel program and compile it."""
+    plan = ParallelPlan.from_options(options)
+    if not (dist.is_available() and dist.is_initialized()):
+        if any(getattr(plan, a) not in (None, 1) for a in plan_mod.MESH_AXES):
+            raise PlanError(
+                f"xdit plan {plan.describe()} needs a torch.distributed process group: launch with "
+                "torchrun and call torch.distributed.init_process_group() before compiling"
+            )
+        return _inner(plan, gm, example_inputs)
+    world, rank = dist.get_world_size(), dist.get_rank()
+    batch, heads = _graph_facts(gm)
+    plan = plan.resolve(world, batch, heads)
+    graph_name = f"graph {len(__import__('xdit_compile.report', fromlist=['x']).reports())}"
+    report = PlanReport(graph_name, plan.describe(), rank, world, len(gm.graph.nodes))
+    if world == 1:
+        publish(report)
+        return _inner(plan, gm, example_inputs)
+    state = State(plan, example_inputs, rank, _axes(plan, rank), report)
+    passes: list[tuple[str, PassFn]] = [("annotations", _annotations)]
+    for i, axis in enumerate(state.axes):
+        passes += _axis_passes(axis)
+        if i == len(state.axes) - 1 and plan.inner == "eager":
+            passes.pop()  # the next axis reads fresh shapes; eager execution needs none
+    passes.append(("strip_marks", _strip_marks))
+    original = _copy(gm)
+    try:
+        run_passes(gm, state, passes)
+    except WholeGraphFallback as e:
+        gm = original
+        _strip_marks(gm, state)
+        report.fallback = str(e)
+        report.axes.clear()
+        log.warning("xdit: %s; this graph runs replicated on every rank", e)
+    except PassError as e:
+        if os.environ.get("XDIT_STRICT", "0") == "1":
+            raise
+        gm = original
+        _strip_marks(gm, state)
+        report.fallback = f"internal error, ran replicated: {e}"
+        report.axes.clear()
+        log.warning("xdit: %s; this graph runs replicated on every rank (set XDIT_STRICT=1 to raise)", e)
+    publish(report)
+    return _inner(plan, gm, example_inputs)
+
+
+def _copy(gm: fx.GraphModule) -> fx.GraphModule:
+    import copy
+
+    new = fx.GraphModule(gm, copy.deepcopy(gm.graph))
+    new.meta = dict(gm.meta)
+    return new

@@ -1,0 +1,77 @@
+"""Choose which user inputs to shard, and on which dim, by comparing propagated plans.
+
+Reads: placeholders' example values; user seeds (``ParallelPlan``-level input placements).
+Writes: nothing; returns the seeds. Greedy: take the cheapest single (input, dim), then add the
+one that lowers the estimated per-rank cost most, until nothing helps. Every candidate plan is
+correct (rules preserve meaning), so the search only trades speed.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Mapping
+
+import torch.fx as fx
+
+from ..graph import input_label, is_tensor, is_user_input, shape
+from ..placements import Placement, shard
+from .propagate import Propagation, WholeGraphFallback, propagate
+
+log = logging.getLogger("xdit_compile.seeds")
+
+
+def candidates(gm: fx.GraphModule, n: int, batch_axis: bool, batch: int | None = None) -> list[tuple[fx.Node, Placement]]:
+    """(input, placement) pairs worth trying on an axis of ``n`` ranks.
+
+    The batch axis splits dim 0. The sequence axis never splits a batch dim (dim 0 of a
+    tensor of rank >= 3, or of size ``batch``): that would be data parallelism in disguise,
+    and the batch may already belong to the batch axis.
+    """
+    out = []
+    for node in gm.graph.nodes:
+        if node.op != "placeholder" or not is_tensor(node) or not is_user_input(node):
+            continue
+        s = shape(node)
+        if not all(isinstance(d, int) for d in s):
+            continue
+        if batch_axis:
+            dims = [0] if len(s) >= 1 else []
+        else:
+            dims = [d for d in range(len(s)) if len(s) >= 2 and not (d == 0 and (len(s) >= 3 or s[0] == batch))]
+        for d in dims:
+            if s[d] >= n:
+                out.append((node, shard(d, s[d])))
+    return out
+
+
+def choose_seeds(
+    gm: fx.GraphModule,
+    n: int,
+    batch_axis: bool,
+    batch: int | None = None,
+    fixed: Mapping[fx.Node, Placement] | None = None,
+    forced: Mapping[fx.Node, Placement] | None = None,
+) -> Propagation:
+    """The propagation of the cheapest seed set found (``fixed`` seeds are always kept)."""
+    seeds = dict(fixed or {})
+    best = propagate(gm, n, seeds, forced)
+    pool = [c for c in candidates(gm, n, batch_axis, batch) if c[0] not in seeds]
+    while pool:
+        trials = []
+        for node, p in pool:
+            try:
+                trials.append((propagate(gm, n, {**seeds, node: p}, forced), node, p))
+            except WholeGraphFallback:
+                continue
+        if not trials:
+            break
+        prop, node, p = min(trials, key=lambda t: t[0].cost)
+        # The caller asked for this axis: shard at least one input even when the model is
+        # too small for the estimate to favour it; add more only while they help.
+        if seeds and prop.cost >= best.cost * 0.999:
+            break
+        log.debug("seed %s: %s (cost %.3g -> %.3g)", input_label(node), p, best.cost, prop.cost)
+        seeds[node] = p
+        best = prop
+        pool = [c for c in pool if c[0] is not node]
+    return best

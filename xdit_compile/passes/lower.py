@@ -1,0 +1,262 @@
+"""Apply a propagation to the graph: the per-rank program for one axis.
+
+Reads: the ``Propagation`` of ``passes.propagate`` (placements, decisions, seeds).
+Writes: the graph (slices after seeded inputs, collectives where placements change, local
+shapes in view/split/slice args, attention lowered to Ulysses/Ring/USP, replicated outputs)
+and ``node.meta["xdit"][axis]`` = the node's placement on this axis, for the report.
+
+Before (one rank's view of the global program)::
+
+    x = placeholder; h = conv2d(x, w); t = flatten(h, 2).transpose(1, 2)
+    q = view(linear(t, wq), 2, 64, 4, 16).transpose(1, 2); o = sdpa(q, k, v)
+
+After (sp axis, 2 ranks, rank 0)::
+
+    x0 = xdit_slice(x, 2, ((0, 8),)); h = conv2d(x0, w); ...
+    q = reshape(linear(t, wq), (2, 32, 4, 16)).transpose(1, 2)
+    o = ulysses_attention(q, k, v, group="1", q_sizes=[32, 32], kv_sizes=[32, 32])
+    ...; out = xdit_gather(y, 2, [4, 4], "1")
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch.fx.node import map_arg
+
+from ..axis import Axis
+from ..errors import ShardingError
+from ..graph import is_tensor, shape, value
+from ..placements import REPLICATE, Partial, Placement, Replicate, Shard, fmt, global_order, local_sizes, pieces
+from ..rules.attention import sdpa_args
+from ..runtime import attention as rt_attention
+from ..runtime import redistribute as rt
+from .propagate import Propagation
+
+
+@dataclass
+class Lowered:
+    """What the lowering did, for the plan report."""
+
+    collectives: list[tuple[str, str, int]] = field(default_factory=list)  # (kind, node, bytes/call)
+    attention: list[tuple[str, str, str]] = field(default_factory=list)  # (node, kind, lowering)
+
+
+class _Ctx:
+    """What rewrites see: this rank, the axis size, and actual placements in the new graph."""
+
+    def __init__(self, axis: Axis, actual: dict[fx.Node, Any]):
+        self.axis = axis
+        self.n = axis.n
+        self.rank = axis.rank
+        self.actual = actual
+
+    def pl(self, node: fx.Node) -> Any:
+        return self.actual.get(node, REPLICATE)
+
+
+def _nbytes(v: Any, p: Any, n: int, rank: int) -> int:
+    if not isinstance(v, torch.Tensor):
+        return 0
+    numel = v.numel()
+    if isinstance(p, Shard):
+        numel = numel // max(p.length, 1) * sum(length for _, length in pieces(p, n, rank))
+    return int(numel * v.element_size())
+
+
+def _after(graph: fx.Graph, x: fx.Node) -> Any:
+    if x.op == "placeholder":
+        last = [n for n in graph.nodes if n.op == "placeholder"][-1]
+        return graph.inserting_after(last)
+    return graph.inserting_after(x)
+
+
+class _Lowerer:
+    def __init__(self, gm: fx.GraphModule, prop: Propagation, axis: Axis):
+        self.gm, self.graph, self.prop, self.axis = gm, gm.graph, prop, axis
+        self.actual: dict[fx.Node, Any] = dict(prop.placements)
+        self.cache: dict[tuple[fx.Node, Any], fx.Node] = {}
+        self.out = Lowered()
+        self.ctx = _Ctx(axis, self.actual)
+
+    # ------------------------------------------------------------------ redistribution
+    def redistribute(self, x: fx.Node, want: Placement, user: fx.Node) -> fx.Node:
+        have = self.actual.get(x, REPLICATE)
+        if have == want:
+            return x
+        key = (x, want)
+        if key in self.cache:
+            return self.cache[key]
+        a = self.axis
+        v = value(x)
+        if isinstance(have, Partial):
+            with _after(self.graph, x):
+                node = self.graph.call_function(rt.all_reduce, (x, a.group))
+            self._new(node, x, REPLICATE)
+            self.out.collectives.append(("all_reduce", x.name, _nbytes(v, REPLICATE, a.n, a.rank)))
+            return self._finish(key, self.redistribute(node, want, user) if want != REPLICATE else node)
+        if isinstance(have, Shard):
+            sizes = local_sizes(have, a.n)
+            order = None
+            if len(have.segments) > 1:
+                order, off = [], 0
+                for r in range(a.n):
+                    for start, length in pieces(have, a.n, r):
+                        order.append((off, length, start))
+                        off += length
+            with _after(self.graph, x):
+                node = self.graph.call_function(rt.gather, (x, have.dim, sizes, a.group, order))
+            self._new(node, x, REPLICATE)
+            self.out.collectives.append(("all_gather", x.name, _nbytes(v, have, a.n, a.rank)))
+            return self._finish(key, self.redistribute(node, want, user) if want != REPLICATE else node)
+        if isinstance(have, Replicate) and isinstance(want, Shard):
+            with _after(self.graph, x):
+                node = self.graph.call_function(rt.shard_slice, (x, want.dim, pieces(want, a.n, a.rank)))
+            self._new(node, x, want)
+            return self._finish(key, node)
+        raise ShardingError(
+            f"node {user.name} ({user.target}) needs input {x.name} as {fmt(want)} but it is "
+            f"{fmt(have)} on axis {a.name}; no redistribution turns one into the other"
+        )
+
+    def _new(self, node: fx.Node, like: fx.Node, placement: Any) -> None:
+        self.actual[node] = placement
+        v = value(like)
+        if v is not None:
+            node.meta["example_value"] = v  # global shape: rules only read global shapes
+
+    def _finish(self, key: tuple[fx.Node, Any], node: fx.Node) -> fx.Node:
+        self.cache[key] = node
+        return node
+
+    # ------------------------------------------------------------------ the walk
+    def run(self) -> Lowered:
+        nodes = list(self.graph.nodes)
+        for ph, p in self.prop.seeds.items():
+            self.actual[ph] = REPLICATE
+            sliced = self.redistribute(ph, p, ph)
+            ph.replace_all_uses_with(sliced, delete_user_cb=lambda u: u is not sliced)
+        for node in nodes:
+            d = self.prop.decisions.get(node)
+            if d is None:
+                continue
+            for x, want in d.needs.items():
+                x_now = self._current(node, x)
+                if x_now is None:
+                    continue
+                r = self.redistribute(x_now, want, node)
+                if r is not x_now:
+                    node.replace_input_with(x_now, r)
+            if node.op == "output":
+                continue
+            if node in self.prop.placements:
+                self.actual[node] = d.out
+            if d.attention == "sequence":
+                self.lower_attention(node)
+            elif d.rewrite is not None:
+                d.rewrite(self.graph, node, self.ctx)
+            elif d.attention == "local":
+                self.out.attention.append((node.name, self._kind(node), "local (no communication)"))
+            elif node.op == "call_function" and str(getattr(node.target, "__name__", "")) == "scaled_dot_product_attention":
+                self.out.attention.append((node.name, self._kind(node), "replicated"))
+            self._pin_sizes(node)
+        for node in self.graph.nodes:
+            node.meta.setdefault("xdit", {})[self.axis.name] = self.actual.get(node)
+        return self.out
+
+    def _current(self, user: fx.Node, x: fx.Node) -> fx.Node | None:
+        """The node now feeding ``user`` in place of original input ``x``."""
+        if x in user.all_input_nodes:
+            return x
+        for y in user.all_input_nodes:
+            if self.actual.get(y) is not None and y.args and y.args[0] is x:
+                return y
+        return None
+
+    def _pin_sizes(self, node: fx.Node) -> None:
+        """Sizes read off a sharded tensor must stay the global sizes."""
+        v = value(node)
+        if isinstance(v, torch.Tensor) or v is None:
+            return
+        if not any(isinstance(self.actual.get(x), Shard) for x in node.all_input_nodes):
+            return
+        if isinstance(v, (int, float, bool, torch.Size)) or (
+            isinstance(v, tuple) and all(isinstance(i, int) for i in v)
+        ):
+            const = tuple(v) if isinstance(v, torch.Size) else v
+            for user in list(node.users):
+                user.args = map_arg(user.args, lambda a: const if a is node else a)
+                user.kwargs = map_arg(user.kwargs, lambda a: const if a is node else a)
+
+    # ------------------------------------------------------------------ attention
+    def _kind(self, node: fx.Node) -> str:
+        a = sdpa_args(node)
+        pq = self.prop.placements.get(a["query"])
+        pk = self.prop.placements.get(a["key"])
+        if isinstance(pq, Shard) and pq.dim == len(shape(a["query"])) - 2:
+            if isinstance(pk, Replicate):
+                return "cross"
+            return "joint" if len(pq.segments) > 1 else "self"
+        if isinstance(pq, Shard):
+            return "batched"
+        return "self" if shape(a["query"])[-2] == shape(a["key"])[-2] else "cross"
+
+    def lower_attention(self, node: fx.Node) -> None:
+        a = sdpa_args(node)
+        ax = self.axis
+        q, k, v = a["query"], a["key"], a["value"]
+        pq, pk = self.prop.placements[q], self.prop.placements[k]
+        q_now, k_now, v_now = (self._current(node, t) or t for t in (q, k, v))
+        heads, kv_heads = shape(q)[-3] if len(shape(q)) >= 3 else 1, shape(k)[-3] if len(shape(k)) >= 3 else 1
+        strategy, why = ax.attention_strategy(heads, kv_heads)
+        q_sizes, kv_sizes = local_sizes(pq, ax.n), local_sizes(pk, ax.n)
+        q_order, k_order = global_order(pq, ax.n), global_order(pk, ax.n)
+        mask = a.get("attn_mask")
+        mask_now = self._current(node, mask) if isinstance(mask, fx.Node) else None
+        kwargs: dict[str, Any] = {"scale": a.get("scale"), "enable_gqa": bool(a.get("enable_gqa", False))}
+        if strategy == "ulysses":
+            fn = rt_attention.ulysses_attention
+            kwargs.update(group=ax.group, q_sizes=q_sizes, kv_sizes=kv_sizes)
+            q_index = q_order
+        elif strategy == "usp":
+            fn = rt_attention.usp_attention
+            kwargs.update(ulysses_group=ax.ulysses_group, ring_group=ax.ring_group, q_sizes=q_sizes, kv_sizes=kv_sizes)
+            q_index = []
+            for j in range(ax.ulysses):
+                r = ax.ring_rank * ax.ulysses + j
+                q_index.extend(i for s, ln in pieces(pq, ax.n, r) for i in range(s, s + ln))
+        else:
+            fn = rt_attention.ring_attention
+            kwargs.update(group=ax.group, kv_sizes=kv_sizes)
+            q_index = [i for s, ln in pieces(pq, ax.n, ax.rank) for i in range(s, s + ln)]
+        with self.graph.inserting_before(node):
+            if mask_now is not None:
+                kwargs["mask"] = self.graph.call_function(rt.align_mask, (mask_now, q_index, k_order))
+            new = self.graph.call_function(fn, (q_now, k_now, v_now), kwargs)
+        new.meta.update(node.meta)
+        node.replace_all_uses_with(new)
+        self.graph.erase_node(node)
+        self.actual[new] = pq
+        self.prop.placements[new] = pq
+        kind = "joint" if len(pq.segments) > 1 or len(pk.segments) > 1 else "self"
+        self.out.attention.append((node.name, kind, f"{strategy} ({why})"))
+        qv = value(q)
+        per_call = _nbytes(qv, pq, ax.n, ax.rank)
+        count = {"ulysses": 4, "usp": 4, "ring": 0}[strategy]
+        if count:
+            self.out.collectives.append((f"all_to_all x{count}", node.name, per_call))
+        if strategy in ("ring", "usp"):
+            kv = _nbytes(value(k), pk, ax.n, ax.rank) * 2
+            self.out.collectives.append(("ring shift x(n-1)", node.name, kv))
+
+
+def lower(gm: fx.GraphModule, prop: Propagation, axis: Axis) -> Lowered:
+    """Rewrite ``gm`` in place into this rank's program for ``axis``; see the module docstring."""
+    out = _Lowerer(gm, prop, axis).run()
+    gm.graph.eliminate_dead_code()
+    gm.graph.lint()
+    gm.recompile()
+    return out

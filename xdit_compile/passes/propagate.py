@@ -1,0 +1,198 @@
+"""Propagate placements on one mesh axis through every node, by the rule tables.
+
+Reads: ``node.meta["val"|"example_value"]`` (global shapes), the seeds (placements given to
+user inputs) and forced placements (user annotations).
+Writes: nothing on the graph; returns a ``Propagation`` that the lowering applies and that
+the seed search scores. (Kept side-effect free so the search can run it many times.)
+
+    x: R --seed S(2)--> conv2d --> flatten(2) --> transpose --> linear --> sdpa ...
+             S(2)         S(2)       S(2:8x8)       S(1:8x8)      S(1:8x8)   sequence
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import torch
+import torch.fx as fx
+
+from ..errors import ShardingError
+from ..graph import has_symbolic_shape, is_tensor, op_name, shape, value
+from ..placements import REPLICATE, Partial, Placement, Replicate, Shard, fmt, local_length
+from ..rules.core import Decision, OpView, replicate_all
+from ..rules.table import RULES
+
+# In-place ops that do not write their first argument's data.
+_NOT_MUTATING = {"requires_grad_"}
+
+
+class WholeGraphFallback(ShardingError):
+    """Sharding this graph would change its meaning (e.g. an in-place write to a shard copy)."""
+
+
+@dataclass
+class Propagation:
+    """Placements and decisions of every node on one axis, and the estimated cost."""
+
+    placements: dict[fx.Node, Any]
+    decisions: dict[fx.Node, Decision]
+    seeds: dict[fx.Node, Placement]
+    compute: float = 0.0
+    comm_bytes: float = 0.0
+    collectives: int = 0
+    fallbacks: list[tuple[fx.Node, str]] = field(default_factory=list)
+
+    @property
+    def cost(self) -> float:
+        # A byte moved costs about as much as a few flops, and each collective a fixed
+        # latency worth a couple of million flops on the machines we target.
+        return self.compute + 8.0 * self.comm_bytes + 2e6 * self.collectives
+
+
+def _is_mutating(name: str | None) -> bool:
+    return bool(name) and ((name.endswith("_") and not name.startswith("_") and name not in _NOT_MUTATING)
+                           or name in ("setitem", "iadd", "isub", "imul", "itruediv"))
+
+
+def _numel(v: Any) -> int:
+    if isinstance(v, torch.Tensor):
+        return int(v.numel())
+    if isinstance(v, (tuple, list)):
+        return sum(_numel(x) for x in v)
+    return 0
+
+
+def _elsize(v: Any) -> int:
+    return v.element_size() if isinstance(v, torch.Tensor) else 4
+
+
+def _share(p: Any, n: int) -> float:
+    """Fraction of a tensor's elements a rank holds (or computes) under placement ``p``."""
+    if isinstance(p, Shard):
+        return local_length(p, n, 0) / max(p.length, 1)
+    if isinstance(p, tuple):
+        shares = [_share(x, n) for x in p if x is not None]
+        return min(shares) if shares else 1.0
+    return 1.0
+
+
+def _flops(node: fx.Node, name: str | None) -> float:
+    """Rough flops of a node on full tensors (only used to compare plans)."""
+    out = value(node)
+    n_out = _numel(out)
+    try:
+        if name == "linear":
+            return 2.0 * n_out * shape(node.args[1])[-1]
+        if name in ("matmul", "bmm", "mm", "einsum"):
+            operands = [a for a in node.args if isinstance(a, fx.Node)]
+            k = max(1, (_numel(value(operands[0])) * _numel(value(operands[-1])) / max(n_out, 1)) ** 0.5)
+            return 2.0 * n_out * k
+        if name == "scaled_dot_product_attention":
+            q = node.args[0] if node.args else node.kwargs["query"]
+            k = node.args[1] if len(node.args) > 1 else node.kwargs["key"]
+            return 4.0 * _numel(value(q)) * shape(k)[-2]
+        if name and name.startswith("conv"):
+            w = shape(node.args[1])
+            return 2.0 * n_out * _numel(value(node.args[1])) / max(w[0], 1)
+    except (IndexError, KeyError, TypeError, AttributeError):
+        pass
+    return float(n_out)
+
+
+def redistribution_bytes(src: Any, dst: Any, v: Any, n: int) -> float:
+    """Bytes a rank receives to turn placement ``src`` into ``dst`` (0 for free slices)."""
+    if src == dst or isinstance(dst, type(None)) or not isinstance(v, torch.Tensor):
+        return 0.0
+    nbytes = _numel(v) * _elsize(v)
+    if isinstance(src, Replicate):
+        return 0.0
+    if isinstance(src, Partial):
+        return 2.0 * nbytes * (n - 1) / n
+    return nbytes * (n - 1) / n
+
+
+def _count(result: Propagation, src: Any, dst: Any, v: Any, n: int) -> None:
+    nbytes = redistribution_bytes(src, dst, v, n)
+    result.comm_bytes += nbytes
+    if nbytes:
+        result.collectives += 1
+
+
+def propagate(
+    gm: fx.GraphModule,
+    n: int,
+    seeds: Mapping[fx.Node, Placement],
+    forced: Mapping[fx.Node, Placement] | None = None,
+    attention_comm: float = 4.0,
+) -> Propagation:
+    """Placements of every node when ``seeds`` are sharded on an axis of ``n`` ranks."""
+    forced = forced or {}
+    pl: dict[fx.Node, Any] = {}
+    decisions: dict[fx.Node, Decision] = {}
+    result = Propagation(pl, decisions, dict(seeds))
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            pl[node] = seeds.get(node, REPLICATE if is_tensor(node) else None)
+            continue
+        if node.op == "get_attr":
+            pl[node] = REPLICATE if is_tensor(node) else None
+            continue
+        if node.op == "output":
+            needs = {x: REPLICATE for x in node.all_input_nodes if is_tensor(x) and not isinstance(pl.get(x), Replicate)}
+            decisions[node] = Decision(None, needs)
+            for x, want in needs.items():
+                _count(result, pl[x], want, value(x), n)
+            continue
+        name = op_name(node)
+        d = _decide(node, name, pl, n, forced)
+        if _is_mutating(name) and node.args and node.args[0] in d.needs:
+            raise WholeGraphFallback(
+                f"in-place op {name} on node {node.name} would write a redistributed copy of "
+                f"{node.args[0]} (placement {fmt(pl.get(node.args[0]))} -> {fmt(d.needs[node.args[0]])})"
+            )
+        pl[node] = d.out
+        decisions[node] = d
+        if d.note:
+            result.fallbacks.append((node, d.note))
+        for x, want in d.needs.items():
+            _count(result, pl.get(x), want, value(x), n)
+        work = _flops(node, name)
+        share = _share(d.out, n)
+        if d.attention == "sequence":
+            q = node.args[0] if node.args else node.kwargs["query"]
+            result.comm_bytes += attention_comm * _numel(value(q)) * _elsize(value(q)) * (n - 1) / n / n
+            result.collectives += 4
+        result.compute += work * share
+    return result
+
+
+def _decide(node: fx.Node, name: str | None, pl: dict[fx.Node, Any], n: int, forced: Mapping[fx.Node, Placement]) -> Decision:
+    inputs = [x for x in node.all_input_nodes]
+    if node in forced:
+        src = node.args[0]
+        return Decision(forced[node], {src: forced[node]} if pl.get(src) != forced[node] else {})
+    v = value(node)
+    tensor_out = isinstance(v, torch.Tensor) or (
+        isinstance(v, (tuple, list)) and any(isinstance(x, torch.Tensor) for x in v))
+    if not tensor_out:
+        # Sizes, dtypes, devices: the lowering pins them to their global values.
+        return Decision(None)
+    if all(isinstance(pl.get(x), Replicate) or pl.get(x) is None for x in inputs):
+        return Decision(_replicated(v))
+    view = OpView(node, pl, n, name or str(node.target))
+    if has_symbolic_shape(node) or any(has_symbolic_shape(x) for x in inputs):
+        return replicate_all(view, "symbolic shapes are not sharded by this version")
+    rule = RULES.get(name or "")
+    d = rule(view) if rule is not None else None
+    if d is None:
+        reason = f"no sharding rule for op {name!r}" if rule is None else (
+            f"{name} has no rule for inputs " + ", ".join(f"{x.name}: {fmt(pl.get(x))}" for x in inputs))
+        d = replicate_all(view, reason)
+    return d
+
+
+def _replicated(v: Any) -> Any:
+    if isinstance(v, (tuple, list)):
+        return tuple(_replicated(x) for x in v)
+    return REPLICATE if isinstance(v, torch.Tensor) else None

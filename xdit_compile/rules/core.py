@@ -1,0 +1,175 @@
+"""What a sharding rule sees (``OpView``) and returns (``Decision``), plus shared helpers.
+
+A rule is a function ``rule(op: OpView) -> Decision | None`` registered for a list of op
+names in the table of its op family. Rules are written for one mesh axis of ``op.n`` ranks.
+Returning ``None`` means "no opinion": the propagation then replicates the op (always correct)
+and records the reason.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch.fx as fx
+
+from ..graph import arg, is_tensor, shape, value
+from ..placements import REPLICATE, Partial, Placement, Replicate, Shard, pieces
+
+# A local rewrite: called by the lowering with (graph, node, LocalContext); it edits the node
+# in place (new args) or returns a replacement node.
+Rewrite = Callable[..., Any]
+
+
+@dataclass
+class Decision:
+    """Output placement(s) of a node and the placements it needs its tensor inputs in."""
+
+    out: Any  # a Placement, or a (nested) tuple of them for multi-output ops, or None
+    needs: dict[fx.Node, Placement] = field(default_factory=dict)
+    rewrite: Rewrite | None = None
+    note: str | None = None  # why the op runs replicated, for the plan report
+    attention: str | None = None  # lowering strategy for attention nodes
+
+
+class OpView:
+    """A node, the placements of its inputs on one axis, and the axis size."""
+
+    def __init__(self, node: fx.Node, placements: dict[fx.Node, Any], n: int, name: str):
+        self.node = node
+        self.name = name
+        self.n = n
+        self._pl = placements
+
+    def arg(self, index: int, name: str, default: Any = None) -> Any:
+        return arg(self.node, index, name, default)
+
+    def pl(self, x: Any) -> Any:
+        """Placement of an input (``R`` for non-nodes and unknown values)."""
+        if isinstance(x, fx.Node):
+            return self._pl.get(x, REPLICATE)
+        return REPLICATE
+
+    def tensor_inputs(self) -> list[fx.Node]:
+        seen: dict[fx.Node, None] = {}
+        for x in self.node.all_input_nodes:
+            if is_tensor(x):
+                seen[x] = None
+        return list(seen)
+
+    @property
+    def out_value(self) -> Any:
+        return value(self.node)
+
+    @property
+    def out_ndim(self) -> int:
+        return len(value(self.node).shape)
+
+
+def all_replicated(op: OpView) -> bool:
+    return all(isinstance(op.pl(x), Replicate) for x in op.tensor_inputs())
+
+
+def replicate_all(op: OpView, note: str | None = None) -> Decision:
+    """Run the op on full tensors: every input gathered (or all-reduced) to ``R``."""
+    needs = {x: REPLICATE for x in op.tensor_inputs() if not isinstance(op.pl(x), Replicate)}
+    out = _replicated_like(op.out_value)
+    return Decision(out, needs, note=note if needs else None)
+
+
+def _replicated_like(v: Any) -> Any:
+    if isinstance(v, (tuple, list)):
+        return tuple(_replicated_like(x) for x in v)
+    return REPLICATE if hasattr(v, "shape") else None
+
+
+def same_shards(a: Shard, b: Shard) -> bool:
+    return a.segments == b.segments and a.inner == b.inner
+
+
+def regroup(p: Shard, inner: int, n: int) -> Shard | None:
+    """The same distribution expressed with unit size ``inner``, if one exists.
+
+    A segment of ``U`` units of ``k`` elements splits like ``U*k/inner`` units of ``inner``
+    elements only when both splits are even (then both cut every ``U*k/n`` elements).
+    """
+    if inner == p.inner:
+        return p
+    segs = []
+    for u in p.segments:
+        total = u * p.inner
+        if total % inner or u % n or (total // inner) % n:
+            return None
+        segs.append(total // inner)
+    return Shard(p.dim, tuple(segs), inner)
+
+
+def slice_to(length: int, template: Shard, dim: int, n: int) -> Shard | None:
+    """Placement that slices a replicated dim of ``length`` like ``template`` (or None)."""
+    if length != template.length:
+        return None
+    return template.with_dim(dim)
+
+
+def split_segments(p: Shard, bounds: list[int]) -> list[Shard] | None:
+    """Split ``p`` at global element offsets ``bounds`` (must fall on segment boundaries)."""
+    edges = [0]
+    for u in p.segments:
+        edges.append(edges[-1] + u * p.inner)
+    out, i = [], 0
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        if lo not in edges or hi not in edges:
+            return None
+        a, b = edges.index(lo), edges.index(hi)
+        if b <= a:
+            return None
+        out.append(Shard(p.dim, p.segments[a:b], p.inner))
+        i = b
+    return out
+
+
+def local_range(p: Shard, n: int, rank: int, lo: int, hi: int) -> tuple[int, int]:
+    """Local ``[start, stop)`` on ``rank`` of the segments spanning global ``[lo, hi)``."""
+    start = stop = 0
+    offset = 0
+    for u in p.segments:
+        seg_len = u * p.inner
+        mine = sum(length for s, length in pieces(Shard(p.dim, (u,), p.inner), n, rank))
+        if offset + seg_len <= lo:
+            start += mine
+        if offset + seg_len <= hi:
+            stop += mine
+        offset += seg_len
+    return start, stop
+
+
+def is_partial(p: Any) -> bool:
+    return isinstance(p, Partial)
+
+
+def broadcast_dim(in_shape: tuple[int, ...], out_ndim: int, in_dim: int) -> int:
+    """Output dim that input dim ``in_dim`` maps to under right-aligned broadcasting."""
+    return in_dim + (out_ndim - len(in_shape))
+
+
+def align_to(op: OpView, inputs: list[fx.Node], target: Shard, out_ndim: int) -> dict[fx.Node, Placement] | None:
+    """Placements that make every broadcast input agree with output shard ``target``.
+
+    Inputs of size 1 on the target dim stay replicated; replicated inputs of full size are
+    sliced (free); inputs sharded differently are gathered then sliced. ``None`` if impossible.
+    """
+    needs: dict[fx.Node, Placement] = {}
+    for x in inputs:
+        s = shape(x)
+        d = target.dim - (out_ndim - len(s))
+        p = op.pl(x)
+        if d < 0 or s[d] == 1:
+            if not isinstance(p, Replicate):
+                needs[x] = REPLICATE
+            continue
+        want = target.with_dim(d)
+        if s[d] != target.length:
+            return None
+        if p != want:
+            needs[x] = want
+    return needs

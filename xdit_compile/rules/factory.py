@@ -1,0 +1,30 @@
+"""Ops that make tensors: from sizes they are replicated; ``*_like`` follows its input.
+
+    arange(S) -> R            zeros_like(x: S(1)) -> S(1)           x.new_zeros(n) -> R
+"""
+
+from __future__ import annotations
+
+from ..placements import REPLICATE, Replicate, Shard
+from .core import Decision, OpView
+
+FROM_SIZES = ["arange", "zeros", "ones", "full", "empty", "randn", "rand", "randint", "tensor", "linspace",
+              "logspace", "eye", "scalar_tensor", "as_tensor", "new_zeros", "new_ones", "new_empty",
+              "new_full", "new_tensor", "meshgrid_unused"]
+LIKE = ["zeros_like", "ones_like", "empty_like", "full_like", "rand_like", "randn_like"]
+
+
+def from_sizes(op: OpView) -> Decision:
+    # new_* read only dtype/device from their tensor input: no data moves.
+    return Decision(REPLICATE)
+
+
+def like(op: OpView) -> Decision | None:
+    p = op.pl(op.node.args[0])
+    return Decision(p) if isinstance(p, (Replicate, Shard)) else Decision(REPLICATE, {op.node.args[0]: REPLICATE})
+
+
+TABLE = [
+    (FROM_SIZES, from_sizes),
+    (LIKE, like),
+]

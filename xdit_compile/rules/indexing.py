@@ -1,0 +1,194 @@
+"""Indexing: basic slicing keeps a shard when a sharded dim is taken whole or cut on segments.
+
+    x: S(1)[B, S, D]     x[:, None]          -> S(2)
+    x: S(1:T+I)          x[:, :T]            -> S(1)   the local slice is rewritten
+    x: S(1)              x[:, 0]             -> needs R (one token lives on one rank)
+    (a, b): (S(1), R)    tuple[0]            -> S(1)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch.fx as fx
+
+from ..graph import shape
+from ..placements import REPLICATE, Replicate, Shard
+from .core import Decision, OpView, local_range, replicate_all, split_segments
+
+
+def _walk(index: tuple, ndim: int):
+    """Yield (position, element, in_dim or None, out_dim or None) for a basic index tuple."""
+    consumed = sum(1 for e in index if e is not None and e is not Ellipsis)
+    in_dim = out_dim = 0
+    for pos, e in enumerate(index):
+        if e is Ellipsis:
+            for _ in range(ndim - consumed):
+                yield pos, slice(None), in_dim, out_dim
+                in_dim += 1
+                out_dim += 1
+        elif e is None:
+            yield pos, e, None, out_dim
+            out_dim += 1
+        elif isinstance(e, int):
+            yield pos, e, in_dim, None
+            in_dim += 1
+        else:
+            yield pos, e, in_dim, out_dim
+            in_dim += 1
+            out_dim += 1
+    while in_dim < ndim:
+        yield len(index), slice(None), in_dim, out_dim
+        in_dim += 1
+        out_dim += 1
+
+
+def _basic(index: Any) -> tuple | None:
+    index = index if isinstance(index, tuple) else (index,)
+    for e in index:
+        if isinstance(e, slice):
+            if any(isinstance(v, fx.Node) for v in (e.start, e.stop, e.step)):
+                return None
+        elif not (e is None or e is Ellipsis or isinstance(e, int)):
+            return None
+    return index
+
+
+def _slice_bounds(e: slice, length: int) -> tuple[int, int] | None:
+    start, stop, step = e.indices(length)
+    if step != 1:
+        return None
+    return start, max(start, stop)
+
+
+def _local_getitem(graph: fx.Graph, node: fx.Node, ctx: Any) -> None:
+    src, index = node.args
+    index = index if isinstance(index, tuple) else (index,)
+    p = ctx.pl(src)
+    new = list(index)
+    for pos, e, in_dim, _ in _walk(index, len(shape(src))):
+        if in_dim == p.dim:
+            lo, hi = _slice_bounds(e, p.length)
+            a, b = local_range(p, ctx.n, ctx.rank, lo, hi)
+            if pos >= len(new):
+                new.extend([slice(None)] * (pos - len(new) + 1))
+            new[pos] = slice(a, b)
+    node.args = (src, tuple(new))
+
+
+def getitem(op: OpView) -> Decision | None:
+    src, index = op.node.args[0], op.node.args[1]
+    p = op.pl(src)
+    if isinstance(p, tuple):  # picking from a multi-output op
+        return Decision(p[index] if isinstance(index, int) else None)
+    if isinstance(p, Replicate):
+        idx_nodes = [x for x in op.tensor_inputs() if x is not src]
+        return Decision(REPLICATE, {x: REPLICATE for x in idx_nodes if not isinstance(op.pl(x), Replicate)})
+    if not isinstance(p, Shard):
+        return None
+    index = _basic(index)
+    if index is None:
+        return replicate_all(op, "advanced indexing on a sharded tensor")
+    for pos, e, in_dim, out_dim in _walk(index, len(shape(src))):
+        if in_dim != p.dim:
+            continue
+        if out_dim is None:
+            return replicate_all(op, "integer index into the sharded dim")
+        bounds = _slice_bounds(e, p.length)
+        if bounds is None:
+            return replicate_all(op, "strided slice of the sharded dim")
+        if bounds == (0, p.length):
+            return Decision(p.with_dim(out_dim))
+        parts = split_segments(p, list(bounds))
+        if parts is None:
+            return replicate_all(op, "slice of the sharded dim does not fall on segment boundaries")
+        return Decision(parts[0].with_dim(out_dim), rewrite=_local_getitem)
+    return None
+
+
+def _local_narrow(graph: fx.Graph, node: fx.Node, ctx: Any) -> None:
+    src, dim, start, length = node.args[0], node.args[1], node.args[2], node.args[3]
+    p = ctx.pl(src)
+    a, b = local_range(p, ctx.n, ctx.rank, start, start + length)
+    node.args = (src, dim, a, b - a)
+
+
+def narrow(op: OpView) -> Decision | None:
+    src = op.node.args[0]
+    p = op.pl(src)
+    if isinstance(p, Replicate):
+        return Decision(REPLICATE)
+    if not isinstance(p, Shard) or len(op.node.args) < 4:
+        return None
+    dim, start, length = op.node.args[1] % len(shape(src)), op.node.args[2], op.node.args[3]
+    if dim != p.dim:
+        return Decision(p)
+    if not isinstance(start, int) or not isinstance(length, int):
+        return None
+    parts = split_segments(p, [start, start + length])
+    if parts is None:
+        return replicate_all(op, "narrow of the sharded dim does not fall on segment boundaries")
+    return Decision(parts[0], rewrite=_local_narrow)
+
+
+def along_other_dim(op: OpView) -> Decision | None:
+    """index_select / select / repeat_interleave / flip / roll: fine off the sharded dim."""
+    src = op.node.args[0]
+    p = op.pl(src)
+    others = {x: REPLICATE for x in op.tensor_inputs() if x is not src and not isinstance(op.pl(x), Replicate)}
+    if isinstance(p, Replicate):
+        return Decision(REPLICATE, others)
+    if not isinstance(p, Shard):
+        return None
+    ndim = len(shape(src))
+    if op.name == "repeat_interleave":
+        dim = op.arg(2, "dim")
+    elif op.name in ("flip", "roll"):
+        dims = op.arg(1 if op.name == "flip" else 2, "dims")
+        dims = [dims] if isinstance(dims, int) else list(dims or [])
+        if dims == [] or any(d % ndim == p.dim for d in dims):
+            return replicate_all(op, f"{op.name} along the sharded dim")
+        return Decision(p, others)
+    else:
+        dim = op.arg(1, "dim")
+    if dim is None:
+        return replicate_all(op, f"{op.name} over a flattened sharded tensor")
+    dim %= ndim
+    if dim == p.dim:
+        return replicate_all(op, f"{op.name} along the sharded dim")
+    if op.name == "select":
+        return Decision(p.with_dim(p.dim - (1 if dim < p.dim else 0)), others)
+    return Decision(p, others)
+
+
+def embedding(op: OpView) -> Decision | None:
+    idx = op.node.args[0]
+    p = op.pl(idx)
+    params = {x: REPLICATE for x in op.tensor_inputs()[1:] if not isinstance(op.pl(x), Replicate)}
+    if isinstance(p, (Replicate, Shard)):
+        return Decision(p, params)
+    return None
+
+
+def pad(op: OpView) -> Decision | None:
+    src = op.node.args[0]
+    p = op.pl(src)
+    if isinstance(p, Replicate):
+        return Decision(REPLICATE)
+    if not isinstance(p, Shard):
+        return None
+    widths = op.arg(1, "pad")
+    ndim = len(shape(src))
+    touched = {ndim - 1 - i // 2 for i, w in enumerate(widths) if w}
+    if p.dim in touched:
+        return replicate_all(op, "padding the sharded dim")
+    return Decision(p)
+
+
+TABLE = [
+    (["getitem"], getitem),
+    (["narrow"], narrow),
+    (["index_select", "select", "repeat_interleave", "flip", "roll"], along_other_dim),
+    (["embedding"], embedding),
+    (["pad"], pad),
+]

@@ -1,0 +1,62 @@
+"""Normalisations and softmax: fine while the sharded dim is not one they normalise over.
+
+    layer_norm(x: S(1)[B, S, D], (D,))  -> S(1)
+    rms_norm(q: S(2)[B, H, S, Dh], (Dh,)) -> S(2)
+    softmax(x: S(1), dim=1)             -> needs R (gather)
+    group_norm(x: S(0))                 -> S(0); sharded spatial dims need R in this version
+"""
+
+from __future__ import annotations
+
+from ..placements import REPLICATE, Replicate, Shard
+from .core import Decision, OpView, replicate_all
+
+
+def _params_replicated(op: OpView, first: int = 1) -> dict:
+    return {x: REPLICATE for x in op.tensor_inputs()[first:] if not isinstance(op.pl(x), Replicate)}
+
+
+def trailing_norm(op: OpView) -> Decision | None:
+    x = op.node.args[0]
+    p = op.pl(x)
+    if isinstance(p, Replicate):
+        return Decision(REPLICATE, _params_replicated(op))
+    if not isinstance(p, Shard):
+        return None
+    normalized = op.arg(1, "normalized_shape")
+    k = 1 if isinstance(normalized, int) else len(normalized)
+    if p.dim >= op.out_ndim - k:
+        return replicate_all(op, f"{op.name} normalises over the sharded dim {p.dim}")
+    return Decision(p, _params_replicated(op))
+
+
+def group_norm(op: OpView) -> Decision | None:
+    x = op.node.args[0]
+    p = op.pl(x)
+    if isinstance(p, Shard) and p.dim == 0:
+        return Decision(p, _params_replicated(op))
+    if isinstance(p, Replicate):
+        return Decision(REPLICATE, _params_replicated(op))
+    return replicate_all(op, "group_norm statistics span the sharded dim")
+
+
+def along_dim(op: OpView) -> Decision | None:
+    x = op.node.args[0]
+    p = op.pl(x)
+    if isinstance(p, Replicate):
+        return Decision(REPLICATE)
+    if not isinstance(p, Shard):
+        return None
+    dim = op.arg(1, "dim")
+    if dim is None:
+        return None
+    if dim % op.out_ndim == p.dim:
+        return replicate_all(op, f"{op.name} over the sharded dim {p.dim}")
+    return Decision(p)
+
+
+TABLE = [
+    (["layer_norm", "rms_norm"], trailing_norm),
+    (["group_norm"], group_norm),
+    (["softmax", "log_softmax", "normalize", "cumsum", "cumprod", "logcumsumexp"], along_dim),
+]

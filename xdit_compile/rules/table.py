@@ -1,0 +1,20 @@
+"""Sharding rules, one module per op family, merged into one table keyed by op name."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from . import attention, cat_split, conv, factory, indexing, linear, norm, pointwise, reduction, view
+from .core import Decision, OpView
+
+Rule = Callable[[OpView], "Decision | None"]
+
+RULES: dict[str, Rule] = {}
+for _family in (pointwise, view, linear, norm, reduction, cat_split, conv, attention, indexing, factory):
+    for _names, _rule in _family.TABLE:
+        for _name in _names:
+            if _name in RULES:
+                raise RuntimeError(f"op {_name!r} has rules in two families ({_family.__name__})")
+            RULES[_name] = _rule
+
+__all__ = ["RULES", "Decision", "OpView", "Rule"]

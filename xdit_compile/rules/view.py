@@ -1,0 +1,190 @@
+"""Reshapes, permutes and expands: a shard moves with its dimension.
+
+Every reshape-like op (view, reshape, flatten, unflatten, squeeze, unsqueeze, view_as) is
+handled by one rule that groups input and output dims with equal products:
+
+    [B, S, D]  --view-->  [B, S, H, Dh]      S(1) -> S(1)            (D -> H x Dh untouched)
+    [B, D, h, w] --flatten(2)--> [B, D, h*w]   S(2) -> S(2:h x w)     (rows of tokens)
+    [B, S, D] --view--> [B*S, D]              S(1) -> S(0:S+S)        (one segment per batch)
+    [B*S, D] --view--> [B, S, D]              S(0:S+S) -> S(1)
+
+The rewrite replaces the op by ``reshape`` to this rank's local shape.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch.fx as fx
+
+from ..graph import shape
+from ..placements import REPLICATE, Replicate, Shard, local_shape
+from .core import Decision, OpView, regroup
+
+RESHAPES = ["view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as", "reshape_as",
+            "_unsafe_view"]
+PERMUTES = ["permute", "transpose", "swapaxes", "swapdims", "t", "movedim", "moveaxis"]
+EXPANDS = ["expand", "expand_as", "broadcast_to"]
+
+
+def dim_groups(a: tuple[int, ...], b: tuple[int, ...]) -> list[tuple[list[int], list[int]]]:
+    """Pair runs of dims of ``a`` and ``b`` with equal products (size-1 dims stand alone)."""
+    groups: list[tuple[list[int], list[int]]] = []
+    i = j = 0
+    while i < len(a) or j < len(b):
+        if i < len(a) and a[i] == 1 and (j >= len(b) or b[j] != 1):
+            groups.append(([i], []))
+            i += 1
+            continue
+        if j < len(b) and b[j] == 1 and (i >= len(a) or a[i] != 1):
+            groups.append(([], [j]))
+            j += 1
+            continue
+        if i >= len(a) or j >= len(b):
+            raise ValueError(f"shapes {a} and {b} have different numbers of elements")
+        gi, gj, pi, pj = [i], [j], a[i], b[j]
+        while pi != pj:
+            if pi < pj:
+                i += 1
+                gi.append(i)
+                pi *= a[i]
+            else:
+                j += 1
+                gj.append(j)
+                pj *= b[j]
+        groups.append((gi, gj))
+        i += 1
+        j += 1
+    return groups
+
+
+def reshape_placement(p: Shard, a: tuple[int, ...], b: tuple[int, ...], n: int) -> Shard | None:
+    """Where shard ``p`` of a tensor of shape ``a`` lands after reshaping to ``b``, if it can."""
+    for gi, gj in dim_groups(a, b):
+        if p.dim not in gi:
+            continue
+        outer = math.prod(a[gi[0]:p.dim])
+        inner = p.inner * math.prod(a[p.dim + 1:gi[-1] + 1])
+        segs = p.segments * outer
+        for k in gj:
+            outer_k = math.prod(b[gj[0]:k])
+            inner_dims = math.prod(b[k + 1:gj[-1] + 1])
+            if len(segs) % outer_k:
+                continue
+            base = segs[: len(segs) // outer_k]
+            if base * outer_k != segs:
+                continue
+            cand = Shard(k, base, inner)
+            if inner % inner_dims == 0:
+                cand = Shard(k, base, inner // inner_dims)
+            else:
+                step = inner_dims // math.gcd(inner, inner_dims)
+                cand = regroup(Shard(k, base, inner), inner * step, n)
+                if cand is None:
+                    continue
+                cand = Shard(k, cand.segments, cand.inner // inner_dims)
+            if cand.length == b[k]:
+                return cand
+        return None
+    return None
+
+
+def _local_reshape(graph: fx.Graph, node: fx.Node, ctx: Any) -> None:
+    src = node.args[0]
+    node.op, node.target = "call_method", "reshape"
+    node.args = (src, tuple(int(s) for s in local_shape(shape(node), ctx.pl(node), ctx.n, ctx.rank)))
+    node.kwargs = {}
+
+
+def reshape_rule(op: OpView) -> Decision | None:
+    src = op.node.args[0]
+    p = op.pl(src)
+    if isinstance(p, Replicate):
+        return Decision(REPLICATE)
+    if not isinstance(p, Shard):
+        return None
+    out = reshape_placement(p, shape(src), tuple(op.out_value.shape), op.n)
+    if out is None:
+        return None
+    return Decision(out, rewrite=_local_reshape)
+
+
+def _permutation(op: OpView) -> list[int]:
+    ndim = op.out_ndim
+    node = op.node
+    args = node.args[1:]
+    if op.name == "permute":
+        dims = args[0] if len(args) == 1 and isinstance(args[0], (list, tuple)) else args
+        dims = node.kwargs.get("dims", dims)
+        return [d % ndim for d in dims]
+    if op.name == "t":
+        return [1, 0] if ndim == 2 else list(range(ndim))
+    if op.name in ("movedim", "moveaxis"):
+        src, dst = op.arg(1, "source"), op.arg(2, "destination")
+        src = [src] if isinstance(src, int) else list(src)
+        dst = [dst] if isinstance(dst, int) else list(dst)
+        src, dst = [s % ndim for s in src], [d % ndim for d in dst]
+        order = [d for d in range(ndim) if d not in src]
+        perm = [0] * ndim
+        for s, d in sorted(zip(src, dst), key=lambda x: x[1]):
+            order.insert(d, s)
+        perm = order
+        return perm
+    d0 = op.arg(1, "dim0") % ndim
+    d1 = op.arg(2, "dim1") % ndim
+    perm = list(range(ndim))
+    perm[d0], perm[d1] = perm[d1], perm[d0]
+    return perm
+
+
+def permute_rule(op: OpView) -> Decision | None:
+    p = op.pl(op.node.args[0])
+    if isinstance(p, Replicate):
+        return Decision(REPLICATE)
+    if not isinstance(p, Shard):
+        return None
+    return Decision(p.with_dim(_permutation(op).index(p.dim)))
+
+
+def _local_expand(graph: fx.Graph, node: fx.Node, ctx: Any) -> None:
+    src = node.args[0]
+    node.op, node.target = "call_method", "expand"
+    node.args = (src, tuple(int(s) for s in local_shape(shape(node), ctx.pl(node), ctx.n, ctx.rank)))
+    node.kwargs = {}
+
+
+def expand_rule(op: OpView) -> Decision | None:
+    src = op.node.args[0]
+    p = op.pl(src)
+    needs = {x: REPLICATE for x in op.tensor_inputs()[1:] if not isinstance(op.pl(x), Replicate)}
+    if isinstance(p, Replicate):
+        return Decision(REPLICATE, needs)
+    if not isinstance(p, Shard):
+        return None
+    out = p.with_dim(p.dim + op.out_ndim - len(shape(src)))
+    return Decision(out, needs, rewrite=_local_expand)
+
+
+def repeat_rule(op: OpView) -> Decision | None:
+    src = op.node.args[0]
+    p = op.pl(src)
+    if isinstance(p, Replicate):
+        return Decision(REPLICATE)
+    if not isinstance(p, Shard):
+        return None
+    sizes = op.node.args[1:]
+    if len(sizes) == 1 and isinstance(sizes[0], (list, tuple)):
+        sizes = sizes[0]
+    d = p.dim + len(sizes) - len(shape(src))
+    if sizes[d] != 1:
+        return None
+    return Decision(p.with_dim(d))
+
+
+TABLE = [
+    (RESHAPES, reshape_rule),
+    (PERMUTES, permute_rule),
+    (EXPANDS, expand_rule),
+    (["repeat", "tile"], repeat_rule),
+]

@@ -1,0 +1,448 @@
+"""Attention kernels that return the log-sum-exp, and the sequence-parallel attentions built on them.
+
+Layout everywhere: ``q_BHSD`` is [B, H, Sq, D], ``k``/``v`` are [B, Hkv, Sk, D] with ``Hkv == H``
+unless ``enable_gqa`` (then ``H % Hkv == 0`` and query head h reads key/value head
+``h // (H // Hkv)``, as in ``F.scaled_dot_product_attention``). Masks broadcast to
+[B, H, Sq, Sk] and are either bool (True = attend) or additive float. Attention is never causal
+here: the compiler does not lower causal attention.
+
+The log-sum-exp (``lse``, natural log, float32) of a block of keys is what lets blocks over
+disjoint key sets be merged exactly (:func:`merge_attention`). A query row that sees no key at
+all has ``lse = -inf`` and output 0, and merging treats such a block as absent.
+
+Sequence parallelism, with N ranks each holding a contiguous shard of the sequence:
+
+* :func:`ulysses_attention` trades the sequence shard for a head shard with one all-to-all,
+  attends over the whole sequence, and trades back.
+* :func:`ring_attention` keeps the queries and passes K/V blocks around the ring.
+* :func:`usp_attention` nests the two: Ulysses inside a ring.
+
+Only shapes, dtypes and the (Python int) shard sizes steer the code, never tensor values, so all
+of it can run inside graphs traced by Dynamo and compiled by inductor.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from xdit_compile.errors import XditError
+from xdit_compile.runtime.collectives import Group, all_to_all, group_rank, group_size, shift
+
+__all__ = [
+    "AttentionError",
+    "attention_with_lse",
+    "merge_attention",
+    "ring_attention",
+    "ulysses_attention",
+    "usp_attention",
+]
+
+_NEG_INF = float("-inf")
+
+
+class AttentionError(XditError, ValueError):
+    """Attention inputs whose shapes, masks or shard sizes cannot work together."""
+
+
+# --------------------------------------------------------------------------------------------
+# Single-device blocks
+
+
+def _check_heads(fn: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gqa: bool) -> None:
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise AttentionError(
+            f"{fn}: expected 4-D [B, H, S, D] tensors, got q {tuple(q.shape)}, k {tuple(k.shape)}, "
+            f"v {tuple(v.shape)}."
+        )
+    if k.shape != v.shape:
+        raise AttentionError(f"{fn}: k {tuple(k.shape)} and v {tuple(v.shape)} must match.")
+    heads, kv_heads = q.size(1), k.size(1)
+    if heads != kv_heads and not (gqa and kv_heads > 0 and heads % kv_heads == 0):
+        raise AttentionError(
+            f"{fn}: q has {heads} heads and k/v {kv_heads}; pass enable_gqa=True when the query "
+            "heads are a multiple of the key/value heads."
+        )
+
+
+def _dead_rows(mask: torch.Tensor) -> torch.Tensor:
+    """Rows (over the key dim) that may attend to no key at all, shaped like the mask minus Sk."""
+    if mask.dtype == torch.bool:
+        return ~mask.any(dim=-1)
+    return torch.isneginf(mask).all(dim=-1)
+
+
+def _math_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference attention in float32: exact, any mask, any device; O(Sq * Sk) memory."""
+    if q.size(1) != k.size(1):
+        repeat = q.size(1) // k.size(1)
+        k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    scores = torch.matmul(q.to(compute), k.to(compute).transpose(-1, -2)) * scale
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            scores = scores.masked_fill(~mask, _NEG_INF)
+        else:
+            scores = scores + mask.to(compute)
+    lse = torch.logsumexp(scores, dim=-1)
+    # A row with no visible key has lse = -inf; shifting by 0 instead keeps exp() at 0, not NaN.
+    safe_lse = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
+    probs = torch.exp(scores - safe_lse.unsqueeze(-1))
+    out = torch.matmul(probs, v.to(compute))
+    return out.to(q.dtype), lse
+
+
+def _cpu_flash_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """ATen's CPU flash kernel, which returns the LSE and handles GQA head ratios natively.
+
+    It only takes additive masks of the query's dtype, and reports lse = 0 (not -inf) for rows
+    whose mask is all -inf; both are corrected here.
+    """
+    float_mask = mask
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            zeros = torch.zeros((), dtype=q.dtype, device=q.device)
+            float_mask = torch.where(mask, zeros, torch.full_like(zeros, _NEG_INF))
+        else:
+            float_mask = mask.to(q.dtype)
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q, k, v, attn_mask=float_mask, scale=scale
+    )
+    if mask is not None:
+        lse = torch.where(_dead_rows(mask), torch.full_like(lse, _NEG_INF), lse)
+    return out, lse
+
+
+def _flash_attn_cuda(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The flash-attn package's kernel (unmasked fp16/bf16 only); None when not installed."""
+    try:
+        from flash_attn import flash_attn_func  # type: ignore[import-not-found]
+    except ImportError:
+        return None
+    # flash-attn wants [B, S, H, D] and returns the LSE as [B, H, Sq] float32.
+    out, lse, _ = flash_attn_func(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+        softmax_scale=scale, return_attn_probs=True,
+    )
+    return out.transpose(1, 2), lse
+
+
+def attention_with_lse(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Non-causal scaled dot-product attention that also returns the log-sum-exp.
+
+    Returns ``out`` [B, H, Sq, D] in q's dtype, equal to ``F.scaled_dot_product_attention``
+    (fully masked rows give 0), and ``lse`` [B, H, Sq] in float32 (float64 for float64 inputs):
+    ``logsumexp(scale * q @ k^T + mask)`` over the keys, ``-inf`` where no key is visible.
+
+    Kernel choice: on CPU ATen's flash kernel; on CUDA the flash-attn package when installed and
+    there is no mask, else ATen's memory-efficient kernel when there is no mask; everything else
+    (masked CUDA calls, other devices, empty key sets) uses an exact float32 math path.
+    """
+    _check_heads("attention_with_lse", q, k, v, enable_gqa)
+    scale = 1.0 / math.sqrt(q.size(-1)) if scale is None else float(scale)
+    if k.size(2) == 0 or q.size(2) == 0:
+        # The fused kernels divide by the key count; an empty block sees nothing.
+        out = q.new_zeros(q.shape[:3] + (v.size(-1),))
+        lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+        return out, q.new_full(q.shape[:3], _NEG_INF, dtype=lse_dtype)
+    if q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64, torch.bfloat16,
+                                              torch.float16):
+        return _cpu_flash_attention(q, k, v, mask, scale)
+    if q.device.type == "cuda" and mask is None:
+        if q.dtype in (torch.float16, torch.bfloat16):
+            fast = _flash_attn_cuda(q, k, v, scale)
+            if fast is not None:
+                return fast
+        if q.size(1) == k.size(1):
+            out, lse, _, _ = torch.ops.aten._scaled_dot_product_efficient_attention(
+                q, k, v, None, True, scale=scale
+            )
+            # The kernel may pad the LSE's query dim to its tile size.
+            return out, lse[:, :, : q.size(2)].float()
+    return _math_attention(q, k, v, mask, scale)
+
+
+def merge_attention(
+    out_a: torch.Tensor,
+    lse_a: torch.Tensor,
+    out_b: torch.Tensor,
+    lse_b: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Combine attention over two disjoint key sets into attention over their union.
+
+    ``out = (exp(lse_a) * out_a + exp(lse_b) * out_b) / exp(lse)`` with
+    ``lse = logaddexp(lse_a, lse_b)``, computed in the LSE's precision. A block whose row has
+    ``lse = -inf`` (no visible key) contributes nothing, even if its output row holds NaN; a row
+    that neither block sees stays 0 with ``lse = -inf``. ``out`` has the promoted dtype of the
+    two outputs.
+    """
+    lse = torch.logaddexp(lse_a, lse_b)
+    safe_lse = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
+    weight_a = torch.exp(lse_a - safe_lse).unsqueeze(-1)
+    weight_b = torch.exp(lse_b - safe_lse).unsqueeze(-1)
+    dead_a = torch.isneginf(lse_a).unsqueeze(-1)
+    dead_b = torch.isneginf(lse_b).unsqueeze(-1)
+    zero = torch.zeros((), dtype=lse.dtype, device=lse.device)
+    # where() rather than multiply: 0 * NaN would leak an invalid block into the result.
+    part_a = torch.where(dead_a, zero, weight_a * out_a.to(lse.dtype))
+    part_b = torch.where(dead_b, zero, weight_b * out_b.to(lse.dtype))
+    out_dtype = torch.promote_types(out_a.dtype, out_b.dtype)
+    return (part_a + part_b).to(out_dtype), lse
+
+
+# --------------------------------------------------------------------------------------------
+# Sequence parallel
+
+
+def _check_divisible(fn: str, what: str, count: int, ranks: int) -> None:
+    if count % ranks != 0:
+        raise AttentionError(
+            f"{fn}: {what} = {count} is not divisible by the Ulysses degree {ranks}; choose a "
+            "Ulysses degree that divides the head counts (or use ring attention)."
+        )
+
+
+def _check_shard(fn: str, what: str, tensor: torch.Tensor, sizes: Sequence[int], index: int,
+                 ranks: int) -> None:
+    if len(sizes) != ranks:
+        raise AttentionError(
+            f"{fn}: {what} sizes {list(sizes)} have {len(sizes)} entries for {ranks} ranks."
+        )
+    if tensor.size(2) != sizes[index]:
+        raise AttentionError(
+            f"{fn}: this rank (index {index} of {ranks}) holds {what} {tuple(tensor.shape)} with "
+            f"{tensor.size(2)} positions but the sizes say {sizes[index]} ({list(sizes)})."
+        )
+
+
+def _mask_heads(mask: torch.Tensor | None, heads: int, index: int, ranks: int) -> torch.Tensor | None:
+    """This rank's slice of a mask's head dim after heads were split into ``ranks`` groups."""
+    if mask is None or mask.dim() < 3 or mask.size(-3) != heads or ranks == 1:
+        return mask
+    per_rank = heads // ranks
+    return mask.narrow(-3, index * per_rank, per_rank)
+
+
+def _check_mask(fn: str, mask: torch.Tensor | None, heads: int, queries: int, keys: int) -> None:
+    if mask is None:
+        return
+    shape = (1,) * (4 - mask.dim()) + tuple(mask.shape)
+    if mask.dim() > 4 or shape[1] not in (1, heads) or shape[2] not in (1, queries) or \
+            shape[3] not in (1, keys):
+        raise AttentionError(
+            f"{fn}: mask {tuple(mask.shape)} must broadcast to [B, {heads} or 1, {queries} or 1, "
+            f"{keys} or 1] (heads, queries and keys in gathered order)."
+        )
+
+
+def _ulysses_scatter_heads(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    group: Group,
+    q_sizes: Sequence[int],
+    kv_sizes: Sequence[int],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sequence shards with all heads -> whole sequence with 1/N of the heads, for q, k and v.
+
+    Tensors with the same shape and sizes travel in one all-to-all (k and v always do; q joins
+    them for self-attention), since each collective has a fixed latency cost.
+    """
+    if q.shape == k.shape and list(q_sizes) == list(kv_sizes):
+        q, k, v = all_to_all(torch.stack([q, k, v]), 2, 3, group, gather_sizes=q_sizes).unbind(0)
+        return q, k, v
+    q = all_to_all(q, 1, 2, group, gather_sizes=q_sizes)
+    k, v = all_to_all(torch.stack([k, v]), 2, 3, group, gather_sizes=kv_sizes).unbind(0)
+    return q, k, v
+
+
+def ulysses_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    group: Group,
+    q_sizes: Sequence[int],
+    kv_sizes: Sequence[int],
+    mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> torch.Tensor:
+    """DeepSpeed-Ulysses attention over a sequence sharded across ``group``.
+
+    ``q`` is this rank's shard [B, H, q_sizes[r], D] and ``k``/``v`` [B, Hkv, kv_sizes[r], D],
+    where r is this rank's index in ``group`` and the shards concatenate in group-rank order.
+    H and Hkv must be divisible by the group size N. ``mask`` is aligned with the gathered
+    sequence: query dim sum(q_sizes) or 1, key dim sum(kv_sizes) or 1, head dim H or 1 (this
+    rank takes its own head slice). Returns this rank's output shard [B, H, q_sizes[r], D].
+    """
+    fn = "ulysses_attention"
+    _check_heads(fn, q, k, v, enable_gqa)
+    ranks, index = group_size(group), group_rank(group)
+    _check_divisible(fn, "query heads", q.size(1), ranks)
+    _check_divisible(fn, "key/value heads", k.size(1), ranks)
+    _check_shard(fn, "q", q, q_sizes, index, ranks)
+    _check_shard(fn, "k/v", k, kv_sizes, index, ranks)
+    _check_mask(fn, mask, q.size(1), sum(q_sizes), sum(kv_sizes))
+    heads = q.size(1)
+    q, k, v = _ulysses_scatter_heads(q, k, v, group, q_sizes, kv_sizes)
+    out, _ = attention_with_lse(q, k, v, _mask_heads(mask, heads, index, ranks), scale, enable_gqa)
+    return all_to_all(out, 2, 1, group, scatter_sizes=q_sizes)
+
+
+def _block_mask(
+    mask: torch.Tensor | None, offset: int, length: int, padded: int, device: torch.device
+) -> torch.Tensor | None:
+    """The mask for one ring block: the block's key columns, then its padding masked out."""
+    if mask is not None and mask.size(-1) != 1:
+        mask = mask.narrow(-1, offset, length)
+    if length == padded:
+        return mask
+    if mask is None:
+        return (torch.arange(padded, device=device) < length).view(1, 1, 1, padded)
+    shape = list(mask.shape)
+    shape[-1] = length
+    pad_shape = shape[:-1] + [padded - length]
+    mask = mask.expand(shape)
+    if mask.dtype == torch.bool:
+        return torch.cat([mask, mask.new_zeros(pad_shape)], dim=-1)
+    return torch.cat([mask, mask.new_full(pad_shape, _NEG_INF)], dim=-1)
+
+
+def _ring(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    group: Group,
+    kv_sizes: Sequence[int],
+    mask: torch.Tensor | None,
+    scale: float | None,
+    enable_gqa: bool,
+) -> torch.Tensor:
+    """Ring attention body; inputs already validated, ``mask`` already sliced to q's heads."""
+    ranks, index = group_size(group), group_rank(group)
+    padded = max(kv_sizes)
+    kv = torch.stack([k, v])
+    if kv.size(3) < padded:
+        pad_shape = list(kv.shape)
+        pad_shape[3] = padded - kv.size(3)
+        kv = torch.cat([kv, kv.new_zeros(pad_shape)], dim=3)
+    offsets = [sum(kv_sizes[:i]) for i in range(ranks)]
+    out: torch.Tensor | None = None
+    lse: torch.Tensor | None = None
+    for step in range(ranks):
+        # After `step` passes this rank holds the block that started on rank index - step.
+        source = (index - step) % ranks
+        # Issue the next pass before computing, so compiled graphs can overlap the two.
+        incoming = shift(kv, 1, group) if step + 1 < ranks else None
+        length = kv_sizes[source]
+        if length > 0:
+            block_mask = _block_mask(mask, offsets[source], length, padded, q.device)
+            block_out, block_lse = attention_with_lse(
+                q, kv[0], kv[1], block_mask, scale, enable_gqa
+            )
+            if out is None or lse is None:
+                out, lse = block_out.to(block_lse.dtype), block_lse
+            else:
+                out, lse = merge_attention(out, lse, block_out, block_lse)
+        if incoming is not None:
+            kv = incoming
+    if out is None:
+        return q.new_zeros(q.shape[:3] + (v.size(-1),))
+    return out.to(q.dtype)
+
+
+def ring_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    group: Group,
+    kv_sizes: Sequence[int],
+    mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> torch.Tensor:
+    """Ring attention: local queries attend to every rank's K/V block as it passes by.
+
+    ``q`` is [B, H, Sq_local, D] (any local length); ``k``/``v`` are this rank's key shard
+    [B, Hkv, kv_sizes[r], D], shards concatenating in group-rank order. K/V blocks are padded to
+    max(kv_sizes) so every pass has one shape, travel N - 1 steps with :func:`shift`, and the
+    per-block results are merged with their LSE (accumulated in float32). ``mask``: query dim
+    Sq_local or 1, key dim sum(kv_sizes) (gathered order) or 1, head dim H or 1.
+    Returns [B, H, Sq_local, D].
+    """
+    fn = "ring_attention"
+    _check_heads(fn, q, k, v, enable_gqa)
+    ranks, index = group_size(group), group_rank(group)
+    _check_shard(fn, "k/v", k, kv_sizes, index, ranks)
+    _check_mask(fn, mask, q.size(1), q.size(2), sum(kv_sizes))
+    return _ring(q, k, v, group, kv_sizes, mask, scale, enable_gqa)
+
+
+def usp_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    ulysses_group: Group,
+    ring_group: Group,
+    q_sizes: Sequence[int],
+    kv_sizes: Sequence[int],
+    mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> torch.Tensor:
+    """Unified sequence parallelism: Ulysses inside each ring chunk, ring across chunks.
+
+    The sequence is sharded over R * U ranks; this rank's sequence-parallel index is
+    ``ring_index * U + ulysses_index``, where ``ulysses_index`` is its rank in
+    ``ulysses_group`` (size U) and ``ring_index`` its rank in ``ring_group`` (size R).
+    ``q_sizes``/``kv_sizes`` list all R * U shard lengths in that order, so ring chunk r is the
+    concatenation of shards r*U .. r*U + U - 1. The Ulysses all-to-all gathers this ring
+    index's U shards (splitting heads U ways), ring attention runs over the R chunks, and the
+    all-to-all goes back. ``mask``: query dim = the gathered queries of this ring index
+    (sum(q_sizes[r*U:(r+1)*U])) or 1, key dim = sum(kv_sizes) in full order or 1, heads H or 1.
+    Returns [B, H, q_sizes[sp_index], D].
+    """
+    fn = "usp_attention"
+    _check_heads(fn, q, k, v, enable_gqa)
+    ulysses, u_index = group_size(ulysses_group), group_rank(ulysses_group)
+    ring, r_index = group_size(ring_group), group_rank(ring_group)
+    sp_index = r_index * ulysses + u_index
+    _check_divisible(fn, "query heads", q.size(1), ulysses)
+    _check_divisible(fn, "key/value heads", k.size(1), ulysses)
+    _check_shard(fn, "q", q, q_sizes, sp_index, ring * ulysses)
+    _check_shard(fn, "k/v", k, kv_sizes, sp_index, ring * ulysses)
+    chunk = slice(r_index * ulysses, (r_index + 1) * ulysses)
+    local_q_sizes, local_kv_sizes = list(q_sizes[chunk]), list(kv_sizes[chunk])
+    _check_mask(fn, mask, q.size(1), sum(local_q_sizes), sum(kv_sizes))
+    heads = q.size(1)
+    q, k, v = _ulysses_scatter_heads(q, k, v, ulysses_group, local_q_sizes, local_kv_sizes)
+    ring_kv_sizes = [sum(kv_sizes[r * ulysses:(r + 1) * ulysses]) for r in range(ring)]
+    out = _ring(q, k, v, ring_group, ring_kv_sizes, _mask_heads(mask, heads, u_index, ulysses),
+                scale, enable_gqa)
+    return all_to_all(out, 2, 1, ulysses_group, scatter_sizes=local_q_sizes)
