@@ -56,10 +56,13 @@ def attention_kind(name: str) -> str:
 
 
 def first_tensor(out: Any) -> torch.Tensor:
+    """The model's sample as one tensor (a per-sample list, as Z-Image returns, is stacked)."""
     if torch.is_tensor(out):
         return out
     if hasattr(out, "sample"):
-        return out.sample
+        return first_tensor(out.sample)
+    if isinstance(out, list) and out and all(torch.is_tensor(t) for t in out):
+        return torch.stack(out)
     if isinstance(out, (tuple, list)):
         return first_tensor(out[0])
     raise TypeError(type(out))
@@ -101,7 +104,6 @@ VIEW_LIKE = {
     "view", "reshape", "permute", "flatten", "unflatten", "transpose", "contiguous", "unfold", "to", "type",
     "float", "squeeze", "unsqueeze", "getitem", "chunk", "split", "movedim", "einsum", "pad", "cat", "concat",
 }
-INPLACE_OK = {"__iadd__", "__imul__"}
 
 
 def sdpa_calls(gm: torch.fx.GraphModule) -> list[dict]:
@@ -127,7 +129,7 @@ def sdpa_calls(gm: torch.fx.GraphModule) -> list[dict]:
     return calls
 
 
-LATENT_INPUT = re.compile(r"^l_(kwargs_)?(hidden_states|x|sample)_$")
+LATENT_INPUT = re.compile(r"^l_(kwargs_)?(hidden_states|x|x_0|sample)_$")
 
 
 def _kv_repeat(node: Any, depth: int = 4) -> bool:
@@ -259,7 +261,7 @@ def oddities(ops: Counter) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------- checks
-def inspect_model(name: str, verbose: bool = False) -> dict:
+def inspect_model(name: str) -> dict:
     warnings.filterwarnings("ignore")
     r: dict[str, Any] = {"name": name, "attention": attention_kind(name)}
     model, inputs = build(name)
@@ -367,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     bad = 0
     for name in names:
         try:
-            r = inspect_model(name, args.verbose)
+            r = inspect_model(name)
         except Exception as e:  # noqa: BLE001
             r = {"name": name, "error": f"{type(e).__name__}: {str(e)[:300]}"}
             if args.verbose:

@@ -1,4 +1,131 @@
-"""Unseen tiny diffusers DiTs (draft)."""
+"""A second zoo of tiny diffusers DiTs that ``xdit_compile`` was NOT designed for ("unseen models").
+
+Same contract as ``tiny_dits.ZOO``: each ``TinyDiT`` builds a model with random weights from its config (no hub
+access) and example keyword inputs; ``make_more(name, batch=2, seed=0)`` returns ``(model.eval(), inputs)``,
+deterministic from the seed. Hidden 64 = 4 heads x 16 and 1-2 (HunyuanDiT: 4) layers where the model allows,
+latents 4x16x16 (video: 4 channels x 2-4 frames x 16x16), 8 text tokens. Text masks are what pipelines send:
+the last sample's last 3 text tokens are padding. One eager forward takes 2-30 ms on 2 idle CPU cores
+(the first call of a process is slower); all 20 run on batch 1, 2 and 3.
+
+Checked with ``python examples/inspect_zoo.py`` (torch 2.13.0 CPU, diffusers 0.42.1). Every model: eager
+forward works and is deterministic; ``torch.compile(backend=<records gm, returns gm.forward>, fullgraph=False)``
+equals eager exactly (max abs diff 0.0). "graphs" is how many FX graphs Dynamo produced with fullgraph=False
+(graphs - 1 graph breaks). "SDPA" lists calls to ``F.scaled_dot_product_attention`` in the (full) graph as
+pos(itional) / kw(keyword) x count with Q-len/K-len; masks are ``attn_mask`` shapes. RMS = diffusers' RMSNorm,
+which arrives decomposed (pow, mean, add, rsqrt, mul); ``rms_norm`` = ``torch.rms_norm`` (``nn.RMSNorm``).
+
+=============  ======  ======  =========  ===========================  ===================================
+model          attn    graphs  fullgraph  SDPA (Q/K len)               masks
+=============  ======  ======  =========  ===========================  ===================================
+hunyuan_dit    cross   1       ok         pos×8 (64/64, 64/16)         none (text padding replaced by a
+                                                                       learned embedding via torch.where)
+sana           cross   1       ok         pos×2 (64/8, cross only)     float additive (B,H,1,8)
+auraflow       joint   1       ok         pos×2 (80/80), scale=0.25    none
+lumina2        joint   4       FAIL (1)   pos×3 (8/8, 64/64, 72/72)    bool (B,1,1,8), (B,1,1,72)
+lumina_next    cross   1       ok         pos×4 (64/64, 64/8)          bool (B,H,64,64), (B,H,64,8)
+wan            cross   1       ok         kw×4 (128/128, 128/8)        none
+skyreels_v2    cross   1       ok         kw×4 (256/256, 256/8)        bool block-causal (1,1,256,256)
+qwenimage      joint   1       ok         kw×2 (72/72)                 bool (B,1,1,72)
+mochi          joint   11 (2)  ok (3)     pos×5: pool 1/9, 4× per-     bool (B,1,1,9) on the pool; main
+                                          sample (1,H,u+128,D)         attention drops padding by nonzero
+ltx            cross   1       ok         kw×4 (128/128, 128/8)        float additive (B,H,1,8)
+allegro        cross   1       ok         pos×4 (128/128, 128/8)       float additive (B,H,1,8)
+cogview3plus   joint   1       ok         pos×2 (72/72)                none
+cogview4       joint   1       ok         pos×2 (72/72)                none
+hidream        joint   19      FAIL (4)   pos×2 (88/88)                none
+chroma         joint   1       ok         kw×2 (72/72)                 bool square (B,1,72,72)
+flux2          joint   1       ok         kw×2 (72/72)                 none
+hunyuan_video  joint   1       ok         pos×1 (8/8) + kw×2 (136/136) bool (B,H,8,8), (B,1,1,136)
+omnigen        joint   4       FAIL (5)   pos×2 (72/72)                float additive square (B,1,72,72)
+easyanimate    joint   1       ok         pos×2 (136/136)              none
+z_image        joint   1       ok         kw×4 (64/64, 32/32, 96/96)   none (captions padded to 32 with a
+                                                                       learned pad token)
+=============  ======  ======  =========  ===========================  ===================================
+
+=============  =====================  ==========================================  ==================================
+model          norms                  patch embedding                             RoPE
+=============  =====================  ==========================================  ==================================
+hunyuan_dit    layer_norm (+qk LN)    conv2d k=s=2                                real unbind/stack; (cos, sin) of
+                                                                                  shape (S, 16) are model inputs
+sana           layer_norm, RMS        conv2d k=s=2                                none
+auraflow       layer_norm (+qk LN)    view/permute/flatten -> linear              none (learned pos-embed crop)
+lumina2        RMS (+1 layer_norm)    view/permute/flatten -> linear              complex view_as_complex
+lumina_next    layer_norm (qk), RMS   view/permute/flatten -> linear              complex; a complex (32,32,8)
+                                                                                  table input sliced in graph
+wan            layer_norm, rms_norm   conv3d k=s=(1,2,2)                          real, unbind + strided setitem
+                                                                                  out[..., 0::2] = ...
+skyreels_v2    layer_norm, rms_norm   conv3d k=s=(1,2,2)                          as wan
+qwenimage      layer_norm, RMS (qk)   linear on packed tokens                     complex view_as_complex
+mochi          RMS (+1 layer_norm)    conv2d k=s=2 per frame (B*F,C,H,W)          real x[...,0::2]/x[...,1::2]
+                                                                                  reads + stack
+ltx            rms_norm (qk), RMS,    linear on packed tokens (B, F*H*W, C)       real unbind/stack, grid from
+               layer_norm                                                         num_frames/height/width ints
+allegro        layer_norm             conv2d k=s=2 per frame                      rotate-half per third of head;
+                                                                                  cos/sin gathered by F.embedding
+                                                                                  with position-index inputs
+cogview3plus   layer_norm             view/permute -> linear (text joins inside)  none (sincos pos-embed)
+cogview4       layer_norm             reshape/permute/flatten -> linear           rotate-half, image part only
+                                                                                  (slice setitem q[:, :, 8:] = ..)
+hidream        layer_norm, rms_norm   reshape/permute -> linear                   rotation matrices
+                                                                                  stack([cos,-sin,sin,cos]), all
+                                                                                  tokens (text ids = 0)
+chroma         layer_norm, rms_norm   linear on packed tokens                     real unbind/stack from ids
+flux2          layer_norm, rms_norm   linear on packed tokens                     real unbind/stack, 4-axis ids
+hunyuan_video  layer_norm, RMS        conv3d k=s=(1,2,2)                          real unbind/stack, image part
+                                                                                  only (slice setitem)
+omnigen        RMS (+ final LN)       conv2d k=s=2 (+ sincos pos-embed crop)      rotate-half from position_ids
+easyanimate    layer_norm (+qk LN)    conv2d k=s=2 per frame                      real unbind/stack, image part
+                                                                                  only (slice setitem)
+z_image        RMS (+1 layer_norm)    per-sample view/permute/reshape, cat ->     complex view_as_complex
+                                      linear
+=============  =====================  ==========================================  ==================================
+
+No model has ``group_norm``; none uses ``enable_gqa``; none passes ``is_causal``.
+
+Oddities, per model:
+
+* hunyuan_dit: U-ViT long skip (layer 0 -> layer 3: cat + linear); two text encoders concatenated (8 + 8 = 16
+  cross tokens); RoPE on Q in cross-attention too; output has 2x channels (learn_sigma).
+* sana: self-attention is ReLU *linear attention* written as matmuls (``V_pad @ K^T`` sums over all tokens,
+  then ``@ Q``, divided by a padded ones-row) - no SDPA; the FFN (GLUMBConv) reshapes tokens back to
+  (B, C, H, W) and runs a depthwise 3x3 conv, which mixes neighbouring tokens.
+* auraflow: 8 learned register tokens prepended to the text: sequence [reg 8, text 8, image 64].
+* lumina2 (1): ``encoder_attention_mask.sum(1).tolist()`` -> 2 graph breaks; with fullgraph=True "could not
+  extract specialized integer from data-dependent expression u0 + 64". Tokens are packed per sample
+  [valid text, image, zero padding] with Python loops and 18 setitems, so the token layout depends on the
+  mask; GQA (2 KV heads) by manual ``unsqueeze/repeat/flatten`` of K/V; context (text) and noise (image)
+  refiner blocks before the joint blocks.
+* lumina_next: GQA by manual repeat; masks come already expanded to (B, H, Sq, Sk); tanh-gated cross-attn.
+* wan / skyreels_v2: RMSNorm of q/k across all heads (before the head split). skyreels_v2 runs diffusion
+  forcing: per-frame timesteps (B, 4) -> per-token modulation (B, 6, S, D), and a block-causal mask built in
+  the graph (repeat_interleave/repeat/reshape).
+* qwenimage: text/image dual streams, joint [text, image]; RoPE frequencies from the Python list
+  ``img_shapes``; mask from text mask + ones (max/where).
+* mochi (2, 3): the attention processor loops over the batch and keeps the valid text tokens with
+  ``torch.nonzero`` -> graph breaks; with fullgraph=False the 4 main SDPA calls run *outside every graph*
+  (only the text attention-pool SDPA is captured); with fullgraph=True they are batch-1 SDPAs over
+  [image 128, valid text u] with unbacked lengths ``u + 128``, padded back with F.pad. Image-first order;
+  asymmetric streams (text width 32, image width 64).
+* allegro: head_dim 24 (its 3-axis RoPE needs head_dim divisible by 3 with even thirds), so hidden = 96.
+* cogview3plus / cogview4 / easyanimate: joint [text, image]; cogview4 and easyanimate apply RoPE to the
+  image part with slice setitem at the absolute offset text_len.
+* hidream (4): MoE FFN (softmax gate, topk, argsort, ``bincount().cpu().numpy()``, then per-expert index
+  gathers and an in-place ``scatter_reduce_`` that run between graphs) -> 8 graph breaks / 19 graphs;
+  fullgraph=True fails ("data-dependent expression u0"). All attention is inside the graphs.
+  Image-first joint sequence [image 64, t5 8, llama 8, per-layer llama 8] = 88.
+* chroma: modulation from a distilled approximator MLP; square mask from the outer product of a token mask.
+* hunyuan_video: image-first [image 128, text 8]; the key-padding mask is built in the graph from effective
+  lengths (sum, masked_fill); a text token refiner with its own (B,H,8,8) mask and a masked mean pool.
+* omnigen (5): ``torch.max(position_ids) + 1 > original_max_position_embeddings`` is a data-dependent branch ->
+  1 graph break, fullgraph=True fails; rotary module writes ``self.inv_freq`` in forward; text token
+  embedding inside the model; sequence [text 7, time token 1, image 64] and the output is the last 64 tokens.
+* z_image: inputs are Python lists of per-sample tensors (latents, captions of 8 and 5 tokens); captions are
+  padded on the host to a multiple of 32 and filled with a learned pad token; image-first [image 64,
+  caption 32] = 96.
+
+Dropped: none of the models tried. Not tried (time): Cosmos, HunyuanImage, HunyuanVideo-1.5, SanaVideo,
+Bria, Kandinsky, LongCat, Ovis, PRX, Wan-VACE/Animate, CogVideoX-derived ConsisID.
+"""
 
 from __future__ import annotations
 
@@ -438,6 +565,25 @@ def _easyanimate_inputs(b: int, g: torch.Generator) -> Inputs:
     }
 
 
+# --------------------------------------------------------------------------------------------- Z-Image
+def _z_image() -> torch.nn.Module:
+    from diffusers import ZImageTransformer2DModel
+
+    return ZImageTransformer2DModel(
+        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=64, n_layers=2, n_refiner_layers=1,
+        n_heads=4, n_kv_heads=4, cap_feat_dim=32, axes_dims=[4, 6, 6], axes_lens=[64, 64, 64],
+    )
+
+
+def _z_image_inputs(b: int, g: torch.Generator) -> Inputs:
+    # per-sample lists: latents (C, F, H, W) and captions of different lengths (8, 5, 8, 5, ...)
+    return {
+        "x": [_randn(g, 4, 1, 16, 16) for _ in range(b)],
+        "t": torch.rand(b, generator=g),
+        "cap_feats": [_randn(g, 8 if i % 2 == 0 else 5, 32) for i in range(b)],
+    }
+
+
 ZOO_MORE: dict[str, TinyDiT] = {
     t.name: t
     for t in [
@@ -460,6 +606,7 @@ ZOO_MORE: dict[str, TinyDiT] = {
         TinyDiT("hunyuan_video", _hunyuan_video, _hunyuan_video_inputs, "joint"),
         TinyDiT("omnigen", _omnigen, _omnigen_inputs, "joint"),
         TinyDiT("easyanimate", _easyanimate, _easyanimate_inputs, "joint"),
+        TinyDiT("z_image", _z_image, _z_image_inputs, "joint"),
     ]
 }
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 
@@ -27,18 +28,14 @@ def _raise_on_rank_one() -> int:
     return dist.get_rank()
 
 
-def _rank_one_blocks_in_barrier() -> int:
-    # Rank 0 skips the barrier and stays busy (returning would close its connections and make
-    # the barrier fail instead of hang), so rank 1 waits in a collective that never completes.
+def _ranks_block() -> int:
+    # Rank 1 waits in a barrier of the pair {1, 2} that rank 2 skips; rank 2 then stays busy
+    # (exiting would close its connections and make the barrier fail instead of hang).
+    # Rank 0 returns normally.
+    pair = dist.new_group([1, 2])
     if dist.get_rank() == 1:
-        dist.barrier()
-    else:
-        time.sleep(600)
-    return dist.get_rank()
-
-
-def _rank_one_hangs() -> int:
-    if dist.get_rank() == 1:
+        dist.barrier(group=pair)
+    elif dist.get_rank() == 2:
         threading.Event().wait()
     return dist.get_rank()
 
@@ -61,14 +58,14 @@ def test_exception_on_one_rank_surfaces_with_traceback() -> None:
     assert "_raise_on_rank_one" in message  # the frame is in the traceback text
 
 
-@pytest.mark.parametrize(
-    ("fn", "stuck"), [(_rank_one_blocks_in_barrier, "[0, 1]"), (_rank_one_hangs, "[1]")]
-)
-def test_stuck_ranks_are_killed_at_the_timeout_and_named(fn: object, stuck: str) -> None:
+def test_stuck_ranks_are_killed_at_the_timeout_and_named() -> None:
     start = time.monotonic()
     with pytest.raises(SpmdError) as info:
-        run_spmd(fn, 2, timeout=5.0)
-    assert time.monotonic() - start < 30.0
+        run_spmd(_ranks_block, 3, timeout=8.0)
+    assert time.monotonic() - start < 40.0
     message = str(info.value)
-    assert "timed out" in message
-    assert f"rank(s) {stuck} did not finish" in message
+    assert "timed out after 8.0s" in message
+    # Rank 0 normally finishes too, but on a loaded machine it may still be starting up.
+    stuck = re.search(r"rank\(s\) \[([\d, ]+)\] did not finish", message)
+    assert stuck is not None, message
+    assert {1, 2} <= {int(r) for r in stuck.group(1).split(",")}

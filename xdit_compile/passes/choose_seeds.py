@@ -1,7 +1,7 @@
 """Choose which user inputs to shard, and on which dim, by comparing propagated plans.
 
 Reads: placeholders' example values; user seeds (``ParallelPlan``-level input placements).
-Writes: nothing; returns the seeds. Greedy: take the cheapest single (input, dim), then add the
+Writes: nothing; returns the seeds. Greedy: take the (input, dim) that splits the most work, then add the
 one that lowers the estimated per-rank cost most, until nothing helps. Every candidate plan is
 correct (rules preserve meaning), so the search only trades speed.
 """
@@ -65,11 +65,14 @@ def choose_seeds(
                 continue
         if not trials:
             break
-        prop, node, p = min(trials, key=lambda t: t[0].cost)
-        # The caller asked for this axis: shard at least one input even when the model is
-        # too small for the estimate to favour it; add more only while they help.
-        if seeds and prop.cost >= best.cost * 0.999:
-            break
+        if seeds:
+            prop, node, p = min(trials, key=lambda t: t[0].cost)
+            if prop.cost >= best.cost * 0.999:
+                break
+        else:
+            # The caller asked for this axis: shard the input that splits the most work, even
+            # when the model is too small for latency-aware costs to favour any split.
+            prop, node, p = min(trials, key=lambda t: (t[0].compute, t[0].cost))
         log.debug("seed %s: %s (cost %.3g -> %.3g)", input_label(node), p, best.cost, prop.cost)
         seeds[node] = p
         best = prop

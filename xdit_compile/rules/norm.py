@@ -3,7 +3,6 @@
     layer_norm(x: S(1)[B, S, D], (D,))  -> S(1)
     rms_norm(q: S(2)[B, H, S, Dh], (Dh,)) -> S(2)
     softmax(x: S(1), dim=1)             -> needs R (gather)
-    group_norm(x: S(0))                 -> S(0); sharded spatial dims need R in this version
 """
 
 from __future__ import annotations
@@ -30,16 +29,6 @@ def trailing_norm(op: OpView) -> Decision | None:
     return Decision(p, _params_replicated(op))
 
 
-def group_norm(op: OpView) -> Decision | None:
-    x = op.node.args[0]
-    p = op.pl(x)
-    if isinstance(p, Shard) and p.dim == 0:
-        return Decision(p, _params_replicated(op))
-    if isinstance(p, Replicate):
-        return Decision(REPLICATE, _params_replicated(op))
-    return replicate_all(op, "group_norm statistics span the sharded dim")
-
-
 def along_dim(op: OpView) -> Decision | None:
     x = op.node.args[0]
     p = op.pl(x)
@@ -57,6 +46,5 @@ def along_dim(op: OpView) -> Decision | None:
 
 TABLE = [
     (["layer_norm", "rms_norm"], trailing_norm),
-    (["group_norm"], group_norm),
     (["softmax", "log_softmax", "normalize", "cumsum", "cumprod", "logcumsumexp"], along_dim),
 ]

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 from typing import Callable
 
-from . import attention, cat_split, conv, factory, indexing, linear, norm, pointwise, reduction, view
+from . import (
+    attention, cat_split, conv, factory, group_norm, indexing, linear, norm, pointwise, reduction, runtime_ops, view,
+)
 from .core import Decision, OpView
 
 Rule = Callable[[OpView], "Decision | None"]
 
 RULES: dict[str, Rule] = {}
-for _family in (pointwise, view, linear, norm, reduction, cat_split, conv, attention, indexing, factory):
+for _family in (
+    pointwise, view, linear, norm, group_norm, reduction, cat_split, conv, attention, indexing, factory, runtime_ops,
+):
     for _names, _rule in _family.TABLE:
         for _name in _names:
             if _name in RULES:

@@ -1,4 +1,4 @@
-"""Attention kernels that return the log-sum-exp, and the sequence-parallel attentions built on them.
+"""Attention kernels that return the log-sum-exp, and sequence-parallel attention built on them.
 
 Layout everywhere: ``q_BHSD`` is [B, H, Sq, D], ``k``/``v`` are [B, Hkv, Sk, D] with ``Hkv == H``
 unless ``enable_gqa`` (then ``H % Hkv == 0`` and query head h reads key/value head
@@ -24,7 +24,8 @@ of it can run inside graphs traced by Dynamo and compiled by inductor.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -127,14 +128,26 @@ def _cpu_flash_attention(
     return out, lse
 
 
-def _flash_attn_cuda(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
-) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The flash-attn package's kernel (unmasked fp16/bf16 only); None when not installed."""
+def _load_flash_attn() -> Callable[..., Any] | None:
+    # Resolved once at import: an import statement inside traced code would break the graph.
     try:
         from flash_attn import flash_attn_func  # type: ignore[import-not-found]
-    except ImportError:
+    except (ImportError, OSError):  # absent, or built against another CUDA/torch
         return None
+    return flash_attn_func
+
+
+_FLASH_ATTN_FUNC = _load_flash_attn()
+
+
+def _flash_attn_cuda(
+    flash_attn_func: Callable[..., Any],
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The flash-attn package's kernel (unmasked fp16/bf16, GQA native)."""
     # flash-attn wants [B, S, H, D] and returns the LSE as [B, H, Sq] float32.
     out, lse, _ = flash_attn_func(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
@@ -172,10 +185,8 @@ def attention_with_lse(
                                               torch.float16):
         return _cpu_flash_attention(q, k, v, mask, scale)
     if q.device.type == "cuda" and mask is None:
-        if q.dtype in (torch.float16, torch.bfloat16):
-            fast = _flash_attn_cuda(q, k, v, scale)
-            if fast is not None:
-                return fast
+        if q.dtype in (torch.float16, torch.bfloat16) and _FLASH_ATTN_FUNC is not None:
+            return _flash_attn_cuda(_FLASH_ATTN_FUNC, q, k, v, scale)
         if q.size(1) == k.size(1):
             out, lse, _, _ = torch.ops.aten._scaled_dot_product_efficient_attention(
                 q, k, v, None, True, scale=scale
@@ -238,7 +249,9 @@ def _check_shard(fn: str, what: str, tensor: torch.Tensor, sizes: Sequence[int],
         )
 
 
-def _mask_heads(mask: torch.Tensor | None, heads: int, index: int, ranks: int) -> torch.Tensor | None:
+def _mask_heads(
+    mask: torch.Tensor | None, heads: int, index: int, ranks: int
+) -> torch.Tensor | None:
     """This rank's slice of a mask's head dim after heads were split into ``ranks`` groups."""
     if mask is None or mask.dim() < 3 or mask.size(-3) != heads or ranks == 1:
         return mask
@@ -313,23 +326,11 @@ def ulysses_attention(
     return all_to_all(out, 2, 1, group, scatter_sizes=q_sizes)
 
 
-def _block_mask(
-    mask: torch.Tensor | None, offset: int, length: int, padded: int, device: torch.device
-) -> torch.Tensor | None:
-    """The mask for one ring block: the block's key columns, then its padding masked out."""
-    if mask is not None and mask.size(-1) != 1:
-        mask = mask.narrow(-1, offset, length)
-    if length == padded:
+def _block_mask(mask: torch.Tensor | None, offset: int, length: int) -> torch.Tensor | None:
+    """The key columns of ``mask`` that belong to one ring block (a key dim of 1 broadcasts)."""
+    if mask is None or mask.size(-1) == 1:
         return mask
-    if mask is None:
-        return (torch.arange(padded, device=device) < length).view(1, 1, 1, padded)
-    shape = list(mask.shape)
-    shape[-1] = length
-    pad_shape = shape[:-1] + [padded - length]
-    mask = mask.expand(shape)
-    if mask.dtype == torch.bool:
-        return torch.cat([mask, mask.new_zeros(pad_shape)], dim=-1)
-    return torch.cat([mask, mask.new_full(pad_shape, _NEG_INF)], dim=-1)
+    return mask.narrow(-1, offset, length)
 
 
 def _ring(
@@ -360,9 +361,11 @@ def _ring(
         incoming = shift(kv, 1, group) if step + 1 < ranks else None
         length = kv_sizes[source]
         if length > 0:
-            block_mask = _block_mask(mask, offsets[source], length, padded, q.device)
+            # Padding is cut off rather than masked: the sizes are static, and an unmasked
+            # block keeps the fast kernels available.
             block_out, block_lse = attention_with_lse(
-                q, kv[0], kv[1], block_mask, scale, enable_gqa
+                q, kv[0].narrow(2, 0, length), kv[1].narrow(2, 0, length),
+                _block_mask(mask, offsets[source], length), scale, enable_gqa,
             )
             if out is None or lse is None:
                 out, lse = block_out.to(block_lse.dtype), block_lse
@@ -391,7 +394,8 @@ def ring_attention(
     ``q`` is [B, H, Sq_local, D] (any local length); ``k``/``v`` are this rank's key shard
     [B, Hkv, kv_sizes[r], D], shards concatenating in group-rank order. K/V blocks are padded to
     max(kv_sizes) so every pass has one shape, travel N - 1 steps with :func:`shift`, and the
-    per-block results are merged with their LSE (accumulated in float32). ``mask``: query dim
+    per-block results are merged with their LSE (accumulated in float32); each block's padding is
+    sliced off before attending. ``mask``: query dim
     Sq_local or 1, key dim sum(kv_sizes) (gathered order) or 1, head dim H or 1.
     Returns [B, H, Sq_local, D].
     """
