@@ -208,7 +208,19 @@ def xdit_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: dic
         report.axes.clear()
         log.warning("xdit: %s; this graph runs replicated on every rank (set XDIT_STRICT=1 to raise)", e)
     publish(report)
+    if os.environ.get("XDIT_KEEP_GRAPHS", "0") == "1":
+        _GRAPHS.append((report, gm, list(example_inputs)))
     return _inner(plan, gm, example_inputs)
+
+
+# (report, per-rank graph, example inputs) of each compiled graph, kept only when
+# XDIT_KEEP_GRAPHS=1 (tests and benchmarks measure the per-rank program directly).
+_GRAPHS: list[tuple[PlanReport, fx.GraphModule, list[Any]]] = []
+
+
+def compiled_graphs() -> list[tuple[PlanReport, fx.GraphModule, list[Any]]]:
+    """The per-rank graphs compiled in this process (needs ``XDIT_KEEP_GRAPHS=1``)."""
+    return list(_GRAPHS)
 
 
 def _copy(gm: fx.GraphModule) -> fx.GraphModule:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import threading
 import time
@@ -19,7 +20,10 @@ def _rank_payload(scale: float) -> dict[str, object]:
     # The all_reduce proves the ranks really share a process group.
     dist.all_reduce(ones)
     base = torch.arange(8.0) * scale + rank
-    return {"rank": rank, "world": dist.get_world_size(), "sum": ones, "view": base[2:5]}
+    return {
+        "rank": rank, "world": dist.get_world_size(), "sum": ones, "view": base[2:5],
+        "env": os.environ.get("XDIT_HARNESS_MARK"),
+    }
 
 
 def _raise_on_rank_one() -> int:
@@ -41,8 +45,10 @@ def _ranks_block() -> int:
 
 
 def test_results_are_in_rank_order_and_tensors_survive() -> None:
-    results = run_spmd(_rank_payload, 2, 10.0)
+    results = run_spmd(_rank_payload, 2, 10.0, env={"XDIT_HARNESS_MARK": "on"})
     assert [r["rank"] for r in results] == [0, 1]
+    assert [r["env"] for r in results] == ["on", "on"]
+    assert "XDIT_HARNESS_MARK" not in os.environ
     assert all(r["world"] == 2 for r in results)
     for rank, result in enumerate(results):
         torch.testing.assert_close(result["sum"], torch.full((3,), 2.0), rtol=0, atol=0)
@@ -69,3 +75,14 @@ def test_stuck_ranks_are_killed_at_the_timeout_and_named() -> None:
     stuck = re.search(r"rank\(s\) \[([\d, ]+)\] did not finish", message)
     assert stuck is not None, message
     assert {1, 2} <= {int(r) for r in stuck.group(1).split(",")}
+
+
+def _rank_one_dies() -> int:
+    if dist.get_rank() == 1:
+        os._exit(3)
+    return dist.get_rank()
+
+
+def test_rank_that_dies_without_reporting_is_named() -> None:
+    with pytest.raises(SpmdError, match="rank 1 exited with code 3 without reporting"):
+        run_spmd(_rank_one_dies, 2, timeout=60.0)

@@ -18,8 +18,10 @@ import signal
 import socket
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from multiprocessing import connection, get_context
 from multiprocessing.process import BaseProcess
 from typing import Any
@@ -93,6 +95,21 @@ def _detach_result(obj: Any) -> Any:
     return obj
 
 
+@contextmanager
+def _environment(env: dict[str, str]) -> Iterator[None]:
+    """Temporarily apply ``env`` to this process's environment."""
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def _child_main(
     fn: Callable[..., Any],
     args: tuple[Any, ...],
@@ -100,7 +117,6 @@ def _child_main(
     world_size_: int,
     port: int,
     backend: str,
-    env: dict[str, str],
     timeout: float,
     conn: connection.Connection,
 ) -> None:
@@ -108,15 +124,12 @@ def _child_main(
     # Own process group, so the parent can also take down helpers this rank spawns
     # (inductor compile workers) with a single killpg.
     os.setpgid(0, 0)
-    os.environ.update(env)
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     os.environ["RANK"] = str(rank_)
     os.environ["WORLD_SIZE"] = str(world_size_)
     torch.set_num_threads(1)
     try:
-        from datetime import timedelta
-
         dist.init_process_group(
             backend, rank=rank_, world_size=world_size_, timeout=timedelta(seconds=timeout)
         )
@@ -155,8 +168,9 @@ def run_spmd(
     Each child sets one intra-op thread, initialises the default process group (``backend``,
     rendezvous on 127.0.0.1 at a free port chosen here), calls ``fn`` and sends its return
     value back. ``fn`` must be a module-level function and its result picklable by
-    ``torch.save``; tensors come back as plain CPU tensors. ``env`` is applied to each
-    child's environment before the process group starts.
+    ``torch.save``; tensors come back as plain CPU tensors. ``env`` is added to each child's
+    environment from its first instruction (it is set in this process while the children
+    start, then restored).
 
     Raises :class:`SpmdError` when a rank raises (message: the rank and its traceback), exits
     without reporting, or when ``timeout`` seconds pass (message: the ranks still running).
@@ -173,11 +187,14 @@ def run_spmd(
             reader, writer = ctx.Pipe(duplex=False)
             proc = ctx.Process(
                 target=_child_main,
-                args=(fn, args, rank_, world_size, port, backend, dict(env or {}), timeout, writer),
+                args=(fn, args, rank_, world_size, port, backend, timeout, writer),
                 name=f"spmd-rank{rank_}",
                 daemon=True,
             )
-            proc.start()
+            # The child inherits the environment at exec time, before it imports anything:
+            # settings read at import (e.g. inductor's compile threads) need it there.
+            with _environment(env or {}):
+                proc.start()
             writer.close()  # the parent keeps only the read end, so EOF means the child is gone
             procs.append(proc)
             readers.append(reader)

@@ -1,0 +1,120 @@
+"""Compare a model compiled with backend "xdit" on several ranks against one rank, eagerly.
+
+Models come from a factory named ``"module:function"`` returning ``(model, inputs)`` for
+``(name, batch=, seed=)``, so this module names no model. Each rank builds the same model
+from the same seed, runs the single-rank eager reference itself, then the compiled model,
+and reports the error, FLOPs of both runs, and the plan report.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
+
+from .harness import run_spmd
+
+
+@dataclass(frozen=True)
+class ParityResult:
+    """One rank's outcome."""
+
+    rank: int
+    max_abs_err: float
+    scale: float
+    flops: int
+    ref_flops: int
+    report: str
+    fallback: str | None
+    collectives: tuple[tuple[str, int, int], ...]
+
+    @property
+    def rel_err(self) -> float:
+        return self.max_abs_err / max(self.scale, 1e-12)
+
+
+def load_factory(spec: str) -> Callable[..., tuple[torch.nn.Module, dict[str, Any]]]:
+    module, _, fn = spec.partition(":")
+    return getattr(importlib.import_module(module), fn)
+
+
+def _first_tensor(out: Any) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)):
+        return _first_tensor(out[0])
+    if hasattr(out, "sample"):
+        return out.sample
+    raise TypeError(f"no tensor in model output of type {type(out).__name__}")
+
+
+class _CountFlops(TorchDispatchMode):
+    """FLOPs of the aten ops that run (FlopCounterMode's formulas, without its module hooks,
+    which make torch.compile fall back to the uncompiled module)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        formula = flop_registry.get(func._overloadpacket)
+        if formula is not None:
+            self.total += int(formula(*args, **kwargs, out_val=out))
+        return out
+
+
+def _flops(fn: Callable[[], Any]) -> tuple[Any, int]:
+    counter = _CountFlops()
+    with counter:
+        out = fn()
+    return out, counter.total
+
+
+def parity_job(factory: str, name: str, options: dict[str, Any], batch: int = 2, seed: int = 0) -> ParityResult:
+    """Run on every rank (inside ``run_spmd``): reference, compiled run, comparison."""
+    import torch.distributed as dist
+
+    import xdit_compile
+    from xdit_compile.runtime.collectives import record_collectives
+
+    os.environ.setdefault("XDIT_STRICT", "1")
+    os.environ["XDIT_KEEP_GRAPHS"] = "1"
+    from xdit_compile.backend import compiled_graphs
+
+    model, inputs = load_factory(factory)(name, batch=batch, seed=seed)
+    with torch.no_grad():
+        ref, ref_flops = _flops(lambda: _first_tensor(model(**inputs, return_dict=False)))
+        compiled = torch.compile(model, backend="xdit", options=dict(options))
+        compiled(**inputs, return_dict=False)  # compile once; measure the second call
+        with record_collectives() as log:
+            out = _first_tensor(compiled(**inputs, return_dict=False))
+        # Dynamo runs no compiled frame under a dispatch mode: count the per-rank graphs.
+        flops = sum(_flops(lambda: gm(*args))[1] for _, gm, args in compiled_graphs())
+    reports = xdit_compile.reports()
+    last = reports[-1] if reports else None
+    fallbacks = [r.fallback for r in reports if r.fallback]
+    return ParityResult(
+        rank=dist.get_rank(),
+        max_abs_err=float((out.float() - ref.float()).abs().max()),
+        scale=float(ref.float().abs().max()),
+        flops=int(flops),
+        ref_flops=int(ref_flops),
+        report="\n".join(str(r) for r in reports) if last else "",
+        fallback="; ".join(fallbacks) or None,
+        collectives=tuple((r.kind, r.nbytes, r.group_size) for r in log),
+    )
+
+
+def check_parity(
+    factory: str, name: str, world_size: int, options: dict[str, Any], batch: int = 2, seed: int = 0,
+    timeout: float = 600.0,
+) -> list[ParityResult]:
+    """Spawn ``world_size`` gloo ranks and return each rank's ``ParityResult``."""
+    return run_spmd(parity_job, world_size, factory, name, options, batch, seed, timeout=timeout)
