@@ -65,7 +65,7 @@ def choose_seeds(
                 continue
         if not trials:
             break
-        if seeds:
+        if seeds or any(getattr(fp, "dim", None) is not None for fp in (forced or {}).values()):
             prop, node, p = min(trials, key=lambda t: t[0].cost)
             if prop.cost >= best.cost * 0.999:
                 break

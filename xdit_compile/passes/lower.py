@@ -245,9 +245,13 @@ class _Lowerer:
         self.out.attention.append((node.name, kind, f"{strategy} ({why})"))
         qv = value(q)
         per_call = _nbytes(qv, pq, ax.n, ax.rank)
-        count = {"ulysses": 4, "usp": 4, "ring": 0}[strategy]
-        if count:
-            self.out.collectives.append((f"all_to_all x{count}", node.name, per_call))
+        if strategy in ("ulysses", "usp"):
+            # q, k, v travel in one all-to-all when their shards match (else q alone, then k
+            # and v together); the output comes back in one more.
+            packed = shape(q) == shape(k) and pq == pk
+            self.out.collectives.append(
+                ("all_to_all x2 (qkv packed, out)" if packed else "all_to_all x3 (q, kv packed, out)",
+                 node.name, per_call))
         if strategy in ("ring", "usp"):
             kv = _nbytes(value(k), pk, ax.n, ax.rank) * 2
             self.out.collectives.append(("ring shift x(n-1)", node.name, kv))

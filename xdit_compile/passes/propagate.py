@@ -146,10 +146,16 @@ def propagate(
             continue
         name = op_name(node)
         d = _decide(node, name, pl, n, forced)
-        if _is_mutating(name) and node.args and node.args[0] in d.needs:
+        if _is_mutating(name) and node.args and isinstance(node.args[0], fx.Node) and (
+            node.args[0] in d.needs or (d.note is not None and not isinstance(pl.get(node.args[0]), Replicate))
+            or (d.out is None and not isinstance(pl.get(node.args[0]), (Replicate, type(None))))
+        ):
+            # A write into a shard must be a rule's local write; anything else (a write into
+            # a gathered copy, or a write at global offsets into a local shard) is wrong.
             raise WholeGraphFallback(
-                f"in-place op {name} on node {node.name} would write a redistributed copy of "
-                f"{node.args[0]} (placement {fmt(pl.get(node.args[0]))} -> {fmt(d.needs[node.args[0]])})"
+                f"in-place op {name} on node {node.name} would write a redistributed copy or the wrong part of "
+                f"{node.args[0]} (placement {fmt(pl.get(node.args[0]))}"
+                + (f" -> {fmt(d.needs[node.args[0]])})" if node.args[0] in d.needs else ", written at global offsets)")
             )
         pl[node] = d.out
         decisions[node] = d
@@ -185,6 +191,13 @@ def _decide(node: fx.Node, name: str | None, pl: dict[fx.Node, Any], n: int, for
         return replicate_all(view, "symbolic shapes are not sharded by this version")
     rule = RULES.get(name or "")
     d = rule(view) if rule is not None else None
+    partial = [x for x in inputs if isinstance(pl.get(x), Partial)]
+    if d is None and rule is not None and partial:
+        # Reduce the partial sums first (an all-reduce), then ask the rule again.
+        reduced = {**pl, **{x: REPLICATE for x in partial}}
+        d = rule(OpView(node, reduced, n, name or str(node.target)))
+        if d is not None:
+            d.needs = {**{x: REPLICATE for x in partial}, **d.needs}
     if d is None:
         reason = f"no sharding rule for op {name!r}" if rule is None else (
             f"{name} has no rule for inputs " + ", ".join(f"{x.name}: {fmt(pl.get(x))}" for x in inputs))

@@ -1,21 +1,77 @@
-"""Convolutions: patch embeddings (kernel == stride, no padding) keep a spatial shard.
+"""Convolutions over a spatially sharded input: exact, with halos from the neighbouring ranks.
 
-    conv2d(x: S(2)[B, C, H, W], kernel=stride=p)  -> S(2)[B, D, H/p, W/p]
-        when every rank's rows are a multiple of p; otherwise, or with halos, needs R.
-    conv*(x: S(0))                                 -> S(0)   (batch)
+Output row ``o`` of a convolution (kernel k, stride s, padding p, dilation d) reads input rows
+``o*s - p .. o*s - p + d*(k-1)``, so a rank's rows need ``before = p`` rows of the previous
+rank and ``after = d*(k-1) - p - s + 1`` of the next one (zeros at the global edges). The
+rewrite exchanges those halos (``runtime.halo.halo_exchange``) and runs the convolution with
+no padding on the sharded dim:
+
+    conv2d(x: S(2)[B, C, H, W], k=3, s=1, p=1)  -> S(2)[B, D, H, W]      halo 1 + 1 rows
+    conv2d(x: S(2), k=1)                        -> S(2)                  no halo
+    conv2d(x: S(2)[.., H, ..], k=s=2, p=0)      -> S(2)[.., H/2, ..]     patch embedding, no halo
+    conv2d(x: S(2), k=3, s=2, p=1)              -> S(2)[.., H/2, ..]     halo 1 + 0 rows
+    conv*(x: S(0))                              -> S(0)                  batch
+    conv*(x: S(1)) or transposed                -> needs R               channels / not handled
+
+Stride 1 keeps any single-segment shard (uneven too) when the output has the input's length;
+stride > 1 needs even shards whose rows are a multiple of the stride. Every rank must hold at
+least as many rows as the halo is deep.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
+import torch.fx as fx
+
 from ..graph import shape
-from ..placements import REPLICATE, Replicate, Shard, is_even
-from .core import Decision, OpView, replicate_all
+from ..placements import REPLICATE, Replicate, Shard, is_even, local_sizes
+from ..runtime import halo
+from .core import Decision, OpView, regroup, replicate_all
 
 
 def _tuple(v: object, k: int) -> tuple[int, ...]:
     if isinstance(v, int):
         return (v,) * k
-    return tuple(v)  # type: ignore[arg-type]
+    return tuple(int(x) for x in v)  # type: ignore[union-attr]
+
+
+def _padding(raw: object, k: tuple[int, ...], dilation: tuple[int, ...]) -> list[tuple[int, int]] | None:
+    """(before, after) padding per spatial dim, or None when it cannot be written per dim."""
+    spatial = len(k)
+    if raw == "valid":
+        return [(0, 0)] * spatial
+    if raw == "same":
+        out = []
+        for ki, di in zip(k, dilation):
+            total = di * (ki - 1)
+            out.append((total // 2, total - total // 2))
+        return out
+    if isinstance(raw, str):
+        return None
+    return [(p, p) for p in _tuple(raw, spatial)]
+
+
+def _halo_rewrite(dim: int, before: int, after: int, pads: list[tuple[int, int]], spatial_i: int) -> Any:
+    """The rewrite: exchange halos of ``dim``, then convolve with zero padding on it."""
+    new_padding = tuple(0 if i == spatial_i else pads[i][0] for i in range(len(pads)))
+
+    def rewrite(graph: fx.Graph, node: fx.Node, ctx: Any) -> None:
+        x = node.args[0]
+        if before or after:
+            with graph.inserting_before(node):
+                x = graph.call_function(halo.halo_exchange, (x, dim, before, after, ctx.axis.group))
+        args = list(node.args)
+        args[0] = x
+        if "padding" in node.kwargs:
+            node.kwargs = {**node.kwargs, "padding": new_padding}
+        else:
+            while len(args) < 5:
+                args.append({3: 1, 4: 0}.get(len(args), None))
+            args[4] = new_padding
+        node.args = tuple(args)
+
+    return rewrite
 
 
 def conv(op: OpView) -> Decision | None:
@@ -28,27 +84,59 @@ def conv(op: OpView) -> Decision | None:
         return None
     if p.dim == 0:
         return Decision(p, params)
-    spatial = len(shape(x)) - 2
-    if p.dim < 2:
+    k = tuple(shape(w)[2:])
+    spatial = len(k)
+    if len(shape(x)) != spatial + 2 or p.dim < 2:
         return replicate_all(op, "convolution over sharded channels")
-    k = shape(w)[2:]
+    if op.name in ("convolution", "_convolution") and op.arg(6, "transposed", False):
+        return replicate_all(op, "transposed convolution over a sharded spatial dim")
     stride = _tuple(op.arg(3, "stride", 1), spatial)
-    padding = op.arg(4, "padding", 0)
     dilation = _tuple(op.arg(5, "dilation", 1), spatial)
+    pads = _padding(op.arg(4, "padding", 0), k, dilation)
+    if pads is None or any(a != b for i, (a, b) in enumerate(pads) if i != p.dim - 2):
+        return replicate_all(op, "convolution padding is not expressible per dim")
     i = p.dim - 2
-    if isinstance(padding, str):
-        padding = (0,) * spatial if padding == "valid" else None
-    padding = _tuple(padding, spatial) if padding is not None else None
-    if padding is None or k[i] != stride[i] or padding[i] != 0 or dilation[i] != 1:
-        return replicate_all(op, "convolution window crosses shard boundaries (halo exchange not implemented)")
-    if len(p.segments) != 1 or not is_even(p, op.n) or (p.length // op.n) % stride[i]:
-        return replicate_all(op, "shard rows are not a multiple of the convolution stride")
-    out_len = p.length // stride[i]
-    if out_len % op.n:
-        return replicate_all(op, "output rows do not divide the axis size")
-    return Decision(Shard(p.dim, (out_len,), 1), params)
+    s, span = stride[i], dilation[i] * (k[i] - 1)
+    pad_before, pad_after = pads[i]
+    in_len = shape(x)[p.dim]
+    out_len = shape(op.node)[p.dim]
+    if len(p.segments) != 1:
+        return replicate_all(op, "convolution over a shard of several segments")
+    before = pad_before
+    if s == 1:
+        if out_len != in_len:
+            return replicate_all(op, "stride-1 convolution changes the length of the sharded dim")
+        after = span - pad_before
+        out = p
+        sizes = local_sizes(p, op.n)
+    else:
+        q = regroup(p, 1, op.n)
+        if q is None or not is_even(q, op.n) or (q.length // op.n) % s or out_len * s != in_len:
+            return replicate_all(op, "shard rows are not a multiple of the convolution stride")
+        rows = q.length // op.n
+        after = max(0, span - pad_before - s + 1)
+        if (rows + before + after - span - 1) // s + 1 != rows // s:
+            return replicate_all(op, "convolution window does not tile the shards")
+        out = Shard(p.dim, (out_len,), 1)
+        sizes = local_sizes(q, op.n)
+    if after < 0 or min(sizes) < max(before, after, 1):
+        return replicate_all(op, "a rank holds fewer rows than the convolution halo")
+    if before == 0 and after == 0 and pad_before == 0:
+        return Decision(out, params)
+    return Decision(out, params, rewrite=_halo_rewrite(p.dim, before, after, pads, i))
+
+
+def halo_rule(op: OpView) -> Decision | None:
+    """``xdit_halo`` met again on another axis: fine unless that axis shards the halo dim."""
+    p = op.pl(op.node.args[0])
+    if isinstance(p, Replicate):
+        return Decision(REPLICATE)
+    if isinstance(p, Shard) and p.dim != op.node.args[1]:
+        return Decision(p)
+    return None
 
 
 TABLE = [
     (["conv1d", "conv2d", "conv3d", "_convolution", "convolution"], conv),
+    (["xdit_halo"], halo_rule),
 ]

@@ -1,26 +1,75 @@
 """GroupNorm: statistics per (sample, group) over channels-in-group and every spatial dim.
 
-    group_norm(x: S(0)[B, C, H, W])  -> S(0)       samples are independent
-    group_norm(x: S(2))              -> needs R in this version (exact global statistics TODO)
+    group_norm(x: S(0)[B, C, H, W])       -> S(0)    samples are independent
+    group_norm(x: S(d)[B, C, ...], d >= 2) -> S(d)   exact global statistics: float32 partial
+                                                     sums of x and x*x all-reduced over the axis
+    group_norm(x: S(1))                   -> needs R (a group's channels would be split)
+
+Any shard of a spatial dim qualifies (uneven, several segments, rows of tokens): the sums do
+not care which elements a rank holds. The rewrite calls ``runtime.halo.group_norm``.
 """
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
+import torch.fx as fx
+
+from ..graph import shape
 from ..placements import REPLICATE, Replicate, Shard
+from ..runtime import halo
 from .core import Decision, OpView, replicate_all
+
+# F.group_norm(input, num_groups, weight=None, bias=None, eps=1e-05)
+_ARGS = ("input", "num_groups", "weight", "bias", "eps")
+_DEFAULTS = {"weight": None, "bias": None, "eps": 1e-5}
+
+
+def _global_stats_rewrite(count: int) -> Any:
+    """The rewrite: ``group_norm`` -> ``halo.group_norm`` with ``count`` elements per group."""
+
+    def rewrite(graph: fx.Graph, node: fx.Node, ctx: Any) -> None:
+        a = dict(zip(_ARGS, node.args))
+        a.update(node.kwargs)
+        for key, default in _DEFAULTS.items():
+            a.setdefault(key, default)
+        node.target = halo.group_norm
+        node.args = (a["input"], a["num_groups"], a["weight"], a["bias"], a["eps"], count, ctx.axis.group)
+        node.kwargs = {}
+
+    return rewrite
 
 
 def group_norm(op: OpView) -> Decision | None:
     x = op.node.args[0]
     p = op.pl(x)
     params = {t: REPLICATE for t in op.tensor_inputs()[1:] if not isinstance(op.pl(t), Replicate)}
-    if isinstance(p, Shard) and p.dim == 0:
-        return Decision(p, params)
     if isinstance(p, Replicate):
         return Decision(REPLICATE, params)
-    return replicate_all(op, "group_norm statistics span the sharded dim")
+    if not isinstance(p, Shard):
+        return None
+    if p.dim == 0:
+        return Decision(p, params)
+    if p.dim == 1 or op.name != "group_norm" or op.node.op != "call_function":
+        return replicate_all(op, "group_norm statistics span the sharded channels")
+    s = shape(x)
+    groups = op.arg(1, "num_groups")
+    count = (int(s[1]) // int(groups)) * math.prod(int(d) for d in s[2:])  # global shape here
+    return Decision(p, params, rewrite=_global_stats_rewrite(count))
+
+
+def group_norm_rule(op: OpView) -> Decision | None:
+    """``xdit_group_norm`` met again on another axis: a batch shard keeps it exact."""
+    p = op.pl(op.node.args[0])
+    if isinstance(p, Replicate):
+        return Decision(REPLICATE)
+    if isinstance(p, Shard) and p.dim == 0:
+        return Decision(p)
+    return None
 
 
 TABLE = [
     (["group_norm"], group_norm),
+    (["xdit_group_norm"], group_norm_rule),
 ]

@@ -86,7 +86,11 @@ def parity_job(factory: str, name: str, options: dict[str, Any], batch: int = 2,
 
     os.environ.setdefault("XDIT_STRICT", "1")
     os.environ["XDIT_KEEP_GRAPHS"] = "1"
-    from xdit_compile.backend import compiled_graphs
+    from xdit_compile.backend import _GRAPHS, compiled_graphs
+
+    xdit_compile.clear_reports()
+    _GRAPHS.clear()
+    torch._dynamo.reset()
 
     model, inputs = load_factory(factory)(name, batch=batch, seed=seed)
     with torch.no_grad():
@@ -110,6 +114,11 @@ def parity_job(factory: str, name: str, options: dict[str, Any], batch: int = 2,
         fallback="; ".join(fallbacks) or None,
         collectives=tuple((r.kind, r.nbytes, r.group_size) for r in log),
     )
+
+
+def parity_many(factory: str, names: list[str], options: dict[str, Any], batch: int = 2) -> list[ParityResult]:
+    """``parity_job`` for several models in one process (one spawn for many checks)."""
+    return [parity_job(factory, name, options, batch) for name in names]
 
 
 def check_parity(
