@@ -13,6 +13,7 @@ run the same models, shapes, harness and timing loop.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import gc
 import os
 import re
@@ -57,8 +58,11 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
+_SOLO = {"on": False}  # a solo spec runs on rank 0 alone: no barriers inside it
+
+
 def _barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if dist.is_initialized() and dist.get_world_size() > 1 and not _SOLO["on"]:
         dist.barrier()
 
 
@@ -159,9 +163,8 @@ def model_job(spec: dict[str, Any]) -> dict[str, Any]:
     import xdit_compile
     from xdit_compile.report import clear_reports
 
-    os.environ.setdefault("XDIT_STRICT", "1")
     dev = device()
-    model, inputs, _ = models.build(spec["model"], spec["quick"], spec["batch"], device=dev)
+    model, inputs, shape = models.build(spec["model"], spec["quick"], spec["batch"], device=dev)
     clear_reports()
     mode = spec["mode"]
     if mode == "xdit":
@@ -195,6 +198,8 @@ def model_job(spec: dict[str, Any]) -> dict[str, Any]:
         plan=[r.plan for r in reps],
         report="\n".join(str(r) for r in reps),
         summary=_summary(out),
+        shape=dataclasses.asdict(shape),
+        out=out.detach().cpu() if dist.get_rank() == 0 and spec.get("return_out", True) else None,
     )
     return res
 
@@ -269,7 +274,8 @@ def _peer_loop(call: Callable[[], torch.Tensor], spec: dict[str, Any]) -> dict[s
         res = _timed(call, spec["iters"], False, spec.get("memory", False))
     out = res.pop("out")
     res.update(first_s=first, rank=dist.get_rank(), world=dist.get_world_size(), device=device_name(),
-               records=counter.records, summary=_summary(out))
+               records=counter.records, summary=_summary(out),
+               out=out.detach().cpu() if dist.get_rank() == 0 else None)
     return res
 
 
@@ -299,7 +305,16 @@ def attention_job(spec: dict[str, Any]) -> dict[str, Any]:
         from yunchang.kernels import AttnType
 
         layer = UlyssesAttention(dist.group.WORLD, scatter_idx=2, gather_idx=1, attn_type=AttnType.TORCH_MATH)
-        # yunchang takes [B, S_local, H, D]; its TORCH_* kernels wrap SDPA.
+
+        def sdpa_bshd(q_, k_, v_, softmax_scale=None, causal=False, **_: Any) -> torch.Tensor:
+            # The same CPU kernel xdit uses (SDPA's default), in yunchang's [B, S, H, D] layout: its
+            # own TORCH_* kernels call CUDA-only ops or force the slower MATH backend.
+            o = F.scaled_dot_product_attention(q_.transpose(1, 2), k_.transpose(1, 2), v_.transpose(1, 2),
+                                               scale=softmax_scale, is_causal=causal)
+            return o.transpose(1, 2)
+
+        layer.attn_fn = sdpa_bshd
+        # yunchang takes [B, S_local, H, D].
         yq, yk, yv = (t.transpose(1, 2).contiguous() for t in (ql, kl, vl))
         calls["yunchang"] = lambda: layer(yq, yk, yv).transpose(1, 2)
     except Exception as e:  # noqa: BLE001 - recorded in the results
@@ -327,3 +342,55 @@ def attention_job(spec: dict[str, Any]) -> dict[str, Any]:
                 times.append(time.perf_counter() - start)
             out["single"] = statistics.median(times)
     return out
+
+
+# ---------------------------------------------------------------------------------- a list of jobs
+JOBS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
+    "model": model_job, "diffusers_cp": diffusers_cp_job, "para_attn": para_attn_job, "attention": attention_job,
+}
+
+
+def _warm_inductor() -> None:
+    """Compile a tiny function once so every measured compile finds inductor imported and
+    initialised (the first compile of a process pays that, whichever configuration it is)."""
+    f = torch.compile(lambda x: torch.nn.functional.gelu(x @ x).sum(0))
+    f(torch.randn(8, 8))
+    torch._dynamo.reset()
+
+
+def suite_job(specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Run several specs in one set of processes (saves the ~10 s start-up per process set).
+
+    A spec with ``solo=True`` runs on rank 0 alone (the single-rank baseline) while the others
+    wait. Every spec compiles cold: Dynamo is reset and inductor gets a fresh cache directory.
+    Errors are caught per spec and returned as ``{"error": ...}``.
+    """
+    import tempfile
+    import traceback
+
+    rank = dist.get_rank()
+    if any(s.get("mode") == "inductor" or (s.get("options") or {}).get("inner") == "inductor" for s in specs):
+        _warm_inductor()
+    results = []
+    for spec in specs:
+        torch._dynamo.reset()
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="xdit-bench-inductor-")
+        _barrier()
+        if spec.get("solo") and rank != 0:
+            results.append({"key": spec["key"], "skipped": "solo spec: rank 0 only"})
+            _barrier()
+            continue
+        _SOLO["on"] = bool(spec.get("solo"))
+        try:
+            res = JOBS[spec.get("job", "model")](spec)
+        except Exception as e:  # noqa: BLE001 - recorded in the results table
+            res = {"error": f"{type(e).__name__}: {str(e)[:600]}", "traceback": traceback.format_exc()[-3000:]}
+        _SOLO["on"] = False
+        res["key"] = spec["key"]
+        if spec.get("solo"):
+            res["world"] = 1
+        results.append(res)
+        gc.collect()
+        if spec.get("solo"):
+            _barrier()
+    return results

@@ -114,7 +114,9 @@ class _Lowerer:
             return self._finish(key, self.redistribute(node, want, user) if want != REPLICATE else node)
         if isinstance(have, Replicate) and isinstance(want, Shard):
             with _after(self.graph, x):
-                node = self.graph.call_function(rt.shard_slice, (x, want.dim, pieces(want, a.n, a.rank)))
+                # A rank holding none of the dim gets an empty slice (shard_slice needs a range).
+                ranges = pieces(want, a.n, a.rank) or ((0, 0),)
+                node = self.graph.call_function(rt.shard_slice, (x, want.dim, ranges))
             self._new(node, x, want)
             return self._finish(key, node)
         raise ShardingError(

@@ -23,8 +23,19 @@ from ..placements import REPLICATE, Partial, Placement, Replicate, Shard, fmt, l
 from ..rules.core import Decision, OpView, replicate_all
 from ..rules.table import RULES
 
-# In-place ops that do not write their first argument's data.
-_NOT_MUTATING = {"requires_grad_"}
+# In-place ops that do not write their first argument's data (and operator names ending in "_").
+_NOT_MUTATING = {"requires_grad_", "and_", "or_", "xor_", "not_", "is_", "is_not_"}
+
+# Ops whose result may share storage with their first argument (a write through one is seen
+# through the other). Over-approximate: ``float``/``contiguous``/``reshape`` only alias when
+# they have nothing to do, but assuming they always may only costs a fallback.
+_MAY_ALIAS = {
+    "view", "reshape", "_unsafe_view", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as", "reshape_as",
+    "permute", "transpose", "swapaxes", "swapdims", "t", "movedim", "moveaxis", "expand", "expand_as",
+    "broadcast_to", "getitem", "narrow", "select", "split", "split_with_sizes", "chunk", "unbind", "detach",
+    "contiguous", "to", "type_as", "float", "half", "bfloat16", "double", "type", "view_as_real",
+    "view_as_complex", "real", "imag", "as_strided", "diagonal", "unfold", "alias", "clone_unused",
+}
 
 
 class WholeGraphFallback(ShardingError):
@@ -148,7 +159,6 @@ def propagate(
         d = _decide(node, name, pl, n, forced)
         if _is_mutating(name) and node.args and isinstance(node.args[0], fx.Node) and (
             node.args[0] in d.needs or (d.note is not None and not isinstance(pl.get(node.args[0]), Replicate))
-            or (d.out is None and not isinstance(pl.get(node.args[0]), (Replicate, type(None))))
         ):
             # A write into a shard must be a rule's local write; anything else (a write into
             # a gathered copy, or a write at global offsets into a local shard) is wrong.
@@ -170,7 +180,62 @@ def propagate(
             result.comm_bytes += attention_comm * _numel(value(q)) * _elsize(value(q)) * (n - 1) / n / n
             result.collectives += 4
         result.compute += work * share
+    _check_aliasing(gm, result)
     return result
+
+
+def _check_aliasing(gm: fx.GraphModule, result: Propagation) -> None:
+    """Refuse plans where an in-place write and a redistribution copy disagree about aliasing.
+
+    A redistribution copies its input right after the input is made (the lowering inserts it
+    there). In eager, views share storage: a write through one alias is seen by every other.
+    In the per-rank program a redistributed alias is a copy, so a write is lost when
+
+    * a view (or a write) reads a redistributed member of an alias group that is written
+      after that member is made: the write lands in (or misses) the copy;
+    * an op reads a copy of a member and a write to the group happens between the member
+      and that op: the op sees stale values;
+    * a sharded input (its local slice is a copy) belongs to a written group.
+    """
+    nodes = list(gm.graph.nodes)
+    writes = [n for n in nodes if _is_mutating(op_name(n)) and n.args and isinstance(n.args[0], fx.Node)]
+    if not writes:
+        return
+    pos = {n: i for i, n in enumerate(nodes)}
+    parent: dict[fx.Node, fx.Node] = {}
+
+    def root(x: fx.Node) -> fx.Node:
+        while parent.get(x, x) is not x:
+            x = parent.get(x, x)
+        return x
+
+    def aliases_arg0(n: fx.Node) -> bool:
+        name = op_name(n)
+        return bool(n.args) and isinstance(n.args[0], fx.Node) and (name in _MAY_ALIAS or _is_mutating(name))
+
+    for n in nodes:
+        if aliases_arg0(n):
+            a, b = root(n), root(n.args[0])
+            if a is not b:
+                parent[a] = b
+    written: dict[fx.Node, list[int]] = {}
+    for w in writes:
+        written.setdefault(root(w.args[0]), []).append(pos[w])
+    for ph, p in result.seeds.items():
+        if root(ph) in written and not isinstance(p, Replicate):
+            raise WholeGraphFallback(f"input {ph.name} is written in place but would be sharded (a copy)")
+    for user, d in result.decisions.items():
+        for x, want in d.needs.items():
+            times = written.get(root(x))
+            if not times or result.placements.get(x) == want:
+                continue
+            alias_edge = aliases_arg0(user) and user.args[0] is x
+            if alias_edge and any(t > pos[x] for t in times):
+                raise WholeGraphFallback(
+                    f"{user.name} would view a redistributed copy of {x.name}, whose storage is written in place")
+            if not alias_edge and any(pos[x] < t < pos[user] for t in times):
+                raise WholeGraphFallback(
+                    f"{user.name} would read a copy of {x.name} taken before an in-place write to it")
 
 
 def _decide(node: fx.Node, name: str | None, pl: dict[fx.Node, Any], n: int, forced: Mapping[fx.Node, Placement]) -> Decision:
@@ -181,7 +246,8 @@ def _decide(node: fx.Node, name: str | None, pl: dict[fx.Node, Any], n: int, for
     v = value(node)
     tensor_out = isinstance(v, torch.Tensor) or (
         isinstance(v, (tuple, list)) and any(isinstance(x, torch.Tensor) for x in v))
-    if not tensor_out:
+    writes = _is_mutating(name)
+    if not tensor_out and not writes:
         # Sizes, dtypes, devices: the lowering pins them to their global values.
         return Decision(None)
     if all(isinstance(pl.get(x), Replicate) or pl.get(x) is None for x in inputs):

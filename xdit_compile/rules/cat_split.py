@@ -39,28 +39,20 @@ def cat(op: OpView) -> Decision | None:
         return None
     needs: dict[fx.Node, Placement] = {t: REPLICATE for t in nodes if t not in live and not isinstance(op.pl(t), Replicate)}
     if all(p.dim == dim for p in shards):
-        # Along the cat dim: segments concatenate; every input must use the same unit size.
-        inner = shards[0].inner
+        # Along the cat dim: segments concatenate; every input must use the same unit size
+        # (the first shard's, else single elements) and replicated inputs whole units of it.
+        inner = next((u for u in dict.fromkeys((shards[0].inner, 1)) if all(
+            (regroup(p, u, op.n) is not None) if isinstance(p, Shard) else shape(t)[dim] % u == 0
+            for t, p in zip(live, pls))), None)
+        if inner is None:
+            return None
         segs: list[int] = []
         for t, p in zip(live, pls):
             if isinstance(p, Shard):
                 q = regroup(p, inner, op.n)
                 if q is None:
-                    q = regroup(p, 1, op.n)
-                    if q is None:
-                        return None
-                    inner = 1
-            length = shape(t)[dim]
-            if length % inner:
-                return None
-        for t, p in zip(live, pls):
-            if isinstance(p, Shard):
-                q = regroup(p, inner, op.n)
-                if q is None:
                     return None
-                if q != p:
-                    needs[t] = q
-                segs.extend(q.segments)
+                segs.extend(q.segments)  # the same local rows, counted in other units
             else:
                 seg = Shard(dim, (shape(t)[dim] // inner,), inner)
                 needs[t] = seg
@@ -92,6 +84,35 @@ def stack(op: OpView) -> Decision | None:
     needs = {t: target for t, p in zip(nodes, pls) if p != target}
     dim %= op.out_ndim
     return Decision(target.with_dim(target.dim + (1 if dim <= target.dim else 0)), needs)
+
+
+def pad_sequence(op: OpView) -> Decision | None:
+    """``pad_sequence`` of equal-length sequences is a ``stack``: no padding is written.
+
+    With unequal lengths the padding lands at the global end of each row, which a shard of
+    the sequence dim cannot reproduce locally: no rule (gathered) unless the sequence dim is whole.
+    """
+    seqs = list(op.arg(0, "sequences"))
+    nodes = [t for t in seqs if isinstance(t, fx.Node)]
+    if not nodes or len(nodes) != len(seqs):
+        return None
+    pls = [op.pl(t) for t in nodes]
+    if all(isinstance(p, Replicate) for p in pls):
+        return Decision(REPLICATE)
+    batch_first = bool(op.arg(1, "batch_first", False))
+    equal = len({shape(t)[0] for t in nodes}) == 1
+    shards = [p for p in pls if isinstance(p, Shard)]
+    if len(shards) != len([p for p in pls if not isinstance(p, Replicate)]):
+        return None
+    target = shards[0]
+    if target.dim == 0 and not equal:
+        return None
+    if any(shape(t)[target.dim] != target.length for t in nodes):
+        return None
+    needs = {t: target for t, p in zip(nodes, pls) if p != target}
+    if target.dim == 0:
+        return Decision(target.with_dim(1 if batch_first else 0), needs)
+    return Decision(target.with_dim(target.dim + 1), needs)
 
 
 def _split_bounds(op: OpView, length: int) -> list[int] | None:
@@ -158,5 +179,6 @@ def split(op: OpView) -> Decision | None:
 TABLE = [
     (["cat", "concat", "concatenate"], cat),
     (["stack"], stack),
+    (["pad_sequence"], pad_sequence),
     (["split", "split_with_sizes", "chunk", "unbind"], split),
 ]

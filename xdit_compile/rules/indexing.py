@@ -12,9 +12,9 @@ from typing import Any
 
 import torch.fx as fx
 
-from ..graph import shape
+from ..graph import is_tensor, shape
 from ..placements import REPLICATE, Replicate, Shard
-from .core import Decision, OpView, local_range, replicate_all, split_segments
+from .core import Decision, OpView, align_to, local_range, replicate_all, split_segments
 
 
 def _walk(index: tuple, ndim: int):
@@ -61,8 +61,8 @@ def _slice_bounds(e: slice, length: int) -> tuple[int, int] | None:
     return start, max(start, stop)
 
 
-def _local_getitem(graph: fx.Graph, node: fx.Node, ctx: Any) -> None:
-    src, index = node.args
+def _local_index(index: Any, src: fx.Node, ctx: Any) -> tuple:
+    """``index`` with the slice of the sharded dim replaced by this rank's local range."""
     index = index if isinstance(index, tuple) else (index,)
     p = ctx.pl(src)
     new = list(index)
@@ -73,37 +73,96 @@ def _local_getitem(graph: fx.Graph, node: fx.Node, ctx: Any) -> None:
             if pos >= len(new):
                 new.extend([slice(None)] * (pos - len(new) + 1))
             new[pos] = slice(a, b)
-    node.args = (src, tuple(new))
+    return tuple(new)
+
+
+def _local_getitem(graph: fx.Graph, node: fx.Node, ctx: Any) -> None:
+    src, index = node.args
+    node.args = (src, _local_index(index, src, ctx))
+
+
+def _local_setitem(graph: fx.Graph, node: fx.Node, ctx: Any) -> None:
+    dst, index, val = node.args
+    node.args = (dst, _local_index(index, dst, ctx), val)
+
+
+def index_view(p: Shard, index: Any, ndim: int) -> tuple[Shard | None, bool, str | None]:
+    """Placement of ``x[index]`` for ``x`` sharded as ``p``: (placement, local rewrite needed, why not).
+
+    Basic indexing only. The sharded dim must be kept whole, or cut by a step-1 slice on
+    segment boundaries (then the local slice differs from the global one: rewrite).
+    """
+    index = _basic(index)
+    if index is None:
+        return None, False, "advanced indexing on a sharded tensor"
+    for pos, e, in_dim, out_dim in _walk(index, ndim):
+        if in_dim != p.dim:
+            continue
+        if out_dim is None:
+            return None, False, "integer index into the sharded dim"
+        bounds = _slice_bounds(e, p.length)
+        if bounds is None:
+            return None, False, "strided slice of the sharded dim"
+        if bounds == (0, p.length):
+            return p.with_dim(out_dim), False, None
+        parts = split_segments(p, list(bounds))
+        if parts is None:
+            return None, False, "slice of the sharded dim does not fall on segment boundaries"
+        return parts[0].with_dim(out_dim), True, None
+    return None, False, "index does not reach the sharded dim"
+
+
+def _view_ndim(index: Any, ndim: int) -> int:
+    return sum(1 for _, _, _, out_dim in _walk(index if isinstance(index, tuple) else (index,), ndim)
+               if out_dim is not None)
 
 
 def getitem(op: OpView) -> Decision | None:
     src, index = op.node.args[0], op.node.args[1]
     p = op.pl(src)
     if isinstance(p, tuple):  # picking from a multi-output op
-        return Decision(p[index] if isinstance(index, int) else None)
+        if isinstance(index, (int, slice)):
+            return Decision(p[index])
+        return replicate_all(op, "non-constant index into a tuple of tensors")
     if isinstance(p, Replicate):
         idx_nodes = [x for x in op.tensor_inputs() if x is not src]
         return Decision(REPLICATE, {x: REPLICATE for x in idx_nodes if not isinstance(op.pl(x), Replicate)})
     if not isinstance(p, Shard):
         return None
-    index = _basic(index)
-    if index is None:
-        return replicate_all(op, "advanced indexing on a sharded tensor")
-    for pos, e, in_dim, out_dim in _walk(index, len(shape(src))):
-        if in_dim != p.dim:
-            continue
-        if out_dim is None:
-            return replicate_all(op, "integer index into the sharded dim")
-        bounds = _slice_bounds(e, p.length)
-        if bounds is None:
-            return replicate_all(op, "strided slice of the sharded dim")
-        if bounds == (0, p.length):
-            return Decision(p.with_dim(out_dim))
-        parts = split_segments(p, list(bounds))
-        if parts is None:
-            return replicate_all(op, "slice of the sharded dim does not fall on segment boundaries")
-        return Decision(parts[0].with_dim(out_dim), rewrite=_local_getitem)
-    return None
+    q, rewrite, why = index_view(p, index, len(shape(src)))
+    if q is None:
+        return replicate_all(op, why)
+    return Decision(q, rewrite=_local_getitem if rewrite else None)
+
+
+def setitem(op: OpView) -> Decision | None:
+    """``dst[index] = val`` writes in place: a shard may only be written where this rank holds it.
+
+        out: S(1), out[..., 0::2] = v: S(1)      -> local write (the sharded dim is kept whole)
+        q: S(2:T+I), q[:, :, T:] = r: S(2)       -> local write into this rank's image rows
+        q: S(1), q[:, :3] = 0                    -> no rule: the whole graph runs replicated
+    """
+    dst, index, val = op.node.args[0], op.node.args[1], op.node.args[2]
+    p = op.pl(dst)
+    idx_nodes = [x for x in op.tensor_inputs() if x is not dst and x is not val]
+    needs = {x: REPLICATE for x in idx_nodes if not isinstance(op.pl(x), Replicate)}
+    if isinstance(p, Replicate):
+        if isinstance(val, fx.Node) and not isinstance(op.pl(val), Replicate):
+            needs[val] = REPLICATE
+        return Decision(None, needs)
+    if not isinstance(p, Shard) or idx_nodes:
+        return None
+    q, rewrite, why = index_view(p, index, len(shape(dst)))
+    if q is None:
+        return None
+    if isinstance(val, fx.Node) and is_tensor(val):
+        aligned = align_to(op, [val], q, _view_ndim(index, len(shape(dst))))
+        if aligned is None:
+            return None
+        needs.update(aligned)
+    elif isinstance(val, fx.Node):
+        return None
+    return Decision(None, needs, rewrite=_local_setitem if rewrite else None)
 
 
 def _local_narrow(graph: fx.Graph, node: fx.Node, ctx: Any) -> None:
@@ -187,6 +246,7 @@ def pad(op: OpView) -> Decision | None:
 
 TABLE = [
     (["getitem"], getitem),
+    (["setitem"], setitem),
     (["narrow"], narrow),
     (["index_select", "select", "repeat_interleave", "flip", "roll"], along_other_dim),
     (["embedding"], embedding),

@@ -24,7 +24,7 @@ def einsum_rule(op: OpView, spec: str, operands: list[fx.Node]) -> Decision | No
         return None
     lhs, out_labels = spec.split("->")
     labels = lhs.split(",")
-    if len(labels) != len(operands):
+    if len(labels) != len(operands) or any(len(set(lab)) != len(lab) for lab in labels):
         return None
     pls = [op.pl(x) for x in operands]
     if all(isinstance(p, Replicate) for p in pls):

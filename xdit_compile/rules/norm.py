@@ -36,8 +36,8 @@ def along_dim(op: OpView) -> Decision | None:
         return Decision(REPLICATE)
     if not isinstance(p, Shard):
         return None
-    dim = op.arg(1, "dim")
-    if dim is None:
+    dim = op.arg(2, "dim", 1) if op.name == "normalize" else op.arg(1, "dim")
+    if not isinstance(dim, int):
         return None
     if dim % op.out_ndim == p.dim:
         return replicate_all(op, f"{op.name} over the sharded dim {p.dim}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch.fx as fx
 
 from ..graph import shape
-from ..placements import PARTIAL, REPLICATE, Partial, Replicate, Shard
+from ..placements import PARTIAL, REPLICATE, Partial, Placement, Replicate, Shard
 from .core import Decision, OpView, align_to, replicate_all
 
 UNARY = [
@@ -50,13 +50,18 @@ def _data_inputs(op: OpView) -> list[fx.Node]:
 
 def pointwise(op: OpView) -> Decision | None:
     inputs = _data_inputs(op)
-    extra = {x: REPLICATE for x in op.tensor_inputs() if x not in inputs and not isinstance(op.pl(x), Replicate)}
+    # Inputs read only for their dtype (type_as / to(other)) may stay as they are.
+    extra: dict[fx.Node, Placement] = {}
     pls = [op.pl(x) for x in inputs]
     if all(isinstance(p, Replicate) for p in pls):
         return Decision(REPLICATE, extra)
     partial = [x for x, p in zip(inputs, pls) if isinstance(p, Partial)]
     if partial and not any(isinstance(p, Shard) for p in pls):
-        if op.name in _LINEAR_IN_PARTIAL and all(isinstance(p, Partial) for p in pls):
+        # A constant operand (x + 1) would be added once per rank: only sums of partials.
+        scalars = [a for a in op.node.args if not isinstance(a, fx.Node) and isinstance(a, (int, float, bool))]
+        if op.name in _LINEAR_IN_PARTIAL and all(isinstance(p, Partial) for p in pls) and (
+            not scalars or op.name not in ("add", "sub", "iadd", "isub")
+        ):
             return Decision(PARTIAL, extra)
         if op.name in _SCALES_PARTIAL and len(partial) == 1 and (
             op.name in ("mul", "imul") or inputs.index(partial[0]) == 0

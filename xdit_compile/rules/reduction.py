@@ -19,8 +19,13 @@ from .core import Decision, OpView
 from .pointwise import pointwise
 
 
+def _dim_index(name: str) -> int:
+    """Position of ``dim`` in the op's arguments (``norm(x, p, dim, keepdim)`` has ``p`` first)."""
+    return 2 if name == "norm" else 1
+
+
 def _reduced_dims(op: OpView, ndim: int) -> list[int] | None:
-    dim = op.arg(1, "dim")
+    dim = op.arg(_dim_index(op.name), "dim")
     if dim is None or dim == ():
         return None if op.name in ("sum", "mean") and dim is None else list(range(ndim))
     if isinstance(dim, int):
@@ -29,7 +34,7 @@ def _reduced_dims(op: OpView, ndim: int) -> list[int] | None:
 
 
 def _keepdim(op: OpView) -> bool:
-    return bool(op.arg(2, "keepdim", False))
+    return bool(op.arg(_dim_index(op.name) + 1, "keepdim", False))
 
 
 def _mean_as_partial(graph: fx.Graph, node: fx.Node, ctx: Any) -> None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Callable
 
 from . import (
-    attention, cat_split, conv, factory, group_norm, indexing, linear, norm, pointwise, reduction, resample,
-    runtime_ops, view,
+    attention, cat_split, complex, conv, factory, group_norm, indexing, linear, norm, pointwise, reduction,
+    resample, runtime_ops, view,
 )
 from .core import Decision, OpView
 
@@ -15,7 +15,7 @@ Rule = Callable[[OpView], "Decision | None"]
 RULES: dict[str, Rule] = {}
 for _family in (
     pointwise, view, linear, norm, group_norm, reduction, cat_split, conv, attention, indexing, factory, runtime_ops,
-    resample,
+    resample, complex,
 ):
     for _names, _rule in _family.TABLE:
         for _name in _names:

@@ -163,6 +163,8 @@ def expand_rule(op: OpView) -> Decision | None:
     if not isinstance(p, Shard):
         return None
     out = p.with_dim(p.dim + op.out_ndim - len(shape(src)))
+    if op.out_value.shape[out.dim] != p.length:  # a size-1 sharded dim broadcast to many
+        return None
     return Decision(out, needs, rewrite=_local_expand)
 
 
