@@ -183,6 +183,11 @@ def xdit_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: dic
     if world == 1:
         publish(report)
         return _inner(plan, gm, example_inputs)
+    if plan.degree("pp") > 1:
+        # PipeFusion splits the graph into stages itself; sequence/batch axes run inside it.
+        from .pipefusion import pipefusion_backend
+
+        return pipefusion_backend(gm, example_inputs, plan, report, _inner)
     state = State(plan, example_inputs, rank, _axes(plan, rank), report)
     passes: list[tuple[str, PassFn]] = [("annotations", _annotations)]
     for i, axis in enumerate(state.axes):

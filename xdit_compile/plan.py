@@ -151,11 +151,6 @@ class ParallelPlan:
                 f"{world_size}; change the degrees (e.g. data_parallel_degree={world_size // math.gcd(world_size, self.world_size)}"
                 f" if it divides) or launch {self.world_size} processes"
             )
-        if self.pp not in (None, 1):
-            raise PlanError(
-                "pipefusion_parallel_degree > 1 is not supported by this version; "
-                "use ulysses_degree / ring_degree / use_cfg_parallel"
-            )
 
     # ---------------------------------------------------------------- ranks and groups
     def coords(self, rank: int) -> dict[str, int]:
