@@ -83,3 +83,37 @@ def test_inductor_inner_compiler_is_exact() -> None:
 def test_plan_object_option() -> None:
     plan = ParallelPlan.from_options({"plan": ParallelPlan(ring=2), "inner": "eager"})
     assert plan.ring == 2 and plan.inner == "eager"
+
+
+def _graph_breaks_and_nonzero() -> tuple[float, int, float, str]:
+    import xdit_compile
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 8)
+
+    def broken(x: torch.Tensor) -> torch.Tensor:
+        y = _attn(x) * 2
+        torch._dynamo.graph_break()  # two graphs, each must shard inside and return whole tensors
+        return _attn(y + x)
+
+    def data_dependent(x: torch.Tensor) -> torch.Tensor:
+        keep = torch.nonzero(x[0, :, 0] > 0).flatten()  # an unbacked SymInt length
+        return _attn(x[:, keep]).sum(1) + _attn(x).sum(1)
+
+    xdit_compile.clear_reports()
+    out = torch.compile(broken, backend="xdit", options={"ulysses_degree": 2, "inner": "eager"})(x)
+    err1 = float((out - broken(x)).abs().max())
+    graphs = len(xdit_compile.reports())
+    xdit_compile.clear_reports()
+    torch._dynamo.config.capture_dynamic_output_shape_ops = True
+    out2 = torch.compile(data_dependent, backend="xdit", options={"ulysses_degree": 2, "inner": "eager"},
+                         fullgraph=True)(x)
+    err2 = float((out2 - data_dependent(x)).abs().max())
+    return err1, graphs, err2, "\n".join(str(r) for r in xdit_compile.reports())
+
+
+def test_graph_breaks_and_unbacked_symints() -> None:
+    for err1, graphs, err2, report in run_spmd(_graph_breaks_and_nonzero, 2, timeout=300):
+        assert graphs == 2 and err1 < 1e-5
+        assert err2 < 1e-5, report
+        assert "symbolic shapes" in report or "-> ulysses" in report, report

@@ -68,7 +68,11 @@ def _is_mutating(name: str | None) -> bool:
 
 def _numel(v: Any) -> int:
     if isinstance(v, torch.Tensor):
-        return int(v.numel())
+        # Data-dependent sizes have no value at compile time; any guess serves a cost estimate.
+        out = 1
+        for d in v.shape:
+            out *= d if isinstance(d, int) else 64
+        return out
     if isinstance(v, (tuple, list)):
         return sum(_numel(x) for x in v)
     return 0
