@@ -3,6 +3,7 @@
 ``torch.compile(model, backend="xdit", options={...})`` calls ``xdit_backend`` once per
 graph on every rank (SPMD). Passes, in order (``XDIT_DISABLE_PASSES=name,...`` skips some):
 
+    recognise        tag attention (self/cross/joint), norms, patch embeddings, RoPE tables
     annotations      read xdit_compile.shard/replicate marks          (forced placements)
     plan:<axis>      choose seeds and propagate placements           (per axis: batch, sp)
     lower:<axis>     rewrite into this rank's program for that axis
@@ -31,6 +32,7 @@ from .graph import input_label, is_tensor, is_user_input, op_name, shape, value
 from .passes.choose_seeds import choose_seeds
 from .passes.lower import lower
 from .passes.propagate import WholeGraphFallback
+from .passes.recognise import recognise
 from .passes.refresh_meta import refresh_meta
 from .placements import REPLICATE, Shard
 from .plan import ParallelPlan
@@ -80,6 +82,11 @@ def _annotations(gm: fx.GraphModule, state: State) -> bool:
             src, axis, dim = node.args
             p = REPLICATE if dim < 0 else Shard(dim, (shape(src)[dim],), 1)
             state.forced.setdefault(axis, {})[node] = p
+    return False
+
+
+def _recognise(gm: fx.GraphModule, state: State) -> bool:
+    state.report.recognised = recognise(gm)
     return False
 
 
@@ -189,7 +196,7 @@ def xdit_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: dic
 
         return pipefusion_backend(gm, example_inputs, plan, report, _inner)
     state = State(plan, example_inputs, rank, _axes(plan, rank), report)
-    passes: list[tuple[str, PassFn]] = [("annotations", _annotations)]
+    passes: list[tuple[str, PassFn]] = [("recognise", _recognise), ("annotations", _annotations)]
     for i, axis in enumerate(state.axes):
         passes += _axis_passes(axis)
         if i == len(state.axes) - 1 and plan.inner == "eager":

@@ -34,10 +34,13 @@ class PlanReport:
     nodes: int
     axes: list[AxisReport] = field(default_factory=list)
     fallback: str | None = None  # why the whole graph runs replicated, if it does
+    recognised: dict[str, int] = field(default_factory=dict)  # role -> count
     pass_seconds: dict[str, float] = field(default_factory=dict)
 
     def __str__(self) -> str:
         lines = [f"xdit plan for {self.graph} (rank {self.rank}/{self.world_size}, {self.nodes} nodes): {self.plan}"]
+        if self.recognised:
+            lines.append("  recognised: " + ", ".join(f"{k} x{v}" for k, v in sorted(self.recognised.items())))
         if self.fallback:
             lines.append(f"  WHOLE GRAPH REPLICATED: {self.fallback}")
         for ax in self.axes:
