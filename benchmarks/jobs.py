@@ -18,6 +18,7 @@ import gc
 import os
 import re
 import statistics
+import sys
 import time
 from typing import Any, Callable
 
@@ -121,12 +122,14 @@ def _timed(call: Callable[[], Any], iters: int, record: bool, memory: bool) -> d
     from xdit_compile.runtime.collectives import record_collectives
 
     times: list[float] = []
+    cpu: list[float] = []
     records: list[tuple[str, int, int]] = []
     mem: dict[str, float] = {}
     out = None
     for i in range(iters):
         _barrier()
         _sync()
+        c0 = time.process_time()
         if i == 0 and record:
             with record_collectives() as log:
                 start = time.perf_counter()
@@ -144,7 +147,9 @@ def _timed(call: Callable[[], Any], iters: int, record: bool, memory: bool) -> d
             out = call()
             _sync()
             times.append(time.perf_counter() - start)
-    return {"times": times, "median_s": statistics.median(times), "records": records, "memory": mem, "out": out}
+        cpu.append(time.process_time() - c0)
+    return {"times": times, "median_s": statistics.median(times), "cpu_s": statistics.median(cpu),
+            "records": records, "memory": mem, "out": out, "load": os.getloadavg()[0]}
 
 
 def _summary(out: torch.Tensor) -> dict[str, float]:
@@ -381,11 +386,15 @@ def suite_job(specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             _barrier()
             continue
         _SOLO["on"] = bool(spec.get("solo"))
+        t0 = time.perf_counter()
         try:
             res = JOBS[spec.get("job", "model")](spec)
         except Exception as e:  # noqa: BLE001 - recorded in the results table
             res = {"error": f"{type(e).__name__}: {str(e)[:600]}", "traceback": traceback.format_exc()[-3000:]}
         _SOLO["on"] = False
+        if rank == 0:
+            status = res.get("error", "")[:120] or f"median {res.get('median_s', 0):.3f} s"
+            print(f"[bench]   {spec['key']}: {time.perf_counter() - t0:.0f} s ({status})", file=sys.stderr, flush=True)
         res["key"] = spec["key"]
         if spec.get("solo"):
             res["world"] = 1

@@ -110,8 +110,12 @@ def analyse(raw: dict[str, Any], quick: bool) -> dict[str, Any]:
         tn = max(r["median_s"] for r in res)  # the slowest rank finishes the step
         world = res[0].get("world", len(res))
         speedup = t1 / tn
+        cpu1 = base[0].get("cpu_s", float("nan"))
+        cpun = max(r.get("cpu_s", float("nan")) for r in res)
         row = dict(model=model, method=mname, inner=inner, world=world, t=tn, t1=t1, speedup=speedup,
-                   eff=speedup / world, err=_err(res, base), peer=not mname.startswith(("1 rank", "Ulysses", "Ring", "CFG", "USP")))
+                   eff=speedup / world, err=_err(res, base), cpu=cpun, cpu1=cpu1, cpu_speedup=cpu1 / cpun,
+                   load=max(r.get("load", float("nan")) for r in res + base),
+                   peer=not mname.startswith(("1 rank", "Ulysses", "Ring", "CFG", "USP")))
         (a["peers"] if row["peer"] else a["speed"]).append(row)
         mem = [r.get("memory") or {} for r in res]
         bmem = base[0].get("memory") or {}
@@ -289,11 +293,18 @@ def write(raw: dict[str, Any], out: Path, quick: bool) -> str:
              + "Inductor is measured for the 2-rank Ulysses plan only (the compile-time comparison; the other plans "
              "would add ~1 min of cold compiles each).")
     L.append("")
+    L.append("")
+    L.append("*CPU s* is the median CPU time one rank spends per forward (`time.process_time`, the busiest rank): "
+             "unlike wall time it barely moves when other processes share the cores, so *work split* = 1-rank CPU s / "
+             "N-rank CPU s shows how evenly the plan divides the work (including the time spent inside collectives). "
+             "*load* is the 1-minute load average when the configuration (or its baseline) ran.")
+    L.append("")
     rows = [[r["model"], r["method"], r["inner"], r["world"], _f(r["t"], 3), _f(r["t1"], 3),
-             f"**{_f(r['speedup'])}x**", f"{_f(100 * r['eff'], 0)}%", _f(r["err"], 6)]
+             f"**{_f(r['speedup'])}x**", f"{_f(100 * r['eff'], 0)}%", _f(r["cpu"], 3), _f(r["cpu_speedup"]) + "x",
+             _f(r["load"], 1), _f(r["err"], 6)]
             for r in sorted(a["speed"], key=lambda r: (r["model"], r["inner"], r["world"]))]
     L.append(_table(["model", "method", "inner", "processes", "s / forward", "1 rank s", "speedup", "efficiency",
-                     "max rel err"], rows))
+                     "CPU s / rank", "work split", "load", "max rel err"], rows))
     L.append("")
     # 3
     L.append("## 3. Peers, same machine, same models, same run")
@@ -471,7 +482,8 @@ def _json(a: dict[str, Any], targets: list[tuple[str, str, str]], raw: dict[str,
         "device": a["device"], "quick": raw["quick"], "wall_s": raw["wall_s"],
         "comm": [{"model": r["model"], "method": r["method"], "ratio": r["handed"] / max(r["min_handed"], 1),
                   "received_ratio": r["recv"] / max(r["min_recv"], 1), "handed_bytes": r["handed"]} for r in a["comm"]],
-        "speed": [{k: r[k] for k in ("model", "method", "inner", "world", "t", "t1", "speedup", "eff", "err")}
+        "speed": [{k: r[k] for k in ("model", "method", "inner", "world", "t", "t1", "speedup", "eff", "err",
+                                     "cpu_speedup", "load")}
                   for r in a["speed"] + a["peers"]],
         "compile": [{k: c[k] for k in ("model", "plain", "ours", "passes", "pass_pct")} for c in a["compile"]],
         "targets": [{"target": t, "status": s, "measured": m} for t, s, m in targets],

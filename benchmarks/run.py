@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -47,37 +48,42 @@ def methods(quick: bool):
     ]
 
 
-def plan_specs(args: argparse.Namespace) -> dict[int, list[dict[str, Any]]]:
-    """Specs grouped by the number of processes that run them."""
+def plan_specs(args: argparse.Namespace) -> dict[str, tuple[int, list[dict[str, Any]]]]:
+    """Specs grouped into sets of processes: name -> (processes, specs). One set per model and
+    process count, so that a set that fails or times out costs only its own rows."""
     quick = args.quick
     iters = 2 if quick else args.iters
     model_names = ["pixart"] if quick else ["pixart", "flux"]
     inners = ["eager"] + ([] if quick or args.no_inductor else ["inductor"])
     base = dict(job="model", quick=quick, batch=2, iters=iters)
-    groups: dict[int, list[dict[str, Any]]] = {2: [], 4: []}
+    groups: dict[str, tuple[int, list[dict[str, Any]]]] = {}
+
+    def add(world: int, model: str, spec: dict[str, Any]) -> None:
+        groups.setdefault(f"{model}, {world} processes", (world, []))[1].append(spec)
+
     for model in model_names:
         for inner in inners:
-            groups[2].append({**base, "key": f"{model}|1 rank|{inner}", "model": model, "mode": inner,
-                              "solo": True, "memory": True})
+            add(2, model, {**base, "key": f"{model}|1 rank|{inner}", "model": model, "mode": inner,
+                           "solo": True, "memory": True})
         for m in methods(quick):
             for inner in inners:
                 if inner == "inductor" and m.name != "Ulysses 2":
                     continue  # inductor: the 2-rank Ulysses plan (speed + compile time); see RESULTS.md
-                groups[m.world].append({**base, "key": f"{model}|{m.name}|{inner}", "model": model, "mode": "xdit",
-                                        "options": m.options(inner), "record": inner == "eager", "memory": True})
+                add(m.world, model, {**base, "key": f"{model}|{m.name}|{inner}", "model": model, "mode": "xdit",
+                                     "options": m.options(inner), "record": inner == "eager", "memory": True})
         if not quick and model == "flux":
             # diffusers' native context parallel (Flux ships a _cp_plan); main env: it is part of diffusers.
-            groups[2].append({**base, "job": "diffusers_cp", "key": "flux|diffusers CP Ulysses 2|eager",
-                              "model": "flux", "ulysses": 2, "memory": True})
-            groups[2].append({**base, "job": "diffusers_cp", "key": "flux|diffusers CP Ring 2|eager",
-                              "model": "flux", "ring": 2, "iters": 1})
+            add(2, model, {**base, "job": "diffusers_cp", "key": "flux|diffusers CP Ulysses 2|eager",
+                           "model": "flux", "ulysses": 2, "memory": True})
+            add(2, model, {**base, "job": "diffusers_cp", "key": "flux|diffusers CP Ring 2|eager",
+                           "model": "flux", "ring": 2, "iters": 1})
     if not quick:
         # The para-attn comparison model (CogVideoX): baseline and xdit here, para-attn in the peers venv.
-        groups[2].append({**base, "key": "cogvideox|1 rank|eager", "model": "cogvideox", "mode": "eager",
-                          "solo": True, "memory": True})
-        groups[2].append({**base, "key": "cogvideox|Ulysses 2|eager", "model": "cogvideox", "mode": "xdit",
-                          "options": {"inner": "eager", "ulysses_degree": 2}, "record": True, "memory": True})
-    return {w: s for w, s in groups.items() if s}
+        add(2, "cogvideox", {**base, "key": "cogvideox|1 rank|eager", "model": "cogvideox", "mode": "eager",
+                             "solo": True, "memory": True})
+        add(2, "cogvideox", {**base, "key": "cogvideox|Ulysses 2|eager", "model": "cogvideox", "mode": "xdit",
+                             "options": {"inner": "eager", "ulysses_degree": 2}, "record": True, "memory": True})
+    return groups
 
 
 def peer_specs(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -136,8 +142,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iters", type=int, default=3, help="timed calls after the compiling call (median)")
     parser.add_argument("--no-inductor", action="store_true", help="skip the inner='inductor' runs")
     parser.add_argument("--no-peers", action="store_true", help="skip the peers (separate venv)")
-    parser.add_argument("--timeout", type=float, default=900.0, help="seconds per group of processes")
+    parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per set of processes")
     args = parser.parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so run_spmd's cleanup kills the rank processes it started.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     from benchmarks import report
 
@@ -146,10 +154,15 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     raw: dict[str, Any] = {"quick": args.quick, "groups": {}, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
                            "load_before": os.getloadavg()}
-    for world, specs in plan_specs(args).items():
+    for name, (world, specs) in plan_specs(args).items():
         t = time.perf_counter()
-        print(f"[bench] {len(specs)} configurations on {world} processes ...", flush=True)
-        raw["groups"][world] = run_group(world, specs, args.timeout)
+        print(f"[bench] {name}: {len(specs)} configurations on {world} processes ...", flush=True)
+        try:
+            raw["groups"][name] = run_group(world, specs, args.timeout)
+        except Exception as e:  # noqa: BLE001 - a failed group is reported, the rest still runs
+            msg = f"{type(e).__name__}: {str(e)[-1500:]}"
+            raw["groups"][name] = [[{"key": s["key"], "error": f"process group failed: {msg}"} for s in specs]]
+            print(f"[bench]   FAILED: {msg[:500]}", flush=True)
         print(f"[bench]   done in {time.perf_counter() - t:.0f} s", flush=True)
     if args.no_peers:
         raw["peers"] = {"absent": "skipped (--no-peers)"}

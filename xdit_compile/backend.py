@@ -119,6 +119,12 @@ def _axis_passes(axis: Axis) -> list[tuple[str, PassFn]]:
         ar.replicated = [(n.name, str(op_name(n)), why) for n, why in prop.fallbacks]
         ar.attention = lowered.attention
         ar.collectives = lowered.collectives
+        if not prop.seeds and not state.forced.get(axis.name):
+            ar.note = (
+                f"nothing to split on the {axis.name} axis: every rank of it computes the same thing"
+                + (" (batch too small: a pipeline that calls the model once per CFG half gives it"
+                   " batch 1; see docs/pipelines.md)" if axis.name == "batch" else "")
+            )
         state.report.axes.append(ar)
         return True
 

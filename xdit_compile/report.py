@@ -21,6 +21,7 @@ class AxisReport:
     attention: list[tuple[str, str, str]] = field(default_factory=list)  # (node, kind, lowering)
     replicated: list[tuple[str, str, str]] = field(default_factory=list)  # (node, op, why)
     collectives: list[tuple[str, str, int]] = field(default_factory=list)  # (kind, node, bytes/call)
+    note: str | None = None
 
 
 @dataclass
@@ -46,6 +47,8 @@ class PlanReport:
         for ax in self.axes:
             lines.append(f"  axis {ax.axis} (degree {ax.degree})")
             lines.append("    sharded inputs: " + (", ".join(f"{i} {p}" for i, p in ax.seeds) or "none"))
+            if ax.note:
+                lines.append(f"    NOTE: {ax.note}")
             for node, kind, how in ax.attention:
                 lines.append(f"    attention {node}: {kind} -> {how}")
             for node, op, why in ax.replicated:

@@ -35,7 +35,8 @@ def candidates(gm: fx.GraphModule, n: int, batch_axis: bool, batch: int | None =
         if not all(isinstance(d, int) for d in s):
             continue
         if batch_axis:
-            dims = [0] if len(s) >= 1 else []
+            # Only tensors that carry the batch: a length that happens to divide is not one.
+            dims = [0] if len(s) >= 1 and (batch is None or s[0] == batch) else []
         else:
             dims = [d for d in range(len(s)) if len(s) >= 2 and not (d == 0 and (len(s) >= 3 or s[0] == batch))]
         for d in dims:
@@ -58,12 +59,16 @@ def choose_seeds(
     pool = [c for c in candidates(gm, n, batch_axis, batch) if c[0] not in seeds]
     while pool:
         trials = []
+        refused: list[tuple[fx.Node, str]] = []
         for node, p in pool:
             try:
                 trials.append((propagate(gm, n, {**seeds, node: p}, forced), node, p))
-            except WholeGraphFallback:
+            except WholeGraphFallback as e:
+                refused.append((node, f"input not sharded as {p}: {e}"))
                 continue
         if not trials:
+            if not seeds:
+                best.fallbacks.extend(refused[:1])  # nothing could be sharded: say why in the report
             break
         if seeds or any(getattr(fp, "dim", None) is not None for fp in (forced or {}).values()):
             prop, node, p = min(trials, key=lambda t: t[0].cost)
@@ -73,6 +78,8 @@ def choose_seeds(
             # The caller asked for this axis: shard the input that splits the most work, even
             # when the model is too small for latency-aware costs to favour any split.
             prop, node, p = min(trials, key=lambda t: (t[0].compute, t[0].cost))
+            if prop.compute >= best.compute * 0.99:
+                break  # no input split shares out any work (e.g. a tiny graph of small ops)
         log.debug("seed %s: %s (cost %.3g -> %.3g)", input_label(node), p, best.cost, prop.cost)
         seeds[node] = p
         best = prop

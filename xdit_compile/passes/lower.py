@@ -57,6 +57,10 @@ class _Ctx:
     def pl(self, node: fx.Node) -> Any:
         return self.actual.get(node, REPLICATE)
 
+    def record(self, kind: str, node: fx.Node, nbytes: int) -> None:
+        """Report a collective a rewrite inserted (halo exchange, statistics all-reduce)."""
+        self.collectives.append((kind, node.name, int(nbytes)))
+
 
 def _nbytes(v: Any, p: Any, n: int, rank: int) -> int:
     if not isinstance(v, torch.Tensor):
@@ -81,6 +85,7 @@ class _Lowerer:
         self.cache: dict[tuple[fx.Node, Any], fx.Node] = {}
         self.out = Lowered()
         self.ctx = _Ctx(axis, self.actual)
+        self.ctx.collectives = self.out.collectives
 
     # ------------------------------------------------------------------ redistribution
     def redistribute(self, x: fx.Node, want: Placement, user: fx.Node) -> fx.Node:

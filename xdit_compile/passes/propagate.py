@@ -177,6 +177,8 @@ def propagate(
             result.fallbacks.append((node, d.note))
         for x, want in d.needs.items():
             _count(result, pl.get(x), want, value(x), n)
+        result.collectives += d.collectives
+        result.comm_bytes += d.comm_bytes
         work = _flops(node, name)
         share = _share(d.out, n)
         if d.attention == "sequence":

@@ -1,17 +1,19 @@
-"""PipeFusion: patch-level pipeline stages with stale K/V (work in progress)."""
+"""PipeFusion: patch-level pipeline stages with stale K/V, derived from the graph.
+
+    torch.compile(model, backend="xdit", options={"pipefusion_parallel_degree": 2,
+                                                  "num_pipeline_patch": 4, "warmup_steps": 1})
+
+Modules: ``cuts`` (where blocks end), ``policy`` (which stage gets which blocks), ``split``
+(cutting a graph into stage programs), ``programs`` (full and per-patch programs), ``kv``
+(K/V buffers, step/stream state, attention ops), ``p2p`` (transfers), ``driver`` (the
+per-call schedule), ``entry`` (the backend). See docs/pipefusion.md.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from .entry import PipeFusionReport, clear_reports, configure, pipefusion_backend, reports
+from .kv import reset
+from .p2p import P2PRecord, record_p2p
 
-import torch.fx as fx
-
-from ..errors import PlanError
-from ..plan import ParallelPlan
-from ..report import PlanReport
-
-
-def pipefusion_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], plan: ParallelPlan,
-                       report: PlanReport, inner: Callable[..., Callable]) -> Callable:
-    """Compile ``gm`` for this rank's pipeline stage (not implemented yet)."""
-    raise PlanError("pipefusion_parallel_degree > 1 is not implemented yet; use ulysses/ring/cfg degrees")
+__all__ = ["P2PRecord", "PipeFusionReport", "clear_reports", "configure", "pipefusion_backend", "record_p2p",
+           "reports", "reset"]

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch.fx as fx
 
-from ..graph import shape
+from ..graph import shape, value
 from ..placements import REPLICATE, Replicate, Shard, is_even, local_sizes
 from ..runtime import halo
 from .core import Decision, OpView, regroup, replicate_all
@@ -61,6 +61,9 @@ def _halo_rewrite(dim: int, before: int, after: int, pads: list[tuple[int, int]]
         if before or after:
             with graph.inserting_before(node):
                 x = graph.call_function(halo.halo_exchange, (x, dim, before, after, ctx.axis.group))
+            if hasattr(ctx, "record"):
+                v = value(node.args[0])
+                ctx.record("halo exchange", node, v.numel() // v.shape[dim] * (before + after) * v.element_size())
         args = list(node.args)
         args[0] = x
         if "padding" in node.kwargs:
@@ -123,7 +126,10 @@ def conv(op: OpView) -> Decision | None:
         return replicate_all(op, "a rank holds fewer rows than the convolution halo")
     if before == 0 and after == 0 and pad_before == 0:
         return Decision(out, params)
-    return Decision(out, params, rewrite=_halo_rewrite(p.dim, before, after, pads, i))
+    v = value(x)
+    halo_bytes = v.numel() // max(v.shape[p.dim], 1) * (before + after) * v.element_size()
+    return Decision(out, params, rewrite=_halo_rewrite(p.dim, before, after, pads, i),
+                    collectives=1 if before or after else 0, comm_bytes=float(halo_bytes))
 
 
 def halo_rule(op: OpView) -> Decision | None:

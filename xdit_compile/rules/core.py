@@ -30,6 +30,9 @@ class Decision:
     rewrite: Rewrite | None = None
     note: str | None = None  # why the op runs replicated, for the plan report
     attention: str | None = None  # lowering strategy for attention nodes
+    # Collectives the rewrite itself will issue (halo exchanges, statistics), for the cost model.
+    collectives: int = 0
+    comm_bytes: float = 0.0
 
 
 class OpView:

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch.fx as fx
 
-from ..graph import shape
+from ..graph import shape, value
 from ..placements import REPLICATE, Replicate, Shard
 from ..runtime import halo
 from .core import Decision, OpView, replicate_all
@@ -34,6 +34,9 @@ def _global_stats_rewrite(count: int) -> Any:
         a.update(node.kwargs)
         for key, default in _DEFAULTS.items():
             a.setdefault(key, default)
+        if hasattr(ctx, "record"):
+            v = value(a["input"])
+            ctx.record("all_reduce (group_norm statistics)", node, v.shape[0] * a["num_groups"] * 2 * 4)
         node.target = halo.group_norm
         node.args = (a["input"], a["num_groups"], a["weight"], a["bias"], a["eps"], count, ctx.axis.group)
         node.kwargs = {}
@@ -56,7 +59,8 @@ def group_norm(op: OpView) -> Decision | None:
     s = shape(x)
     groups = op.arg(1, "num_groups")
     count = (int(s[1]) // int(groups)) * math.prod(int(d) for d in s[2:])  # global shape here
-    return Decision(p, params, rewrite=_global_stats_rewrite(count))
+    return Decision(p, params, rewrite=_global_stats_rewrite(count), collectives=1,
+                    comm_bytes=float(shape(x)[0] * op.arg(1, "num_groups", 1) * 8))
 
 
 def group_norm_rule(op: OpView) -> Decision | None:

@@ -49,8 +49,8 @@ def _basic(index: Any) -> tuple | None:
         if isinstance(e, slice):
             if any(isinstance(v, fx.Node) for v in (e.start, e.stop, e.step)):
                 return None
-        elif not (e is None or e is Ellipsis or isinstance(e, int)):
-            return None
+        elif isinstance(e, bool) or not (e is None or e is Ellipsis or isinstance(e, int)):
+            return None  # x[True] adds a dim like None: treated as advanced indexing
     return index
 
 

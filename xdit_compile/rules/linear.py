@@ -20,10 +20,15 @@ from .core import Decision, OpView, replicate_all
 def einsum_rule(op: OpView, spec: str, operands: list[fx.Node]) -> Decision | None:
     """Placement of ``einsum(spec, *operands)`` when at most one label is sharded."""
     spec = spec.replace(" ", "")
-    if "..." in spec or "->" not in spec:
+    if "->" not in spec:
         return None
     lhs, out_labels = spec.split("->")
     labels = lhs.split(",")
+    if "..." in spec:
+        expanded = _expand_ellipsis(labels, out_labels, operands)
+        if expanded is None:
+            return None
+        labels, out_labels = expanded
     if len(labels) != len(operands) or any(len(set(lab)) != len(lab) for lab in labels):
         return None
     pls = [op.pl(x) for x in operands]
@@ -58,6 +63,22 @@ def einsum_rule(op: OpView, spec: str, operands: list[fx.Node]) -> Decision | No
         out = p.with_dim(out_labels.index(label)) if label in out_labels else PARTIAL
         return Decision(out, needs)
     return None
+
+
+def _expand_ellipsis(labels: list[str], out: str, operands: list[fx.Node]) -> tuple[list[str], str] | None:
+    """Spell ``...`` out with fresh upper-case labels, right-aligned as broadcasting aligns them."""
+    if len(labels) != len(operands):
+        return None
+    counts = []
+    for lab, x in zip(labels, operands):
+        named = len(lab.replace("...", ""))
+        counts.append(len(shape(x)) - named if "..." in lab else 0)
+    k = max(counts)
+    fresh = "".join(c for c in string.ascii_uppercase if c not in "".join(labels) + out)[:k]
+    if len(fresh) < k or any(c < 0 for c in counts):
+        return None
+    labels = [lab.replace("...", fresh[k - c:]) for lab, c in zip(labels, counts)]
+    return labels, out.replace("...", fresh)
 
 
 def _letters(k: int, skip: str = "") -> str:

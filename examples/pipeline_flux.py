@@ -1,0 +1,9 @@
+"""Tiny flux pipeline, transformer and VAE decoder compiled with backend "xdit" (see pipeline_common.py).
+
+    torchrun --nproc-per-node 2 examples/pipeline_flux.py --ulysses 2
+"""
+
+from pipeline_common import main
+
+if __name__ == "__main__":
+    main("flux")

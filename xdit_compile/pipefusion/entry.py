@@ -1,0 +1,249 @@
+"""``pipefusion_backend``: the core backend hands a graph here when ``pipefusion_parallel_degree > 1``.
+
+    cuts (cuts.py) -> balance (policy.py) -> mark stages -> programs (programs.py: full, patches)
+    -> split each into stages (split.py) -> compile this rank's stage -> PipelineDriver (driver.py)
+
+Each rank keeps the parameters and buffers its stage reads and frees the storage of the
+others (``configure(free_unused_parameters=False)`` keeps them: do that when the same
+module also runs uncompiled on this rank). ``reports()`` lists what was built.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.fx as fx
+from torch.utils._pytree import tree_flatten
+
+from .. import plan as plan_mod
+from ..errors import PlanError
+from ..graph import has_symbolic_shape, is_tensor, is_user_input, op_name, value
+from ..plan import ParallelPlan
+from ..report import AxisReport, PlanReport, publish
+from . import p2p
+from .cuts import find_cuts
+from .driver import OutTensor, PipelineDriver, StageProgram, Topology
+from .policy import balance
+from .programs import Unsupported, full_program, patch_program, stamp_layers
+from .split import mark_stages, split_stages
+
+log = logging.getLogger("xdit_compile")
+
+_SETTINGS = {"free_unused_parameters": True}
+
+
+def configure(*, free_unused_parameters: bool | None = None) -> None:
+    """Process-wide PipeFusion settings (apply to graphs compiled afterwards)."""
+    if free_unused_parameters is not None:
+        _SETTINGS["free_unused_parameters"] = free_unused_parameters
+
+
+@dataclass
+class PipeFusionReport:
+    """What PipeFusion built for one graph on one rank."""
+
+    rank: int
+    stage: int
+    stages: int
+    patches: int  # patches actually used (1 when the graph cannot run in patches)
+    warmup_steps: int
+    cuts: str
+    stage_costs: list[float]
+    boundary_bytes: list[int]  # bytes sent to the next stage per full-sequence call, per stage boundary
+    param_bytes: int  # parameters and buffers this rank keeps
+    param_bytes_total: int  # all of them (one rank's memory without PipeFusion)
+    block_param_bytes: int = 0  # of the weights read only between the first and last attention: this rank's
+    block_param_bytes_total: int = 0
+    seeds: list[str] = field(default_factory=list)
+    stale_layers: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    driver: PipelineDriver | None = None
+
+    def __str__(self) -> str:
+        lines = [
+            f"pipefusion: stage {self.stage}/{self.stages} (rank {self.rank}), {self.patches} patch(es), "
+            f"warmup {self.warmup_steps} step(s)",
+            f"  cuts: {self.cuts}; stage costs {[f'{c:.3g}' for c in self.stage_costs]}",
+            f"  boundary bytes per full call: {self.boundary_bytes}",
+            f"  parameters kept: {self.param_bytes} of {self.param_bytes_total} bytes "
+            f"({self.param_bytes / max(self.param_bytes_total, 1):.0%}); transformer blocks' weights: "
+            f"{self.block_param_bytes} of {self.block_param_bytes_total} bytes",
+        ]
+        if self.seeds:
+            lines.append("  patches split: " + ", ".join(self.seeds))
+        if self.stale_layers:
+            lines.append(f"  stale K/V attention: {len(self.stale_layers)} layer(s)")
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+_REPORTS: list[PipeFusionReport] = []
+
+
+def reports() -> list[PipeFusionReport]:
+    """PipeFusion reports of the graphs compiled in this process, oldest first."""
+    return list(_REPORTS)
+
+
+def clear_reports() -> None:
+    _REPORTS.clear()
+
+
+def _check_plan(plan: ParallelPlan, gm: fx.GraphModule) -> None:
+    others = {a: plan.degree(a) for a in plan_mod.MESH_AXES if a != "pp" and plan.degree(a) > 1}
+    if others:
+        raise PlanError(
+            f"pipefusion_parallel_degree={plan.degree('pp')} with {others} is not supported yet: run PipeFusion "
+            f"alone (pipefusion_parallel_degree = world size) or drop PipeFusion and use those degrees")
+    for n in gm.graph.nodes:
+        if n.op == "placeholder" and (has_symbolic_shape(n) or isinstance(value(n), torch.SymInt)):
+            raise PlanError("pipefusion needs static shapes: compile with torch.compile(..., dynamic=False)")
+    for n in gm.graph.nodes:
+        if op_name(n) == "mark":
+            n.replace_all_uses_with(n.args[0])
+            gm.graph.erase_node(n)
+    gm.recompile()
+
+
+def _usable_inputs(example_inputs: Sequence[Any]) -> list[Any]:
+    """Example inputs, with parameters an earlier compile freed replaced by zeros (shapes only matter)."""
+    out = []
+    for x in example_inputs:
+        if isinstance(x, torch.Tensor) and x.numel() and x.untyped_storage().nbytes() == 0:
+            x = torch.zeros(x.shape, dtype=x.dtype)
+        out.append(x)
+    return out
+
+
+def _step_inputs(gm: fx.GraphModule) -> list[int]:
+    """Flat indices of small user tensor inputs (timestep, guidance): their values name a step."""
+    phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    users = [(i, n) for i, n in enumerate(phs) if is_tensor(n) and is_user_input(n)]
+    if not users:
+        return []
+    batch = max(users, key=lambda t: value(t[1]).numel())[1]
+    b = value(batch).shape[0] if value(batch).dim() else 1
+    return [i for i, n in users if value(n).dim() <= 1 and value(n).numel() <= b]
+
+
+def _free(example_inputs: Sequence[Any], gm: fx.GraphModule, used: set[int]) -> tuple[int, int]:
+    """Free the storage of parameters/buffers this rank does not read; (kept, total) bytes."""
+    phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    weights = [i for i, n in enumerate(phs) if isinstance(example_inputs[i], torch.Tensor) and not is_user_input(n)]
+    kept_storages = {example_inputs[i].untyped_storage().data_ptr() for i in weights if i in used}
+    seen: set[int] = set()
+    kept = total = 0
+    for i in weights:
+        x = example_inputs[i]
+        ptr = x.untyped_storage().data_ptr()
+        nbytes = x.numel() * x.element_size()
+        if ptr in seen:
+            continue
+        seen.add(ptr)
+        total += nbytes
+        if ptr in kept_storages:
+            kept += nbytes
+        elif _SETTINGS["free_unused_parameters"] and x.untyped_storage().nbytes():
+            x.untyped_storage().resize_(0)
+    return kept, total
+
+
+def _block_weights(gm: fx.GraphModule, cuts: Any, example_inputs: Sequence[Any]) -> dict[int, int]:
+    """{flat index: bytes} of weights read only inside the transformer blocks (``Cuts.blocks``)."""
+    pos = {n: i for i, n in enumerate(cuts.nodes)}
+    lo, hi = cuts.blocks
+    out = {}
+    for i, n in enumerate(n for n in gm.graph.nodes if n.op == "placeholder"):
+        x = example_inputs[i]
+        if is_user_input(n) or not isinstance(x, torch.Tensor) or not n.users:
+            continue
+        if all(u in pos and lo <= pos[u] <= hi for u in n.users):
+            out[i] = x.numel() * x.element_size()
+    return out
+
+
+def pipefusion_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], plan: ParallelPlan,
+                       report: PlanReport, inner: Callable[..., Callable]) -> Callable:
+    """Compile ``gm`` into this rank's pipeline stage; see the module docstring."""
+    _check_plan(plan, gm)
+    world_rank = dist.get_rank()
+    stages = plan.degree("pp")
+    m = plan.num_pipeline_patch or stages
+    if m < 1:
+        raise PlanError(f"num_pipeline_patch must be >= 1, got {m}")
+    stage = plan.axis_rank("pp", world_rank)
+    ranks = next(g for g in plan.axis_groups("pp") if world_rank in g)
+    group = plan_mod.process_groups(plan)["pp"]
+    inputs = _usable_inputs(example_inputs)
+
+    cuts = find_cuts(gm)
+    if cuts.attention_layers == 0:
+        # A graph without transformer blocks (e.g. a piece between graph breaks): every rank runs it.
+        report.fallback = "pipefusion: no attention in this graph, so no blocks to stage; runs replicated"
+        publish(report)
+        return inner(plan, gm, example_inputs)
+    chosen = balance(cuts.unit_costs, stages, cuts.describe())
+    mark_stages(gm, cuts.nodes, cuts.positions, chosen)
+    stamp_layers(gm)
+    bounds = [-1, *chosen, len(cuts.unit_costs) - 1]
+    stage_costs = [sum(cuts.unit_costs[a + 1:b + 1]) for a, b in zip(bounds, bounds[1:])]
+    notes: list[str] = []
+
+    patch_graphs, assembly, layers, seeds = [], None, set(), []
+    if m > 1:
+        from ..backend import _graph_facts
+
+        batch = _graph_facts(gm)[0]
+        try:
+            for i in range(m):
+                g, assembly, got, seeds = patch_program(gm, m, i, batch, inputs)
+                patch_graphs.append(g)
+                layers |= got
+        except Unsupported as e:
+            notes.append(f"runs without patches (exact pipeline, M=1): {e}")
+            patch_graphs, assembly, layers = [], None, set()
+        if patch_graphs and not layers:
+            notes.append("no attention over the split tokens: patches need no K/V buffers")
+    full = full_program(gm, layers)
+
+    def build(g: fx.GraphModule) -> StageProgram:
+        st = split_stages(g, stages)[stage]
+        return StageProgram(st, inner(plan, st.gm, st.example_inputs(inputs)))
+
+    full_prog = build(full)
+    patch_progs = [build(g) for g in patch_graphs]
+    used = set(full_prog.graph.inputs).union(*[p.graph.inputs for p in patch_progs])
+    all_full = split_stages(full, stages)
+    blocks = _block_weights(gm, cuts, inputs)
+    kept, total = _free(example_inputs, gm, used)
+
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    leaves, spec = tree_flatten(out.args[0])
+    template = [OutTensor(tuple(value(x).shape), value(x).dtype) if is_tensor(x) else
+                (value(x) if isinstance(x, fx.Node) else x) for x in leaves]
+    topo = Topology(stage, stages, ranks[stage - 1] if stage > 0 else None,
+                    ranks[stage + 1] if stage < stages - 1 else None, ranks[-1], group)
+    driver = PipelineDriver(topo, full_prog, patch_progs, assembly, (template, spec), _step_inputs(gm),
+                            plan.warmup_steps)
+
+    pf = PipeFusionReport(
+        rank=world_rank, stage=stage, stages=stages, patches=len(patch_progs) or 1, warmup_steps=plan.warmup_steps,
+        cuts=cuts.describe(), stage_costs=stage_costs, boundary_bytes=[p2p.nbytes(s.send) for s in all_full[:-1]],
+        param_bytes=kept, param_bytes_total=total, seeds=seeds, stale_layers=sorted(layers), notes=notes,
+        driver=driver)
+    pf.block_param_bytes = sum(b for i, b in blocks.items() if i in used)
+    pf.block_param_bytes_total = sum(blocks.values())
+    _REPORTS.append(pf)
+    ar = AxisReport("pp", stages)
+    ar.seeds = [(s, "patch") for s in seeds]
+    ar.attention = [(layer, "self/joint", f"stale K/V over {m} patches, warmup {plan.warmup_steps}") for layer in sorted(layers)]
+    if stage < stages - 1:
+        ar.collectives.append((f"p2p send to rank {topo.next}", "stage boundary", p2p.nbytes(full_prog.graph.send)))
+    report.axes.append(ar)
+    publish(report)
+    log.info("%s", pf)
+    return driver
