@@ -80,23 +80,26 @@ def _status_kib(key: str) -> int:
         return int(re.search(key + r":\s+(\d+)", f.read()).group(1))
 
 
-def _memory_probe(call: Callable[[], Any]) -> tuple[Any, dict[str, float]]:
+def _memory_probe(call: Callable[[], Any]) -> tuple[Any, dict[str, float], float]:
     """Run ``call`` once and measure its peak memory above what was resident before it.
 
     CPU: release freed heap pages (``malloc_trim``), read the resident set (VmRSS), reset the
     kernel's high-water mark (write ``5`` to ``/proc/self/clear_refs``), run, read VmHWM. The
     difference is the peak of memory the forward allocated (activations, communication buffers,
     workspace); parameters and compiled code were resident before and are in ``resident_mib``.
-    CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``.
+    CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``. Returns the
+    output, the figures and the seconds of ``call`` alone (the preparation is not timed).
     """
     if torch.cuda.is_available():
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
         out = call()
         torch.cuda.synchronize()
+        elapsed = time.perf_counter() - start
         peak = torch.cuda.max_memory_allocated()
-        return out, {"resident_mib": base / 2**20, "peak_mib": peak / 2**20, "forward_mib": (peak - base) / 2**20}
+        return out, {"resident_mib": base / 2**20, "peak_mib": peak / 2**20, "forward_mib": (peak - base) / 2**20}, elapsed
     gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -109,12 +112,17 @@ def _memory_probe(call: Callable[[], Any]) -> tuple[Any, dict[str, float]]:
             f.write("5")
     except OSError:
         reset = False
+    _barrier()  # the preparation above takes different times on different ranks
+    c0 = time.process_time()
+    start = time.perf_counter()
     out = call()
+    elapsed = time.perf_counter() - start
+    cpu = time.process_time() - c0
     peak = _status_kib("VmHWM")
     return out, {
         "resident_mib": base / 1024, "peak_mib": peak / 1024,
-        "forward_mib": (peak - base) / 1024 if reset else float("nan"),
-    }
+        "forward_mib": (peak - base) / 1024 if reset else float("nan"), "_cpu": cpu,
+    }, elapsed
 
 
 def _timed(call: Callable[[], Any], iters: int, record: bool, memory: bool) -> dict[str, Any]:
@@ -138,17 +146,17 @@ def _timed(call: Callable[[], Any], iters: int, record: bool, memory: bool) -> d
                 times.append(time.perf_counter() - start)
             records = [(r.kind, r.nbytes, r.group_size) for r in log]
         elif i == iters - 1 and memory:
-            start = time.perf_counter()
-            out, mem = _memory_probe(call)
-            _sync()
-            times.append(time.perf_counter() - start)
+            out, mem, elapsed = _memory_probe(call)
+            times.append(elapsed)
+            cpu.append(mem.pop("_cpu", time.process_time() - c0))
+            continue
         else:
             start = time.perf_counter()
             out = call()
             _sync()
             times.append(time.perf_counter() - start)
         cpu.append(time.process_time() - c0)
-    return {"times": times, "median_s": statistics.median(times), "cpu_s": statistics.median(cpu),
+    return {"times": times, "median_s": statistics.median(times), "min_s": min(times), "cpu_s": statistics.median(cpu),
             "records": records, "memory": mem, "out": out, "load": os.getloadavg()[0]}
 
 
@@ -226,7 +234,8 @@ class _CountCollectives(torch.utils._python_dispatch.TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         name = str(func)
-        if "c10d" in name and "wait" not in name:
+        # wait_tensor and _wrap_tensor_autograd pass the result of a collective on: not collectives.
+        if "c10d" in name and "wait" not in name and "wrap_tensor" not in name:
             tensors = [a for a in args if isinstance(a, torch.Tensor)]
             lists = [t for a in args if isinstance(a, (list, tuple)) for t in a if isinstance(t, torch.Tensor)]
             first = tensors[:1] or lists[:1]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import platform
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +79,17 @@ def analyse(raw: dict[str, Any], quick: bool) -> dict[str, Any]:
         for r in res:
             if "shape" in r:
                 shapes[r["key"].split("|")[0]] = models.Shape(**r["shape"])
+    # The 1-rank baseline ran twice (start and end of its process set): pool the timed calls.
+    for key in [k for k in merged if "|1 rank (again)|" in k]:
+        again = merged.pop(key)
+        first = merged.get(key.replace(" (again)", ""))
+        if first and not any("error" in r for r in first + again):
+            times = first[0]["times"] + again[0]["times"]
+            first[0]["median_s"] = statistics.median(times)
+            first[0]["min_s"] = min(times)
+            first[0]["times"] = times
+            if "cpu_s" in first[0] and "cpu_s" in again[0]:
+                first[0]["cpu_s"] = (first[0]["cpu_s"] + again[0]["cpu_s"]) / 2
     a: dict[str, Any] = {"comm": [], "speed": [], "peers": [], "compile": [], "memory": [], "errors": []}
     for key, res in merged.items():
         errs = [r["error"] for r in res if "error" in r]
@@ -112,7 +124,8 @@ def analyse(raw: dict[str, Any], quick: bool) -> dict[str, Any]:
         speedup = t1 / tn
         cpu1 = base[0].get("cpu_s", float("nan"))
         cpun = max(r.get("cpu_s", float("nan")) for r in res)
-        row = dict(model=model, method=mname, inner=inner, world=world, t=tn, t1=t1, speedup=speedup,
+        best = base[0].get("min_s", t1) / max(r.get("min_s", r["median_s"]) for r in res)
+        row = dict(model=model, method=mname, inner=inner, world=world, t=tn, t1=t1, speedup=speedup, best=best,
                    eff=speedup / world, err=_err(res, base), cpu=cpun, cpu1=cpu1, cpu_speedup=cpu1 / cpun,
                    load=max(r.get("load", float("nan")) for r in res + base),
                    peer=not mname.startswith(("1 rank", "Ulysses", "Ring", "CFG", "USP")))
@@ -266,6 +279,23 @@ def write(raw: dict[str, Any], out: Path, quick: bool) -> str:
     L.append("")
     L.append(_FORMULAS)
     L.append("")
+    over = [r for r in a["comm"] if r["handed"] / max(r["min_handed"], 1) > 1.10]
+    if over:
+        L.append("### Where the bytes above the minimum come from")
+        L.append("The collectives the plan inserted (rank 0's plan report, `xdit_compile.reports()`), for every "
+                 "method above 1.10x:")
+        L.append("")
+        for r in over:
+            res = a["merged"].get(f"{r['model']}|{r['method']}|eager") or []
+            text = res[0].get("report", "") if res else ""
+            keep = [ln.strip() for ln in text.splitlines()
+                    if ln.strip().startswith(("attention", "all_to_all", "all_gather", "ring", "shift", "sharded", "axis"))]
+            L.append(f"- **{r['model']}, {r['method']}** ({r['handed'] / r['min_handed']:.3f}x, "
+                     f"{(r['handed'] - r['min_handed']) / MiB:.2f} MiB above the minimum per rank per forward):")
+            L.append("  ```")
+            L.extend("  " + ln for ln in keep[:24])
+            L.append("  ```")
+        L.append("")
     peer_comm = [(k, r) for k, r in a["merged"].items() if r and ("CP" in k or "para-attn" in k)]
     if peer_comm:
         L.append("Peers' collectives, for comparison (counted by a `TorchDispatchMode` on c10d / functional "
@@ -279,9 +309,16 @@ def write(raw: dict[str, Any], out: Path, quick: bool) -> str:
             handed = max(sum(b for _, b, _ in r["records"]) for r in res)
             model, mname, _ = k.split("|")
             ours = next((c for c in a["comm"] if c["model"] == model and c["method"] == "Ulysses 2"), None)
-            prow.append([model, mname, _f(handed / MiB, 3), _f(ours["handed"] / MiB, 3) if ours else "n/a",
-                         len(res[0]["records"])])
-        L.append(_table(["model", "peer", "peer handed MiB", "xdit Ulysses 2 handed MiB", "peer calls"], prow))
+            calls: dict[str, int] = {}
+            for kind, _, _ in res[0]["records"]:
+                calls[kind] = calls.get(kind, 0) + 1
+            prow.append([model, mname, _f(handed / MiB, 3),
+                         _f(handed / ours["min_handed"], 3) if ours else "n/a",
+                         _f(ours["handed"] / MiB, 3) if ours else "n/a",
+                         _f(ours["handed"] / ours["min_handed"], 3) if ours else "n/a",
+                         ", ".join(f"{k} x{v}" for k, v in sorted(calls.items()))])
+        L.append(_table(["model", "peer", "peer handed MiB", "peer / min", "xdit Ulysses 2 handed MiB", "xdit / min",
+                         "peer calls"], prow))
         L.append("")
     # 2
     L.append("## 2. Speed: 1 process x 1 thread against N processes x 1 thread")
@@ -297,14 +334,15 @@ def write(raw: dict[str, Any], out: Path, quick: bool) -> str:
     L.append("*CPU s* is the median CPU time one rank spends per forward (`time.process_time`, the busiest rank): "
              "unlike wall time it barely moves when other processes share the cores, so *work split* = 1-rank CPU s / "
              "N-rank CPU s shows how evenly the plan divides the work (including the time spent inside collectives). "
-             "*load* is the 1-minute load average when the configuration (or its baseline) ran.")
+             "*load* is the highest 1-minute load average seen when the configuration or its baseline ran. "
+             "*best-of speedup* compares the fastest calls instead of the medians.")
     L.append("")
     rows = [[r["model"], r["method"], r["inner"], r["world"], _f(r["t"], 3), _f(r["t1"], 3),
-             f"**{_f(r['speedup'])}x**", f"{_f(100 * r['eff'], 0)}%", _f(r["cpu"], 3), _f(r["cpu_speedup"]) + "x",
-             _f(r["load"], 1), _f(r["err"], 6)]
+             f"**{_f(r['speedup'])}x**", f"{_f(100 * r['eff'], 0)}%", _f(r["best"]) + "x", _f(r["cpu"], 3),
+             _f(r["cpu_speedup"]) + "x", _f(r["load"], 1), _f(r["err"], 6)]
             for r in sorted(a["speed"], key=lambda r: (r["model"], r["inner"], r["world"]))]
     L.append(_table(["model", "method", "inner", "processes", "s / forward", "1 rank s", "speedup", "efficiency",
-                     "CPU s / rank", "work split", "load", "max rel err"], rows))
+                     "best-of speedup", "CPU s / rank", "work split", "load", "max rel err"], rows))
     L.append("")
     # 3
     L.append("## 3. Peers, same machine, same models, same run")

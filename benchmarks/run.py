@@ -54,7 +54,7 @@ def plan_specs(args: argparse.Namespace) -> dict[str, tuple[int, list[dict[str, 
     quick = args.quick
     iters = 2 if quick else args.iters
     model_names = ["pixart"] if quick else ["pixart", "flux"]
-    inners = ["eager"] + ([] if quick or args.no_inductor else ["inductor"])
+    inductor_models = [] if quick or args.no_inductor else [m for m in args.inductor.split(",") if m]
     base = dict(job="model", quick=quick, batch=2, iters=iters)
     groups: dict[str, tuple[int, list[dict[str, Any]]]] = {}
 
@@ -62,6 +62,7 @@ def plan_specs(args: argparse.Namespace) -> dict[str, tuple[int, list[dict[str, 
         groups.setdefault(f"{model}, {world} processes", (world, []))[1].append(spec)
 
     for model in model_names:
+        inners = ["eager"] + (["inductor"] if model in inductor_models else [])
         for inner in inners:
             add(2, model, {**base, "key": f"{model}|1 rank|{inner}", "model": model, "mode": inner,
                            "solo": True, "memory": True})
@@ -77,6 +78,10 @@ def plan_specs(args: argparse.Namespace) -> dict[str, tuple[int, list[dict[str, 
                            "model": "flux", "ulysses": 2, "memory": True})
             add(2, model, {**base, "job": "diffusers_cp", "key": "flux|diffusers CP Ring 2|eager",
                            "model": "flux", "ring": 2, "iters": 1})
+        # The baseline again at the end of the set: the 1-rank time is the median over both, so a
+        # burst of load from other processes during one of them weighs less.
+        add(2, model, {**base, "key": f"{model}|1 rank (again)|eager", "model": model, "mode": "eager",
+                       "solo": True, "return_out": False, "iters": 2})
     if not quick:
         # The para-attn comparison model (CogVideoX): baseline and xdit here, para-attn in the peers venv.
         add(2, "cogvideox", {**base, "key": "cogvideox|1 rank|eager", "model": "cogvideox", "mode": "eager",
@@ -141,6 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="results folder")
     parser.add_argument("--iters", type=int, default=3, help="timed calls after the compiling call (median)")
     parser.add_argument("--no-inductor", action="store_true", help="skip the inner='inductor' runs")
+    parser.add_argument("--inductor", default="flux",
+                        help="models measured with inner='inductor' too (1 rank + Ulysses 2, and the compile-time "
+                             "section), comma-separated; e.g. pixart,flux (pixart adds ~5 min on 2 cores)")
     parser.add_argument("--no-peers", action="store_true", help="skip the peers (separate venv)")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per set of processes")
     args = parser.parse_args(argv)

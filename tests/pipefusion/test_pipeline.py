@@ -31,6 +31,7 @@ CASES = [
     ("pixart_m2_w1", "pixart", _pf(2, 1), 4, 1, False),
     ("pixart_m4_w1", "pixart", _pf(4, 1), 4, 1, False),
     ("flux_m2_w1_truecfg", "flux", _pf(2, 1), 4, 2, False),
+    ("pixart_m2_w1_inductor", "pixart", {**_pf(2, 1), "inner": "inductor"}, 3, 1, False),
 ]
 IDS = [c[0] for c in CASES]
 _cache: list = []

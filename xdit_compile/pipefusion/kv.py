@@ -81,7 +81,7 @@ def fill_kv_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: O
                       scale: Optional[float], enable_gqa: bool, layer: str) -> torch.Tensor:
     """Exact attention over the full sequence; keeps K/V for the patch steps."""
     _store().put(layer, k, v)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=enable_gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=enable_gqa).contiguous()
 
 
 @torch.library.custom_op("xdit_pipefusion::stale_kv_attention", mutates_args=())
@@ -97,10 +97,11 @@ def stale_kv_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: 
         kb.narrow(-2, start, length).copy_(k.narrow(-2, off, length))
         vb.narrow(-2, start, length).copy_(v.narrow(-2, off, length))
         off += length
-    return F.scaled_dot_product_attention(q, kb, vb, attn_mask=mask, scale=scale, enable_gqa=enable_gqa)
+    return F.scaled_dot_product_attention(q, kb, vb, attn_mask=mask, scale=scale, enable_gqa=enable_gqa).contiguous()
 
 
 def _fake_out(q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    # The real ops return contiguous outputs (inductor checks strides against this).
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
 
