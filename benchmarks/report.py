@@ -326,9 +326,10 @@ def write(raw: dict[str, Any], out: Path, quick: bool) -> str:
              "N-rank time; efficiency = speedup / N. The 1-rank baseline runs the same model and inputs (batch 2) "
              "in one process: plain eager (`inner=eager` rows) or plain `torch.compile` inductor (`inductor` rows). "
              "Max rel err: max |out - out_1rank| / max |out_1rank|. "
-             + ("**4 processes share 2 cores here: their efficiency is bounded by 50%.** " if _cpus() < 4 else "")
-             + "Inductor is measured for the 2-rank Ulysses plan only (the compile-time comparison; the other plans "
-             "would add ~1 min of cold compiles each).")
+             + ("**4 processes share 2 cores here: their efficiency is bounded by 50%.** "
+                if _cpus() < 4 and any(r["world"] == 4 for r in a["speed"]) else "")
+             + "Inner `inductor` is measured for the 2-rank Ulysses plan on the models named by `--inductor` "
+             "(default: flux; each cold compile takes ~1 min on this machine, PixArt's first inductor run more).")
     L.append("")
     L.append("")
     L.append("*CPU s* is the median CPU time one rank spends per forward (`time.process_time`, the busiest rank): "

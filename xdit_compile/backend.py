@@ -108,7 +108,7 @@ def _axis_passes(axis: Axis) -> list[tuple[str, PassFn]]:
     def plan_pass(gm: fx.GraphModule, state: State) -> bool:
         forced = state.forced.get(axis.name, {})
         # Marks for the other axis pass values through unchanged on this one.
-        holder["prop"] = choose_seeds(gm, axis.n, axis.name == "batch", _graph_facts(gm)[0], forced=forced)
+        holder["prop"] = choose_seeds(gm, axis.n, axis.name == "batch", graph_facts(gm)[0], forced=forced)
         return False
 
     def lower_pass(gm: fx.GraphModule, state: State) -> bool:
@@ -136,7 +136,7 @@ def _axis_passes(axis: Axis) -> list[tuple[str, PassFn]]:
 
 
 # ---------------------------------------------------------------------- the backend
-def _graph_facts(gm: fx.GraphModule) -> tuple[int | None, int | None]:
+def graph_facts(gm: fx.GraphModule) -> tuple[int | None, int | None]:
     """(batch size, attention heads) read off the graph, for the automatic plan."""
     batch = None
     biggest = -1
@@ -189,7 +189,7 @@ def xdit_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: dic
             )
         return _inner(plan, gm, example_inputs)
     world, rank = dist.get_world_size(), dist.get_rank()
-    batch, heads = _graph_facts(gm)
+    batch, heads = graph_facts(gm)
     plan = plan.resolve(world, batch, heads)
     graph_name = f"graph {len(__import__('xdit_compile.report', fromlist=['x']).reports())}"
     report = PlanReport(graph_name, plan.describe(), rank, world, len(gm.graph.nodes))

@@ -92,7 +92,7 @@ def _share(p: Any, n: int) -> float:
     return 1.0
 
 
-def _flops(node: fx.Node, name: str | None) -> float:
+def estimate_flops(node: fx.Node, name: str | None) -> float:
     """Rough flops of a node on full tensors (only used to compare plans)."""
     out = value(node)
     n_out = _numel(out)
@@ -179,7 +179,7 @@ def propagate(
             _count(result, pl.get(x), want, value(x), n)
         result.collectives += d.collectives
         result.comm_bytes += d.comm_bytes
-        work = _flops(node, name)
+        work = estimate_flops(node, name)
         share = _share(d.out, n)
         if d.attention == "sequence":
             q = node.args[0] if node.args else node.kwargs["query"]

@@ -26,7 +26,7 @@ import torch
 import torch.fx as fx
 
 from ..graph import is_tensor, is_user_input, op_name, value
-from ..passes.propagate import _flops
+from ..passes.propagate import estimate_flops
 
 
 @dataclass(frozen=True)
@@ -103,7 +103,7 @@ def find_cuts(gm: fx.GraphModule, slack: float = 1.5) -> Cuts:
         best.append((live_tok[pick], live_all[pick], pick))
     floor = min((b[0] for b in best), default=0)
     positions = [p for tok, _, p in best if tok <= slack * floor]
-    flops = [_flops(n, op_name(n)) if is_tensor(n) or isinstance(value(n), (tuple, list)) else 0.0 for n in nodes]
+    flops = [estimate_flops(n, op_name(n)) if is_tensor(n) or isinstance(value(n), (tuple, list)) else 0.0 for n in nodes]
     bounds = [-1, *positions, end - 1]
     costs = [float(sum(flops[lo + 1:hi + 1])) for lo, hi in zip(bounds, bounds[1:])]
     blocks = (0, -1)

@@ -195,9 +195,9 @@ def pipefusion_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], plan: 
 
     patch_graphs, assembly, layers, seeds = [], None, set(), []
     if m > 1:
-        from ..backend import _graph_facts
+        from ..backend import graph_facts
 
-        batch = _graph_facts(gm)[0]
+        batch = graph_facts(gm)[0]
         try:
             for i in range(m):
                 g, assembly, got, seeds = patch_program(gm, m, i, batch, inputs)
