@@ -23,7 +23,7 @@ from typing import Callable
 
 import torch.fx as fx
 
-from ..graph import arg, is_tensor, is_user_input, op_name, shape
+from ..graph import arg, has_symbolic_shape, is_tensor, is_user_input, op_name, shape
 from ..rules.attention import sdpa_args
 
 log = logging.getLogger("xdit_compile.rules")
@@ -55,7 +55,7 @@ def _token_sources(start: fx.Node, length: int, depth: int = 40) -> set[str]:
     found: set[str] = set()
     while stack:
         node, d = stack.pop()
-        if node in seen or d > depth:
+        if node in seen or d > depth or has_symbolic_shape(node):
             continue
         seen.add(node)
         name = op_name(node)
@@ -144,13 +144,13 @@ def _mark_rope(gm: fx.GraphModule, counts: Counter) -> None:
             continue
         a = sdpa_args(node)
         for t in (a["query"], a["key"]):
-            if not is_tensor(t):
+            if not is_tensor(t) or has_symbolic_shape(t):
                 continue
             length = shape(t)[-2]
             stack, seen = [(t, 0)], set()
             while stack:
                 x, d = stack.pop()
-                if x in seen or d > 12 or not isinstance(x, fx.Node):
+                if x in seen or d > 12 or not isinstance(x, fx.Node) or has_symbolic_shape(x):
                     continue
                 seen.add(x)
                 if op_name(x) == "mul":
@@ -198,6 +198,9 @@ def recognise(gm: fx.GraphModule) -> dict[str, int]:
     counts: Counter = Counter()
     hits: Counter = Counter()
     for node in gm.graph.nodes:
+        # Data-dependent sizes cannot be compared at compile time: such nodes get no role.
+        if has_symbolic_shape(node) or any(has_symbolic_shape(x) for x in node.all_input_nodes):
+            continue
         for pattern in _BY_OP.get(op_name(node) or "", ()):
             detail = pattern.match(node)
             if detail is not None:

@@ -100,7 +100,9 @@ def parity_job(factory: str, name: str, options: dict[str, Any], batch: int = 2,
         with record_collectives() as log:
             out = _first_tensor(compiled(**inputs, return_dict=False))
         # Dynamo runs no compiled frame under a dispatch mode: count the per-rank graphs.
-        flops = sum(_flops(lambda: gm(*args))[1] for _, gm, args in compiled_graphs())
+        # Graphs Dynamo recompiled with dynamic shapes hold SymInts, not values: not counted.
+        flops = sum(_flops(lambda: gm(*args))[1] for _, gm, args in compiled_graphs()
+                    if not any(isinstance(a, torch.SymInt) for a in args))
     reports = xdit_compile.reports()
     last = reports[-1] if reports else None
     fallbacks = [r.fallback for r in reports if r.fallback]
