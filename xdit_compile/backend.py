@@ -21,7 +21,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-import torch
 import torch.distributed as dist
 import torch.fx as fx
 
@@ -197,9 +196,20 @@ def xdit_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: dic
         publish(report)
         return _inner(plan, gm, example_inputs)
     if plan.degree("pp") > 1:
-        # PipeFusion splits the graph into stages itself; sequence/batch axes run inside it.
+        # The batch axis (dp x cfg) first, so each batch group pipelines its own share; then
+        # PipeFusion splits the graph into stages and lowers Ulysses inside each stage.
         from .pipefusion import pipefusion_backend
 
+        batch_axes = [a for a in _axes(plan, rank) if a.name == "batch"]
+        original = _copy(gm)
+        try:
+            run_passes(gm, State(plan, example_inputs, rank, batch_axes, report),
+                       [("recognise", _recognise), ("annotations", _annotations),
+                        *[p for a in batch_axes for p in _axis_passes(a)]])
+        except WholeGraphFallback as e:
+            gm = original
+            report.axes.clear()
+            log.warning("xdit: %s; every batch group pipelines the whole batch", e)
         return pipefusion_backend(gm, example_inputs, plan, report, _inner)
     state = State(plan, example_inputs, rank, _axes(plan, rank), report)
     passes: list[tuple[str, PassFn]] = [("recognise", _recognise), ("annotations", _annotations)]

@@ -29,7 +29,7 @@ from torch.fx.node import map_arg
 
 from ..axis import Axis
 from ..errors import ShardingError
-from ..graph import is_tensor, shape, value
+from ..graph import shape, value
 from ..placements import REPLICATE, Partial, Placement, Replicate, Shard, fmt, global_order, local_sizes, pieces
 from ..rules.attention import sdpa_args
 from ..runtime import attention as rt_attention

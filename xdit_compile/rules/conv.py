@@ -27,7 +27,7 @@ import torch.fx as fx
 from ..graph import shape, value
 from ..placements import REPLICATE, Replicate, Shard, is_even, local_sizes
 from ..runtime import halo
-from .core import Decision, OpView, regroup, replicate_all
+from .core import Decision, OpView, on_first_shard, regroup, replicate_all
 
 
 def _tuple(v: object, k: int) -> tuple[int, ...]:
@@ -77,14 +77,9 @@ def _halo_rewrite(dim: int, before: int, after: int, pads: list[tuple[int, int]]
     return rewrite
 
 
-def conv(op: OpView) -> Decision | None:
-    x, w = op.node.args[0], op.arg(1, "weight")
-    p = op.pl(x)
-    params = {t: REPLICATE for t in op.tensor_inputs()[1:] if not isinstance(op.pl(t), Replicate)}
-    if isinstance(p, Replicate):
-        return Decision(REPLICATE, params)
-    if not isinstance(p, Shard):
-        return None
+@on_first_shard
+def conv(op: OpView, x: fx.Node, p: Shard, params: dict) -> Decision | None:
+    w = op.arg(1, "weight")
     if p.dim == 0:
         return Decision(p, params)
     k = tuple(shape(w)[2:])

@@ -8,6 +8,7 @@ and records the reason.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -69,6 +70,31 @@ class OpView:
         return len(value(self.node).shape)
 
 
+ShardRule = Callable[[OpView, fx.Node, Shard, "dict[fx.Node, Placement]"], "Decision | None"]
+
+
+def on_first_shard(fn: ShardRule) -> Callable[[OpView], "Decision | None"]:
+    """Write a rule about the shard of the op's first input; the wrapper does the rest.
+
+    A replicated first input gives ``R``, and a first input that is neither replicated nor
+    sharded (a ``Partial``) has no rule. ``fn(op, x, p, others)`` gets the input, its shard,
+    and ``others``: every other tensor input (weights, biases, indices) asked replicated.
+    """
+
+    @functools.wraps(fn)
+    def rule(op: OpView) -> Decision | None:
+        x = op.node.args[0]
+        p = op.pl(x)
+        others = {t: REPLICATE for t in op.tensor_inputs() if t is not x and not isinstance(op.pl(t), Replicate)}
+        if isinstance(p, Replicate):
+            return Decision(REPLICATE, others)
+        if not isinstance(p, Shard):
+            return None
+        return fn(op, x, p, others)
+
+    return rule
+
+
 def all_replicated(op: OpView) -> bool:
     return all(isinstance(op.pl(x), Replicate) for x in op.tensor_inputs())
 
@@ -119,7 +145,7 @@ def split_segments(p: Shard, bounds: list[int]) -> list[Shard] | None:
     edges = [0]
     for u in p.segments:
         edges.append(edges[-1] + u * p.inner)
-    out, i = [], 0
+    out = []
     for lo, hi in zip(bounds[:-1], bounds[1:]):
         if lo not in edges or hi not in edges:
             return None
@@ -127,7 +153,6 @@ def split_segments(p: Shard, bounds: list[int]) -> list[Shard] | None:
         if b <= a:
             return None
         out.append(Shard(p.dim, p.segments[a:b], p.inner))
-        i = b
     return out
 
 

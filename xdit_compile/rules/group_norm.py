@@ -19,7 +19,7 @@ import torch.fx as fx
 from ..graph import shape, value
 from ..placements import REPLICATE, Replicate, Shard
 from ..runtime import halo
-from .core import Decision, OpView, replicate_all
+from .core import Decision, OpView, on_first_shard, replicate_all
 
 # F.group_norm(input, num_groups, weight=None, bias=None, eps=1e-05)
 _ARGS = ("input", "num_groups", "weight", "bias", "eps")
@@ -44,14 +44,8 @@ def _global_stats_rewrite(count: int) -> Any:
     return rewrite
 
 
-def group_norm(op: OpView) -> Decision | None:
-    x = op.node.args[0]
-    p = op.pl(x)
-    params = {t: REPLICATE for t in op.tensor_inputs()[1:] if not isinstance(op.pl(t), Replicate)}
-    if isinstance(p, Replicate):
-        return Decision(REPLICATE, params)
-    if not isinstance(p, Shard):
-        return None
+@on_first_shard
+def group_norm(op: OpView, x: fx.Node, p: Shard, params: dict) -> Decision | None:
     if p.dim == 0:
         return Decision(p, params)
     if p.dim == 1 or op.name != "group_norm" or op.node.op != "call_function":

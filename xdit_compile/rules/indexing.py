@@ -14,7 +14,7 @@ import torch.fx as fx
 
 from ..graph import is_tensor, shape
 from ..placements import REPLICATE, Replicate, Shard
-from .core import Decision, OpView, align_to, local_range, replicate_all, split_segments
+from .core import Decision, OpView, on_first_shard, align_to, local_range, replicate_all, split_segments
 
 
 def _walk(index: tuple, ndim: int):
@@ -172,12 +172,9 @@ def _local_narrow(graph: fx.Graph, node: fx.Node, ctx: Any) -> None:
     node.args = (src, dim, a, b - a)
 
 
-def narrow(op: OpView) -> Decision | None:
-    src = op.node.args[0]
-    p = op.pl(src)
-    if isinstance(p, Replicate):
-        return Decision(REPLICATE)
-    if not isinstance(p, Shard) or len(op.node.args) < 4:
+@on_first_shard
+def narrow(op: OpView, src: fx.Node, p: Shard, others: dict) -> Decision | None:
+    if len(op.node.args) < 4:
         return None
     dim, start, length = op.node.args[1] % len(shape(src)), op.node.args[2], op.node.args[3]
     if dim != p.dim:
@@ -190,15 +187,9 @@ def narrow(op: OpView) -> Decision | None:
     return Decision(parts[0], rewrite=_local_narrow)
 
 
-def along_other_dim(op: OpView) -> Decision | None:
+@on_first_shard
+def along_other_dim(op: OpView, src: fx.Node, p: Shard, others: dict) -> Decision | None:
     """index_select / select / repeat_interleave / flip / roll: fine off the sharded dim."""
-    src = op.node.args[0]
-    p = op.pl(src)
-    others = {x: REPLICATE for x in op.tensor_inputs() if x is not src and not isinstance(op.pl(x), Replicate)}
-    if isinstance(p, Replicate):
-        return Decision(REPLICATE, others)
-    if not isinstance(p, Shard):
-        return None
     ndim = len(shape(src))
     if op.name == "repeat_interleave":
         dim = op.arg(2, "dim")
@@ -229,13 +220,8 @@ def embedding(op: OpView) -> Decision | None:
     return None
 
 
-def pad(op: OpView) -> Decision | None:
-    src = op.node.args[0]
-    p = op.pl(src)
-    if isinstance(p, Replicate):
-        return Decision(REPLICATE)
-    if not isinstance(p, Shard):
-        return None
+@on_first_shard
+def pad(op: OpView, src: fx.Node, p: Shard, others: dict) -> Decision | None:
     widths = op.arg(1, "pad")
     ndim = len(shape(src))
     touched = {ndim - 1 - i // 2 for i, w in enumerate(widths) if w}

@@ -14,7 +14,7 @@ import torch.fx as fx
 
 from ..graph import shape
 from ..placements import PARTIAL, REPLICATE, Placement, Replicate, Shard
-from .core import Decision, OpView, replicate_all
+from .core import Decision, OpView
 
 
 def einsum_rule(op: OpView, spec: str, operands: list[fx.Node]) -> Decision | None:

@@ -7,35 +7,24 @@
 
 from __future__ import annotations
 
-from ..placements import REPLICATE, Replicate, Shard
-from .core import Decision, OpView, replicate_all
+import torch.fx as fx
+
+from ..placements import Shard
+from .core import Decision, OpView, on_first_shard, replicate_all
 
 
-def _params_replicated(op: OpView, first: int = 1) -> dict:
-    return {x: REPLICATE for x in op.tensor_inputs()[first:] if not isinstance(op.pl(x), Replicate)}
 
-
-def trailing_norm(op: OpView) -> Decision | None:
-    x = op.node.args[0]
-    p = op.pl(x)
-    if isinstance(p, Replicate):
-        return Decision(REPLICATE, _params_replicated(op))
-    if not isinstance(p, Shard):
-        return None
+@on_first_shard
+def trailing_norm(op: OpView, x: fx.Node, p: Shard, params: dict) -> Decision | None:
     normalized = op.arg(1, "normalized_shape")
     k = 1 if isinstance(normalized, int) else len(normalized)
     if p.dim >= op.out_ndim - k:
         return replicate_all(op, f"{op.name} normalises over the sharded dim {p.dim}")
-    return Decision(p, _params_replicated(op))
+    return Decision(p, params)
 
 
-def along_dim(op: OpView) -> Decision | None:
-    x = op.node.args[0]
-    p = op.pl(x)
-    if isinstance(p, Replicate):
-        return Decision(REPLICATE)
-    if not isinstance(p, Shard):
-        return None
+@on_first_shard
+def along_dim(op: OpView, x: fx.Node, p: Shard, others: dict) -> Decision | None:
     dim = op.arg(2, "dim", 1) if op.name == "normalize" else op.arg(1, "dim")
     if not isinstance(dim, int):
         return None

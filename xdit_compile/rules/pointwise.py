@@ -11,7 +11,7 @@ import torch.fx as fx
 
 from ..graph import shape
 from ..placements import PARTIAL, REPLICATE, Partial, Placement, Replicate, Shard
-from .core import Decision, OpView, align_to, replicate_all
+from .core import Decision, OpView, align_to
 
 UNARY = [
     "neg", "pos", "abs", "exp", "exp2", "expm1", "log", "log1p", "log2", "sin", "cos", "tan", "tanh",

@@ -14,8 +14,8 @@ import torch
 import torch.fx as fx
 
 from ..graph import shape
-from ..placements import PARTIAL, REPLICATE, Replicate, Shard
-from .core import Decision, OpView
+from ..placements import PARTIAL, Shard
+from .core import Decision, OpView, on_first_shard
 from .pointwise import pointwise
 
 
@@ -72,13 +72,8 @@ def reduction(op: OpView) -> Decision | None:
     return d
 
 
-def _reduction(op: OpView) -> Decision | None:
-    x = op.node.args[0]
-    p = op.pl(x)
-    if isinstance(p, Replicate):
-        return Decision(REPLICATE)
-    if not isinstance(p, Shard):
-        return None
+@on_first_shard
+def _reduction(op: OpView, x: fx.Node, p: Shard, others: dict) -> Decision | None:
     ndim = len(shape(x))
     dims = _reduced_dims(op, ndim)
     if dims is None:

@@ -18,8 +18,8 @@ from typing import Any
 import torch.fx as fx
 
 from ..graph import shape
-from ..placements import REPLICATE, Replicate, Shard, local_shape
-from .core import Decision, OpView, regroup, replicate_all
+from ..placements import Shard, local_shape
+from .core import Decision, OpView, on_first_shard, regroup, replicate_all
 
 INTERPOLATE = ["interpolate", "upsample", "upsample_nearest"]
 ATEN_NEAREST = ["upsample_nearest1d", "upsample_nearest2d", "upsample_nearest3d",
@@ -52,13 +52,8 @@ def _scale_factors(raw: Any, spatial: int) -> tuple[float, ...] | None:
     return tuple(float(s) for s in raw)
 
 
-def upsample(op: OpView) -> Decision | None:
-    x = op.node.args[0]
-    p = op.pl(x)
-    if isinstance(p, Replicate):
-        return Decision(REPLICATE)
-    if not isinstance(p, Shard):
-        return None
+@on_first_shard
+def upsample(op: OpView, x: fx.Node, p: Shard, others: dict) -> Decision | None:
     if p.dim < 2:
         return Decision(p)
     mode = "nearest" if op.name in ATEN_NEAREST or op.name == "upsample_nearest" else op.arg(3, "mode", "nearest")

@@ -20,7 +20,7 @@ import torch.fx as fx
 
 from ..graph import shape
 from ..placements import REPLICATE, Replicate, Shard, local_shape
-from .core import Decision, OpView, regroup
+from .core import Decision, OpView, on_first_shard, regroup
 
 RESHAPES = ["view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as", "reshape_as",
             "_unsafe_view"]
@@ -138,12 +138,8 @@ def _permutation(op: OpView) -> list[int]:
     return perm
 
 
-def permute_rule(op: OpView) -> Decision | None:
-    p = op.pl(op.node.args[0])
-    if isinstance(p, Replicate):
-        return Decision(REPLICATE)
-    if not isinstance(p, Shard):
-        return None
+@on_first_shard
+def permute_rule(op: OpView, src: fx.Node, p: Shard, others: dict) -> Decision | None:
     return Decision(p.with_dim(_permutation(op).index(p.dim)))
 
 
@@ -154,27 +150,16 @@ def _local_expand(graph: fx.Graph, node: fx.Node, ctx: Any) -> None:
     node.kwargs = {}
 
 
-def expand_rule(op: OpView) -> Decision | None:
-    src = op.node.args[0]
-    p = op.pl(src)
-    needs = {x: REPLICATE for x in op.tensor_inputs()[1:] if not isinstance(op.pl(x), Replicate)}
-    if isinstance(p, Replicate):
-        return Decision(REPLICATE, needs)
-    if not isinstance(p, Shard):
-        return None
+@on_first_shard
+def expand_rule(op: OpView, src: fx.Node, p: Shard, needs: dict) -> Decision | None:
     out = p.with_dim(p.dim + op.out_ndim - len(shape(src)))
     if op.out_value.shape[out.dim] != p.length:  # a size-1 sharded dim broadcast to many
         return None
     return Decision(out, needs, rewrite=_local_expand)
 
 
-def repeat_rule(op: OpView) -> Decision | None:
-    src = op.node.args[0]
-    p = op.pl(src)
-    if isinstance(p, Replicate):
-        return Decision(REPLICATE)
-    if not isinstance(p, Shard):
-        return None
+@on_first_shard
+def repeat_rule(op: OpView, src: fx.Node, p: Shard, others: dict) -> Decision | None:
     sizes = op.node.args[1:]
     if len(sizes) == 1 and isinstance(sizes[0], (list, tuple)):
         sizes = sizes[0]
