@@ -77,3 +77,74 @@ def pipeline_job(cases: list[tuple[str, dict[str, Any], int, int]]) -> list[dict
             "notes": rep.notes,
         })
     return out
+
+
+def _pipeline_kwargs(name: str, true_cfg: bool) -> dict[str, Any]:
+    """Prompt embeddings of ``examples/tiny_pipelines.py`` (plus a negative prompt for Flux's true CFG)."""
+    import tiny_pipelines
+
+    kwargs = tiny_pipelines.prompt_inputs(name)
+    if true_cfg:
+        g = torch.Generator().manual_seed(2000)
+        kwargs.update(negative_prompt_embeds=torch.randn(1, tiny_pipelines.TEXT_LEN, tiny_pipelines.TEXT_DIM, generator=g),
+                      negative_pooled_prompt_embeds=torch.randn(1, tiny_pipelines.TEXT_DIM, generator=g),
+                      true_cfg_scale=4.0)
+    return kwargs
+
+
+def _generate(pipe: Any, name: str, steps: int, true_cfg: bool) -> torch.Tensor:
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        return pipe(num_inference_steps=steps, height=32, width=32, guidance_scale=4.5,
+                    generator=torch.Generator().manual_seed(0), output_type="pt",
+                    **_pipeline_kwargs(name, true_cfg)).images
+
+
+def diffusers_pipeline_job(cases: list[tuple[str, dict[str, Any], int, bool]]) -> list[dict[str, Any]]:
+    """For each (pipeline, options, steps, true CFG): the PipeFusion image against the single-rank one.
+
+    The pipelines are ``examples/tiny_pipelines.py``'s (tiny random transformer and VAE, prompt
+    embeddings passed in); only the transformer is compiled. The single-rank reference of each
+    pipeline is computed once, before any compile (PipeFusion frees the weights of other stages,
+    so every case builds its pipeline afresh from the same seed).
+    """
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "examples"))
+    import tiny_pipelines
+
+    import xdit_compile
+    from xdit_compile import pipefusion
+    from xdit_compile.runtime.collectives import record_collectives
+
+    os.environ.setdefault("XDIT_STRICT", "1")
+    refs: dict[tuple[str, int, bool], torch.Tensor] = {}
+    out = []
+    for name, options, steps, true_cfg in cases:
+        key = (name, steps, true_cfg)
+        if key not in refs:
+            refs[key] = _generate(tiny_pipelines.build(name), name, steps, true_cfg)
+        ref = refs[key]
+        torch._dynamo.reset()
+        pipefusion.clear_reports()
+        pipefusion.reset()
+        pipe = tiny_pipelines.build(name)
+        pipe.transformer = torch.compile(pipe.transformer, backend="xdit", dynamic=False,
+                                         options={"inner": "eager", **options})
+        xdit_compile.clear_reports()
+        with pipefusion.record_p2p() as log, record_collectives() as coll:
+            img = _generate(pipe, name, steps, true_cfg)
+        reps = pipefusion.reports()
+        rep = reps[-1]
+        plan_report = xdit_compile.reports()[-1]
+        out.append({
+            "model": name, "options": options, "steps": steps, "true_cfg": true_cfg,
+            "err": float((img - ref).abs().max()), "scale": float(ref.abs().max()),
+            "patches": rep.patches, "stage": rep.stage, "report": "\n".join(str(r) for r in reps),
+            "p2p": [tuple(r) for r in log], "calls": list(rep.driver.calls), "graphs": len(reps),
+            "rank": torch.distributed.get_rank(), "notes": rep.notes, "stale_layers": rep.stale_layers,
+            "collectives": [tuple(c) for c in coll], "plan": plan_report.plan,
+            "seeds": [(ax.axis, str(p)) for ax in plan_report.axes for _, p in ax.seeds],
+            "boundary_bytes": rep.boundary_bytes,
+        })
+    return out

@@ -128,3 +128,19 @@ def test_step_state_steps_streams_generations() -> None:
     assert st.on_call((0.5,))[:2] == (1, 0)
     kv.reset()
     assert st.on_call((0.25,)) == (0, 0, True) and st.generations == 3  # explicit reset
+
+
+def test_pipefusion_with_ring_names_the_fix() -> None:
+    from xdit_compile.pipefusion.entry import _check_plan
+
+    gm, _, _ = captured("pixart")
+    with pytest.raises(PlanError, match="ring_degree=2 is not supported yet: spend those ranks on ulysses_degree"):
+        _check_plan(ParallelPlan(pp=2, ring=2), gm)
+
+
+def test_too_many_patches_with_ulysses_names_the_fix() -> None:
+    from xdit_compile.axis import Axis
+
+    gm, ex, _ = captured("pixart")
+    with pytest.raises(PlanError, match=r"num_pipeline_patch=16 x ulysses_degree=2 .* use num_pipeline_patch <= 8"):
+        patch_program(gm, 16, 0, 2, ex, Axis("sp", 2, 0, "g", ulysses=2))

@@ -1,7 +1,8 @@
 """``pipefusion_backend``: the core backend hands a graph here when ``pipefusion_parallel_degree > 1``.
 
-    cuts (cuts.py) -> balance (policy.py) -> mark stages -> programs (programs.py: full, patches)
-    -> split each into stages (split.py) -> compile this rank's stage -> PipelineDriver (driver.py)
+    [backend.py: batch axis lowered first] -> cuts (cuts.py) -> balance (policy.py) -> mark stages
+    -> programs (programs.py: full, patches; Ulysses lowered inside them) -> split each into stages
+    (split.py) -> compile this rank's stage -> PipelineDriver (driver.py)
 
 Each rank keeps the parameters and buffers its stage reads and frees the storage of the
 others (``configure(free_unused_parameters=False)`` keeps them: do that when the same
@@ -20,6 +21,7 @@ import torch.fx as fx
 from torch.utils._pytree import tree_flatten
 
 from .. import plan as plan_mod
+from ..axis import Axis
 from ..errors import PlanError
 from ..graph import has_symbolic_shape, is_tensor, is_user_input, op_name, value
 from ..plan import ParallelPlan
@@ -94,11 +96,10 @@ def clear_reports() -> None:
 
 
 def _check_plan(plan: ParallelPlan, gm: fx.GraphModule) -> None:
-    others = {a: plan.degree(a) for a in plan_mod.MESH_AXES if a != "pp" and plan.degree(a) > 1}
-    if others:
+    if plan.degree("ring") > 1:
         raise PlanError(
-            f"pipefusion_parallel_degree={plan.degree('pp')} with {others} is not supported yet: run PipeFusion "
-            f"alone (pipefusion_parallel_degree = world size) or drop PipeFusion and use those degrees")
+            f"pipefusion_parallel_degree={plan.degree('pp')} with ring_degree={plan.degree('ring')} is not supported "
+            "yet: spend those ranks on ulysses_degree (Ulysses runs inside each stage) or use_cfg_parallel")
     for n in gm.graph.nodes:
         if n.op == "placeholder" and (has_symbolic_shape(n) or isinstance(value(n), torch.SymInt)):
             raise PlanError("pipefusion needs static shapes: compile with torch.compile(..., dynamic=False)")
@@ -166,9 +167,22 @@ def _block_weights(gm: fx.GraphModule, cuts: Any, example_inputs: Sequence[Any])
     return out
 
 
+def _sp_axis(plan: ParallelPlan, rank: int) -> Axis | None:
+    """The Ulysses axis that runs inside each stage (None without one)."""
+    if plan.degree("sp") <= 1:
+        return None
+    group = plan_mod.process_groups(plan)["sp"].group_name
+    return Axis("sp", plan.degree("sp"), plan.axis_rank("sp", rank), group, ulysses=plan.degree("ulysses"))
+
+
 def pipefusion_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], plan: ParallelPlan,
                        report: PlanReport, inner: Callable[..., Callable]) -> Callable:
-    """Compile ``gm`` into this rank's pipeline stage; see the module docstring."""
+    """Compile ``gm`` into this rank's pipeline stage; see the module docstring.
+
+    Axis order (``plan.py``: dp -> cfg -> pp -> ring -> ulysses): the caller has already lowered
+    the batch axis (dp x cfg) on ``gm``, so each batch group pipelines its own share of the
+    batch; Ulysses is lowered here, inside every stage program (full and per patch).
+    """
     _check_plan(plan, gm)
     world_rank = dist.get_rank()
     stages = plan.degree("pp")
@@ -178,6 +192,7 @@ def pipefusion_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], plan: 
     stage = plan.axis_rank("pp", world_rank)
     ranks = next(g for g in plan.axis_groups("pp") if world_rank in g)
     group = plan_mod.process_groups(plan)["pp"]
+    sp = _sp_axis(plan, world_rank)
     inputs = _usable_inputs(example_inputs)
 
     cuts = find_cuts(gm)
@@ -200,7 +215,7 @@ def pipefusion_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], plan: 
         batch = graph_facts(gm)[0]
         try:
             for i in range(m):
-                g, assembly, got, seeds = patch_program(gm, m, i, batch, inputs)
+                g, assembly, got, seeds = patch_program(gm, m, i, batch, inputs, sp)
                 patch_graphs.append(g)
                 layers |= got
         except Unsupported as e:
@@ -208,7 +223,7 @@ def pipefusion_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], plan: 
             patch_graphs, assembly, layers = [], None, set()
         if patch_graphs and not layers:
             notes.append("no attention over the split tokens: patches need no K/V buffers")
-    full = full_program(gm, layers)
+    full = full_program(gm, layers, sp, inputs)
 
     def build(g: fx.GraphModule) -> StageProgram:
         st = split_stages(g, stages)[stage]
@@ -244,6 +259,11 @@ def pipefusion_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], plan: 
     if stage < stages - 1:
         ar.collectives.append((f"p2p send to rank {topo.next}", "stage boundary", p2p.nbytes(full_prog.graph.send)))
     report.axes.append(ar)
+    if sp is not None:
+        ar_sp = AxisReport("sp", sp.n)
+        ar_sp.attention = [(layer, "self/joint", f"ulysses={sp.n} inside the stage; stale K/V buffer after the "
+                            "all-to-all (whole sequence, head slice)") for layer in sorted(layers)]
+        report.axes.append(ar_sp)
     publish(report)
     log.info("%s", pf)
     return driver

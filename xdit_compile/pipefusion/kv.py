@@ -6,6 +6,9 @@ attention ops the PipeFusion programs call.
 * ``stale_kv_attention`` (patch calls): writes the patch's fresh K/V into the buffer at its
   global token positions and attends over the whole buffer, so the patch sees fresh K/V for
   itself and the patches before it in this step, and the previous step's K/V for the rest.
+* ``fill_kv_ulysses_attention`` / ``stale_kv_ulysses_attention``: the same with Ulysses inside
+  the stage: the all-to-all first, then the buffer holds this rank's head slice of the whole
+  sequence (so every sequence-parallel rank sees every patch), then the all-to-all back.
 
 Both are ``torch.library`` custom ops (opaque to inductor, traceable by Dynamo and
 FakeTensor); the buffers live in the ``KVStore`` the driver makes current around each call.
@@ -29,6 +32,9 @@ from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
+
+from ..runtime.attention import _mask_heads, _ulysses_scatter_heads
+from ..runtime.collectives import all_to_all, group_rank, group_size
 
 _CURRENT: list["KVStore"] = []
 _RESET_EPOCH = [0]
@@ -84,6 +90,17 @@ def fill_kv_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: O
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=enable_gqa).contiguous()
 
 
+def _refresh(layer: str, k: torch.Tensor, v: torch.Tensor, pieces: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layer's buffer with ``k``/``v`` written at their global positions (``pieces``)."""
+    kb, vb = _store().get(layer)
+    off = 0
+    for start, length in zip(pieces[0::2], pieces[1::2]):
+        kb.narrow(-2, start, length).copy_(k.narrow(-2, off, length))
+        vb.narrow(-2, start, length).copy_(v.narrow(-2, off, length))
+        off += length
+    return kb, vb
+
+
 @torch.library.custom_op("xdit_pipefusion::stale_kv_attention", mutates_args=())
 def stale_kv_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
                        scale: Optional[float], enable_gqa: bool, layer: str, pieces: list[int]) -> torch.Tensor:
@@ -91,13 +108,54 @@ def stale_kv_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: 
 
     ``pieces`` = flattened ``(global start, length)`` pairs of the patch's tokens, in local order.
     """
-    kb, vb = _store().get(layer)
+    kb, vb = _refresh(layer, k, v, pieces)
+    return F.scaled_dot_product_attention(q, kb, vb, attn_mask=mask, scale=scale, enable_gqa=enable_gqa).contiguous()
+
+
+# ---------------------------------------------------------------------------- with Ulysses inside a stage
+# The K/V buffer of a rank holds its Ulysses head slice of the *whole* sequence (after the
+# all-to-all), in global token order, so each sequence-parallel rank sees every patch.
+
+
+@torch.library.custom_op("xdit_pipefusion::fill_kv_ulysses_attention", mutates_args=())
+def fill_kv_ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
+                              scale: Optional[float], enable_gqa: bool, layer: str, pieces: list[int], group: str,
+                              q_sizes: list[int], kv_sizes: list[int]) -> torch.Tensor:
+    """``ulysses_attention`` that also keeps this rank's head slice of the whole K/V.
+
+    ``pieces``: flattened ``(global start, length)`` of the gathered keys, in gathered order;
+    ``mask`` is aligned with the gathered order (as ``ulysses_attention``'s).
+    """
+    heads, index, ranks = q.size(1), group_rank(group), group_size(group)
+    q, k, v = _ulysses_scatter_heads(q, k, v, group, q_sizes, kv_sizes)
+    kb, vb = torch.empty_like(k), torch.empty_like(v)
     off = 0
     for start, length in zip(pieces[0::2], pieces[1::2]):
         kb.narrow(-2, start, length).copy_(k.narrow(-2, off, length))
         vb.narrow(-2, start, length).copy_(v.narrow(-2, off, length))
         off += length
-    return F.scaled_dot_product_attention(q, kb, vb, attn_mask=mask, scale=scale, enable_gqa=enable_gqa).contiguous()
+    _store().put(layer, kb, vb)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=_mask_heads(mask, heads, index, ranks), scale=scale,
+                                         enable_gqa=enable_gqa)
+    return all_to_all(out.contiguous(), 2, 1, group, scatter_sizes=q_sizes)
+
+
+@torch.library.custom_op("xdit_pipefusion::stale_kv_ulysses_attention", mutates_args=())
+def stale_kv_ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
+                               scale: Optional[float], enable_gqa: bool, layer: str, pieces: list[int], group: str,
+                               q_sizes: list[int], kv_sizes: list[int]) -> torch.Tensor:
+    """A patch spread over a Ulysses group: all-to-all q/k/v (the patch's tokens, 1/N of the
+    heads), write the patch's K/V into the buffer, attend over the buffer, all-to-all back.
+
+    ``pieces``: flattened ``(global start, length)`` of the patch's gathered keys, in gathered
+    order; ``mask``: queries in gathered order, keys in global order.
+    """
+    heads, index, ranks = q.size(1), group_rank(group), group_size(group)
+    q, k, v = _ulysses_scatter_heads(q, k, v, group, q_sizes, kv_sizes)
+    kb, vb = _refresh(layer, k, v, pieces)
+    out = F.scaled_dot_product_attention(q, kb, vb, attn_mask=_mask_heads(mask, heads, index, ranks), scale=scale,
+                                         enable_gqa=enable_gqa)
+    return all_to_all(out.contiguous(), 2, 1, group, scatter_sizes=q_sizes)
 
 
 def _fake_out(q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -115,8 +173,20 @@ def _(q, k, v, mask, scale, enable_gqa, layer, pieces):  # type: ignore[no-untyp
     return _fake_out(q, v)
 
 
+@fill_kv_ulysses_attention.register_fake
+def _(q, k, v, mask, scale, enable_gqa, layer, pieces, group, q_sizes, kv_sizes):  # type: ignore[no-untyped-def]
+    return _fake_out(q, v)
+
+
+@stale_kv_ulysses_attention.register_fake
+def _(q, k, v, mask, scale, enable_gqa, layer, pieces, group, q_sizes, kv_sizes):  # type: ignore[no-untyped-def]
+    return _fake_out(q, v)
+
+
 FILL = torch.ops.xdit_pipefusion.fill_kv_attention.default
 STALE = torch.ops.xdit_pipefusion.stale_kv_attention.default
+FILL_ULYSSES = torch.ops.xdit_pipefusion.fill_kv_ulysses_attention.default
+STALE_ULYSSES = torch.ops.xdit_pipefusion.stale_kv_ulysses_attention.default
 
 
 @dataclass

@@ -84,9 +84,17 @@ def stamp_layers(gm: fx.GraphModule) -> None:
             n.meta.setdefault("xdit", {})[LAYER] = n.name
 
 
-def full_program(gm: fx.GraphModule, layers: set[str]) -> fx.GraphModule:
-    """``gm`` with the attention of ``layers`` filling K/V buffers (a copy)."""
+def full_program(gm: fx.GraphModule, layers: set[str], sp: Axis | None = None,
+                 example_inputs: Sequence[Any] = ()) -> fx.GraphModule:
+    """``gm`` with the attention of ``layers`` filling K/V buffers (a copy).
+
+    With ``sp`` (Ulysses inside the stages) the copy is first lowered on that axis (the core's
+    seeds, propagation and lowering), and the Ulysses attention of ``layers`` becomes
+    ``fill_kv_ulysses_attention``.
+    """
     g = copy_graph(gm)
+    if sp is not None:
+        return _full_sp_program(g, layers, sp, example_inputs)
     for n in list(g.graph.nodes):
         layer = n.meta.get("xdit", {}).get(LAYER)
         if layer not in layers:
@@ -103,6 +111,38 @@ def full_program(gm: fx.GraphModule, layers: set[str]) -> fx.GraphModule:
     return g
 
 
+def _gathered_pieces(pk: Any, n: int, ranks: Sequence[int]) -> list[int]:
+    """Flattened (global start, length) of the shards of ``ranks``, concatenated in that order."""
+    return [x for r in ranks for start, length in pieces(pk, n, r) for x in (start, length)]
+
+
+def _full_sp_program(g: fx.GraphModule, layers: set[str], sp: Axis, example_inputs: Sequence[Any]) -> fx.GraphModule:
+    from ..backend import graph_facts
+
+    lower(g, choose_seeds(g, sp.n, False, graph_facts(g)[0]), sp)
+    for n in list(g.graph.nodes):
+        layer = n.meta.get("xdit", {}).get(LAYER)
+        if layer not in layers:
+            continue
+        if n.target is not rt_attention.ulysses_attention:
+            raise PlanError(f"attention {layer} is not lowered to Ulysses attention on the {sp.n} sequence ranks "
+                            f"inside a stage ({op_name(n)}): choose a ulysses_degree that divides the heads")
+        q, k, v = n.args[:3]
+        flat = _gathered_pieces(k.meta["xdit"][sp.name], sp.n, range(sp.n))
+        kw = n.kwargs
+        with g.graph.inserting_before(n):
+            new = g.graph.call_function(kv.FILL_ULYSSES, (
+                q, k, v, kw.get("mask"), kw.get("scale"), bool(kw.get("enable_gqa", False)), layer, flat,
+                kw["group"], list(kw["q_sizes"]), list(kw["kv_sizes"])))
+        new.meta.update(n.meta)
+        n.replace_all_uses_with(new)
+        g.graph.erase_node(n)
+    g.graph.lint()
+    g.recompile()
+    refresh_meta(g, example_inputs)
+    return g
+
+
 def token_rows(gm: fx.GraphModule) -> int:
     """Rows of tokens of the largest user input: its sequence (3-D) or largest spatial dim (4-D+)."""
     tokens = token_inputs(gm)
@@ -112,36 +152,59 @@ def token_rows(gm: fx.GraphModule) -> int:
     return max(s[2:]) if len(s) >= 4 else (s[1] if len(s) >= 2 else 0)
 
 
-def patch_program(gm: fx.GraphModule, m: int, i: int, batch: int | None,
-                  example_inputs: Sequence[Any]) -> tuple[fx.GraphModule, Assembly, set[str], list[str]]:
-    """Patch ``i`` of ``m``: (program, output assembly, stale-K/V layers, seeds as text)."""
+def patch_program(gm: fx.GraphModule, m: int, i: int, batch: int | None, example_inputs: Sequence[Any],
+                  sp: Axis | None = None) -> tuple[fx.GraphModule, Assembly, set[str], list[str]]:
+    """Patch ``i`` of ``m``: (program, output assembly, stale-K/V layers, seeds as text).
+
+    With ``sp`` (a Ulysses axis of ``u`` ranks inside the stage), the tokens are split on one
+    axis of ``m * u`` "ranks", patch-major: patch ``i`` on this rank is piece ``i * u + r``.
+    That is the core's USP layout with the patches as the (fictitious) ring, so attention is
+    lowered to ``usp_attention``, which becomes ``stale_kv_ulysses_attention``; the output
+    gathers over the patches become gathers of the patch over the Ulysses group.
+    """
+    u = sp.n if sp is not None else 1
     rows = token_rows(gm)
-    if m > rows:
-        raise PlanError(f"num_pipeline_patch={m} is larger than the rows of tokens ({rows}): "
-                        f"use num_pipeline_patch <= {rows}")
+    if m * u > rows:
+        fix = f"num_pipeline_patch <= {rows // u}" if u > 1 else f"num_pipeline_patch <= {rows}"
+        raise PlanError(f"num_pipeline_patch={m}{f' x ulysses_degree={u}' if u > 1 else ''} is larger than the rows "
+                        f"of tokens ({rows}): use {fix}")
+    if sp is None:
+        axis = Axis("patch", m, i, PATCH_GROUP)
+    else:
+        axis = Axis("sp", m * u, i * u + sp.rank, PATCH_GROUP, ulysses=u, ring=m, ulysses_group=sp.group,
+                    ring_group=PATCH_GROUP)
     g = copy_graph(gm)
-    prop = choose_seeds(g, m, False, batch)
+    prop = choose_seeds(g, axis.n, False, batch)
     if not prop.seeds:
         raise Unsupported(f"no input can be split into {m} patches")
     seeds = [f"{p.name} {pl}" for p, pl in prop.seeds.items()]
-    lower(g, prop, Axis("patch", m, i, PATCH_GROUP))
+    lower(g, prop, axis)
     graph = g.graph
+    mine = range(i * u, (i + 1) * u)  # this patch's pieces of the (m * u)-way split
     layers: set[str] = set()
     for n in list(graph.nodes):
-        if n.target is not rt_attention.ring_attention:
+        if n.target not in (rt_attention.ring_attention, rt_attention.usp_attention):
             continue
         q, k, v = n.args[:3]
-        pk = k.meta.get("xdit", {}).get("patch")
+        pk = k.meta.get("xdit", {}).get(axis.name)
         if not isinstance(pk, Shard):
             raise Unsupported(f"attention {n.name}: keys placed {pk}, not sharded over the tokens")
-        flat = [x for start, length in pieces(pk, m, i) for x in (start, length)]
-        mask = n.kwargs.get("mask")
+        if sp is not None and n.target is not rt_attention.usp_attention:
+            raise Unsupported(f"attention {n.name}: its heads do not split over ulysses_degree={u}")
+        kw = n.kwargs
+        mask = kw.get("mask")
         with graph.inserting_before(n):
             if isinstance(mask, fx.Node) and op_name(mask) == "xdit_align_mask":
-                mask = graph.call_function(rt.align_mask, (mask.args[0], mask.args[1], None))
+                mask = graph.call_function(rt.align_mask, (mask.args[0], mask.args[1], None))  # keys: global order
             layer = n.meta["xdit"][LAYER]
-            new = graph.call_function(kv.STALE, (
-                q, k, v, mask, n.kwargs.get("scale"), bool(n.kwargs.get("enable_gqa", False)), layer, flat))
+            common = (q, k, v, mask, kw.get("scale"), bool(kw.get("enable_gqa", False)), layer,
+                      _gathered_pieces(pk, axis.n, mine))
+            if sp is None:
+                new = graph.call_function(kv.STALE, common)
+            else:
+                new = graph.call_function(kv.STALE_ULYSSES, (
+                    *common, sp.group, list(kw["q_sizes"][mine.start:mine.stop]),
+                    list(kw["kv_sizes"][mine.start:mine.stop])))
         new.meta.update(n.meta)
         n.replace_all_uses_with(new)
         graph.erase_node(n)
@@ -150,9 +213,12 @@ def patch_program(gm: fx.GraphModule, m: int, i: int, batch: int | None,
     leaves, _ = tree_flatten(out.args[0])
     gathers: list[Any] = []
     for leaf in leaves:
-        if isinstance(leaf, fx.Node) and op_name(leaf) == "xdit_gather":
-            x, dim, _sizes, _group, order = leaf.args
+        if isinstance(leaf, fx.Node) and op_name(leaf) == "xdit_gather" and leaf.args[3] == PATCH_GROUP:
+            x, dim, sizes, _group, order = leaf.args
             gathers.append((dim, tuple(tuple(o) for o in order) if order is not None else None))
+            if sp is not None:  # this patch's pieces, from the Ulysses group, in rank order
+                with graph.inserting_before(leaf):
+                    x = graph.call_function(rt.gather, (x, dim, list(sizes[mine.start:mine.stop]), sp.group, None))
             out.replace_input_with(leaf, x)
         else:
             gathers.append(None)
