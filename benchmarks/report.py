@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import platform
@@ -57,6 +58,11 @@ def _err(res: list[dict[str, Any]], base: list[dict[str, Any]] | None) -> float:
     if a is None or b is None or a.shape != b.shape:
         return float("nan")
     return float((a.float() - b.float()).abs().max() / max(b.float().abs().max(), 1e-12))
+
+
+def _div(a: float, b: float) -> float:
+    """a / b, NaN when b is 0 (os.times ticks at 10 ms: tiny --quick calls can read 0 CPU seconds)."""
+    return a / b if b else float("nan")
 
 
 def _f(x: float, digits: int = 2) -> str:
@@ -121,12 +127,13 @@ def analyse(raw: dict[str, Any], quick: bool) -> dict[str, Any]:
         t1 = base[0]["median_s"]
         tn = max(r["median_s"] for r in res)  # the slowest rank finishes the step
         world = res[0].get("world", len(res))
-        speedup = t1 / tn
+        speedup = _div(t1, tn)
         cpu1 = base[0].get("cpu_s", float("nan"))
         cpun = max(r.get("cpu_s", float("nan")) for r in res)
-        best = base[0].get("min_s", t1) / max(r.get("min_s", r["median_s"]) for r in res)
+        cores = _div(sum(r.get("cpu_s", float("nan")) for r in res), tn)
+        best = _div(base[0].get("min_s", t1), max(r.get("min_s", r["median_s"]) for r in res))
         row = dict(model=model, method=mname, inner=inner, world=world, t=tn, t1=t1, speedup=speedup, best=best,
-                   eff=speedup / world, err=_err(res, base), cpu=cpun, cpu1=cpu1, cpu_speedup=cpu1 / cpun,
+                   eff=speedup / world, err=_err(res, base), cpu=cpun, cpu1=cpu1, cpu_speedup=_div(cpu1, cpun), cores=cores,
                    load=max(r.get("load", float("nan")) for r in res + base),
                    peer=not mname.startswith(("1 rank", "Ulysses", "Ring", "CFG", "USP")))
         (a["peers"] if row["peer"] else a["speed"]).append(row)
@@ -145,7 +152,14 @@ def analyse(raw: dict[str, Any], quick: bool) -> dict[str, Any]:
         c_plain = plain[0]["first_s"] - plain[0]["median_s"]
         c_ours = max(r["first_s"] - r["median_s"] for r in ours)
         passes = max(r["pass_seconds"] for r in ours)
-        a["compile"].append(dict(model=model, plain=c_plain, ours=c_ours, passes=passes,
+        nan = float("nan")
+        cpu_plain = plain[0].get("first_cpu_s", nan) - plain[0].get("cpu_s", nan)
+        cpu_ours = max(r.get("first_cpu_s", nan) - r.get("cpu_s", nan) for r in ours)
+        # Pass times are wall clock; scale them by the rank's CPU/wall ratio during its compile.
+        # Pass times are wall clock; scale them by the share of a core the rank got in its steady calls.
+        passes_cpu = passes * min(1.0, max(r.get("cpu_s", nan) / r["median_s"] for r in ours))
+        a["compile"].append(dict(model=model, plain=c_plain, ours=c_ours, passes=passes, cpu_plain=cpu_plain,
+                                 cpu_ours=cpu_ours, passes_cpu=passes_cpu, pass_pct_cpu=100 * _div(passes_cpu, cpu_plain),
                                  pass_pct=100 * passes / c_plain, overhead_pct=100 * (c_ours - c_plain) / c_plain,
                                  detail=ours[0].get("pass_detail", {})))
     # yunchang / attention layer
@@ -175,9 +189,11 @@ def _targets(a: dict[str, Any], quick: bool) -> list[tuple[str, str, str]]:
                     f"Flux, Ulysses 2, eager: xdit {ours['t']:.3f} s vs diffusers {cp['t']:.3f} s per forward "
                     f"({cp['t'] / ours['t']:.2f}x)"))
     for c in a["compile"]:
+        cpu = "" if math.isnan(c["pass_pct_cpu"]) else (
+            f"; in CPU time ~{c['passes_cpu']:.2f} s = {c['pass_pct_cpu']:.1f}% of {c['cpu_plain']:.1f} s")
         out.append((TARGETS["compile"] + f" [{c['model']}]", "met" if c["pass_pct"] < 10 else "NOT met",
-                    f"passes {c['passes']:.2f} s = {c['pass_pct']:.1f}% of plain inductor's {c['plain']:.1f} s; "
-                    f"whole xdit compile {c['ours']:.1f} s ({c['overhead_pct']:+.0f}%)"))
+                    f"passes {c['passes']:.2f} s = {c['pass_pct']:.1f}% of plain inductor's {c['plain']:.1f} s (wall)"
+                    f"{cpu}; whole xdit compile {c['ours']:.1f} s wall ({c['overhead_pct']:+.0f}%)"))
     return out
 
 
@@ -212,8 +228,23 @@ def _plots(a: dict[str, Any], out: Path) -> list[str]:
         "measured / analytical minimum (bytes handed)", "Communication per rank per forward", 1.10)
     speed = a["speed"] + a["peers"]
     speed = [r for r in speed if r["method"] != "1 rank"]
-    bar("speedup.png", speed, lambda r: f"{r['model']} {r['method']}\n{r['inner']}, {r['world']} proc",
-        lambda r: r["speedup"], "speedup over 1 process x 1 thread", "Speedup (CPU ranks, gloo)", 1.7)
+    if speed:
+        fig, ax = plt.subplots(figsize=(max(6, 0.8 * len(speed) + 2), 4))
+        xs = list(range(len(speed)))
+        ax.bar([x - 0.2 for x in xs], [r["speedup"] for r in speed], 0.4, label="wall-clock speedup (median)")
+        ax.bar([x + 0.2 for x in xs], [r.get("cpu_speedup", float("nan")) for r in speed], 0.4,
+               label="work split (1-rank CPU s / per-rank CPU s)")
+        ax.set_xticks(xs)
+        ax.set_xticklabels([f"{r['model']} {r['method']}\n{r['inner']}, {r['world']} proc" for r in speed],
+                           rotation=40, ha="right", fontsize=8)
+        ax.axhline(1.7, color="tab:red", ls="--", lw=1)
+        ax.set_ylabel("over 1 process x 1 thread")
+        ax.set_title(f"Speedup (CPU ranks, gloo; shared machine, see RESULTS.md)\n{a['device']}", fontsize=9)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "speedup.png", dpi=110)
+        plt.close(fig)
+        files.append("speedup.png")
     bar("memory.png", [r for r in a["memory"] if r["method"] != "1 rank"],
         lambda r: f"{r['model']} {r['method']}\n{r['inner']}, {r['world']} proc", lambda r: r["fwd"] / max(r["fwd1"], 1e-9),
         "forward peak per rank / 1 rank", "Forward memory per rank (peak above resident)", 1.0)
@@ -237,7 +268,7 @@ def _plots(a: dict[str, Any], out: Path) -> list[str]:
 
 # ---------------------------------------------------------------------------------- markdown
 def write(raw: dict[str, Any], out: Path, quick: bool) -> str:
-    a = analyse(raw, quick)
+    a = analyse(copy.deepcopy(raw), quick)  # analyse pools baseline runs in place; keep raw as measured
     plots = _plots(a, out)
     targets = _targets(a, quick)
     L: list[str] = []
@@ -250,7 +281,13 @@ def write(raw: dict[str, Any], out: Path, quick: bool) -> str:
              f"{_cpus()} CPU cores.")
     L.append(f"Load average before/after the run: {_load(raw['load_before'])} / {_load(raw['load_after'])}. "
              "This machine is shared: other processes may have been running during the measurements, "
-             "so absolute times and speedups are noisy; communication bytes are exact.")
+             "so absolute times and speedups are noisy; communication bytes are exact."
+             + ("" if not raw.get("capacity") else " Capacity probe (2 single-thread processes multiplying matrices "
+                "for 2 s; CPU seconds they obtained / wall seconds): " + ", ".join(f"{w} {c:.2f} cores"
+                                                                                  for w, c in raw["capacity"]) + "."))
+    if raw.get("remeasured"):
+        L.append("Re-measured later with `--merge` (replacing those process sets' rows; each set still has its own "
+                 "1-rank baseline, measured in the same processes): " + "; ".join(f"`{x}`" for x in raw["remeasured"]) + ".")
     L.append("")
     L.append("Models (random weights from diffusers configs):")
     for name, s in a["shapes"].items():
@@ -332,18 +369,21 @@ def write(raw: dict[str, Any], out: Path, quick: bool) -> str:
              "(default: flux; each cold compile takes ~1 min on this machine, PixArt's first inductor run more).")
     L.append("")
     L.append("")
-    L.append("*CPU s* is the median CPU time one rank spends per forward (`time.process_time`, the busiest rank): "
+    L.append("*CPU s* is the median CPU time one rank spends per forward (`os.times`, the busiest rank): "
              "unlike wall time it barely moves when other processes share the cores, so *work split* = 1-rank CPU s / "
              "N-rank CPU s shows how evenly the plan divides the work (including the time spent inside collectives). "
+             "*cores used* = the ranks' CPU seconds added up / wall seconds: how much of the machine the "
+             "configuration actually got (2.00 would be both cores; when other processes hold a core, N processes "
+             "share what is left and the wall-clock speedup cannot exceed it). "
              "*load* is the highest 1-minute load average seen when the configuration or its baseline ran. "
              "*best-of speedup* compares the fastest calls instead of the medians.")
     L.append("")
     rows = [[r["model"], r["method"], r["inner"], r["world"], _f(r["t"], 3), _f(r["t1"], 3),
              f"**{_f(r['speedup'])}x**", f"{_f(100 * r['eff'], 0)}%", _f(r["best"]) + "x", _f(r["cpu"], 3),
-             _f(r["cpu_speedup"]) + "x", _f(r["load"], 1), _f(r["err"], 6)]
+             _f(r["cpu_speedup"]) + "x", _f(r["cores"]), _f(r["load"], 1), _f(r["err"], 6)]
             for r in sorted(a["speed"], key=lambda r: (r["model"], r["inner"], r["world"]))]
     L.append(_table(["model", "method", "inner", "processes", "s / forward", "1 rank s", "speedup", "efficiency",
-                     "best-of speedup", "CPU s / rank", "work split", "load", "max rel err"], rows))
+                     "best-of speedup", "CPU s / rank", "work split", "cores used", "load", "max rel err"], rows))
     L.append("")
     # 3
     L.append("## 3. Peers, same machine, same models, same run")
@@ -374,9 +414,17 @@ def write(raw: dict[str, Any], out: Path, quick: bool) -> str:
              "slower rank. Passes: the sum of `PlanReport.pass_seconds` (plan, lower, refresh, ...), largest rank.")
     L.append("")
     rows = [[c["model"], _f(c["plain"], 1), _f(c["ours"], 1), _f(c["passes"], 2), f"**{_f(c['pass_pct'], 1)}%**",
-             f"{c['overhead_pct']:+.0f}%", ", ".join(f"{k} {v:.2f}" for k, v in c["detail"].items())] for c in a["compile"]]
+             f"{c['overhead_pct']:+.0f}%", _f(c["cpu_plain"], 1), _f(c["cpu_ours"], 1), _f(c["passes_cpu"], 2),
+             f"**{_f(c['pass_pct_cpu'], 1)}%**", ", ".join(f"{k} {v:.2f}" for k, v in c["detail"].items())]
+            for c in a["compile"]]
     L.append(_table(["model", "plain inductor s", "xdit s (per rank)", "passes s", "passes / plain", "xdit vs plain",
-                     "pass detail (s, rank 0)"], rows))
+                     "plain CPU s", "xdit CPU s", "passes CPU s (est.)", "passes CPU / plain CPU",
+                     "pass detail (wall s, rank 0)"], rows))
+    L.append("")
+    L.append("Wall seconds suffer from the sharing described in section 2 (two compiling ranks got about one core "
+             "between them); the CPU columns are CPU seconds of the compiling call minus a steady call (`os.times`, "
+             "including the C++ compiler processes inductor runs), and the passes' CPU seconds are estimated as their "
+             "wall seconds x the share of a core the rank got in its steady calls (CPU s / wall s).")
     L.append("")
     # 5
     L.append("## 5. Memory per rank")
@@ -434,6 +482,9 @@ def _peers_text(raw: dict[str, Any], a: dict[str, Any]) -> str:
     if "versions" in peers:
         lines.append("Peers ran in `benchmarks/.venv-peers` (" + ", ".join(f"{k} {v}" for k, v in peers["versions"].items())
                      + "), through the same harness and timing loop, on 2 processes.")
+        if peers.get("measured_separately"):
+            lines.append(f"(para-attn and yunchang were measured on {peers['measured_separately']}, after the rest of "
+                         "the run, with `--peers-only`: their venv had been removed from disk during the run.)")
     elif "absent" in peers:
         lines.append(f"para-attn and yunchang: skipped: {peers['absent']}.")
     elif "failed" in peers:

@@ -140,6 +140,18 @@ def run_peers(specs: list[dict[str, Any]], timeout: float) -> dict[str, Any]:
     return data
 
 
+def capacity_probe(processes: int = 2, seconds: float = 2.0) -> float:
+    """How many cores ``processes`` busy single-thread processes actually get right now (CPU seconds
+    obtained / wall seconds): 2.0 on an idle 2-core machine, less when other work shares it."""
+    from multiprocessing import get_context
+
+    from benchmarks.jobs import busy_job
+
+    with get_context("spawn").Pool(processes) as pool:
+        cpu = pool.map(busy_job, [seconds] * processes)
+    return sum(cpu) / seconds
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny shapes, 2 ranks, a couple of methods (< 60 s)")
@@ -151,6 +163,14 @@ def main(argv: list[str] | None = None) -> int:
                              "section), comma-separated; e.g. pixart,flux (pixart adds ~5 min on 2 cores)")
     parser.add_argument("--no-peers", action="store_true", help="skip the peers (separate venv)")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per set of processes")
+    parser.add_argument("--report-only", metavar="RESULTS_PT",
+                        help="rewrite RESULTS.md and the plots from a saved results.pt without measuring")
+    parser.add_argument("--peers-only", metavar="RESULTS_PT",
+                        help="measure only the peers' venv part and merge it into a saved results.pt")
+    parser.add_argument("--groups", help="measure only the process sets whose name contains one of these "
+                                         "';'-separated strings (e.g. 'flux, 2;pixart, 4'); with --merge, the others are "
+                                         "kept from the saved results")
+    parser.add_argument("--merge", metavar="RESULTS_PT", help="start from a saved results.pt and replace what is measured")
     args = parser.parse_args(argv)
     # SIGTERM unwinds like Ctrl-C, so run_spmd's cleanup kills the rank processes it started.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -160,9 +180,31 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.report_only or args.peers_only:
+        import torch
+
+        raw = torch.load(args.report_only or args.peers_only, weights_only=False)
+        if args.peers_only:
+            args.quick = raw["quick"]
+            t = time.perf_counter()
+            raw["peers"] = run_peers(peer_specs(args), args.timeout)
+            raw["peers"]["measured_separately"] = time.strftime("%Y-%m-%d %H:%M:%S")
+            raw["wall_s"] += time.perf_counter() - t
+        print(report.write(raw, out, quick=raw["quick"]))
+        return 0
     raw: dict[str, Any] = {"quick": args.quick, "groups": {}, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
                            "load_before": os.getloadavg()}
+    if args.merge:
+        import torch
+
+        raw = torch.load(args.merge, weights_only=False)
+        raw.setdefault("remeasured", []).append(time.strftime("%Y-%m-%d %H:%M:%S") + f": {args.groups}")
+    wanted = [g.strip() for g in args.groups.split(";")] if args.groups else None
+    raw.setdefault("capacity", []).append(("before", capacity_probe()))
+    print(f"[bench] 2 busy processes get {raw['capacity'][-1][1]:.2f} cores right now", flush=True)
     for name, (world, specs) in plan_specs(args).items():
+        if wanted is not None and not any(w and w in name for w in wanted):
+            continue
         t = time.perf_counter()
         print(f"[bench] {name}: {len(specs)} configurations on {world} processes ...", flush=True)
         try:
@@ -173,14 +215,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[bench]   FAILED: {msg[:500]}", flush=True)
         print(f"[bench]   done in {time.perf_counter() - t:.0f} s", flush=True)
     if args.no_peers:
-        raw["peers"] = {"absent": "skipped (--no-peers)"}
+        if not args.merge:
+            raw["peers"] = {"absent": "skipped (--no-peers)"}
     else:
         t = time.perf_counter()
         print("[bench] peers (separate venv) ...", flush=True)
         raw["peers"] = run_peers(peer_specs(args), args.timeout)
         print(f"[bench]   done in {time.perf_counter() - t:.0f} s", flush=True)
+    raw["capacity"].append(("after", capacity_probe()))
+    print(f"[bench] 2 busy processes get {raw['capacity'][-1][1]:.2f} cores right now", flush=True)
     raw["load_after"] = os.getloadavg()
-    raw["wall_s"] = time.perf_counter() - start
+    raw["wall_s"] = raw.get("wall_s", 0.0) + time.perf_counter() - start if args.merge else time.perf_counter() - start
     summary = report.write(raw, out, quick=args.quick)
     print(summary)
     print(f"[bench] wrote {out / 'RESULTS.md'} in {raw['wall_s']:.0f} s")
