@@ -21,8 +21,6 @@ the global mean and variance (``E[x^2] - E[x]^2`` over all elements of the group
 
 from __future__ import annotations
 
-from typing import Callable, TypeVar
-
 import torch
 import torch.distributed._functional_collectives as funcol
 
@@ -30,21 +28,12 @@ from xdit_compile.errors import CollectiveError
 
 from . import collectives
 from .collectives import Group, group_rank, group_size
-
-F = TypeVar("F", bound=Callable)
+from .redistribute import xdit_op
 
 __all__ = ["group_norm", "halo_exchange"]
 
 
-def _op(name: str) -> Callable[[F], F]:
-    def mark(fn: F) -> F:
-        fn._xdit_op = name  # type: ignore[attr-defined]
-        return fn
-
-    return mark
-
-
-@_op("xdit_halo")
+@xdit_op("xdit_halo")
 def halo_exchange(x: torch.Tensor, dim: int, before: int, after: int, group: Group) -> torch.Tensor:
     """``x`` with ``before`` rows of the previous rank and ``after`` rows of the next one.
 
@@ -112,7 +101,7 @@ def halo_exchange(x: torch.Tensor, dim: int, before: int, after: int, group: Gro
     return torch.cat(parts, dim=dim)
 
 
-@_op("xdit_group_norm")
+@xdit_op("xdit_group_norm")
 def group_norm(
     x: torch.Tensor,
     num_groups: int,

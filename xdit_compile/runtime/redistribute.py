@@ -20,7 +20,9 @@ F = TypeVar("F", bound=Callable)
 _MAX_NARROWS = 64
 
 
-def _op(name: str) -> Callable[[F], F]:
+def xdit_op(name: str) -> Callable[[F], F]:
+    """Name a runtime function for the passes (``graph.op_name``), which meet it in graphs."""
+
     def mark(fn: F) -> F:
         fn._xdit_op = name  # type: ignore[attr-defined]
         return fn
@@ -28,7 +30,7 @@ def _op(name: str) -> Callable[[F], F]:
     return mark
 
 
-@_op("xdit_slice")
+@xdit_op("xdit_slice")
 def shard_slice(x: torch.Tensor, dim: int, ranges: Sequence[tuple[int, int]]) -> torch.Tensor:
     """This rank's shard of a replicated ``x``: the global ``(start, length)`` ranges, in order."""
     parts = [x.narrow(dim, start, length) for start, length in ranges]
@@ -37,7 +39,7 @@ def shard_slice(x: torch.Tensor, dim: int, ranges: Sequence[tuple[int, int]]) ->
     return torch.cat(parts, dim=dim)
 
 
-@_op("xdit_gather")
+@xdit_op("xdit_gather")
 def gather(
     x: torch.Tensor,
     dim: int,
@@ -63,13 +65,13 @@ def gather(
     return full.index_select(dim, torch.tensor(index, device=x.device))
 
 
-@_op("xdit_all_reduce")
+@xdit_op("xdit_all_reduce")
 def all_reduce(x: torch.Tensor, group: str) -> torch.Tensor:
     """Sum of every rank's ``x`` (turns a ``Partial`` tensor into a replicated one)."""
     return collectives.all_reduce(x, group)
 
 
-@_op("xdit_align_mask")
+@xdit_op("xdit_align_mask")
 def align_mask(mask: torch.Tensor, q_index: Sequence[int] | None, k_index: Sequence[int] | None) -> torch.Tensor:
     """Rows and columns of a replicated attention mask in the order the queries/keys arrive."""
     if q_index is not None and mask.dim() >= 2 and mask.size(-2) > 1:
