@@ -35,7 +35,7 @@ from .passes.recognise import recognise
 from .passes.refresh_meta import refresh_meta
 from .placements import REPLICATE, Shard
 from .plan import ParallelPlan
-from .report import AxisReport, PlanReport, publish
+from .report import AxisReport, PlanReport, publish, reports
 
 log = logging.getLogger("xdit_compile")
 
@@ -190,7 +190,7 @@ def xdit_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: dic
     world, rank = dist.get_world_size(), dist.get_rank()
     batch, heads = graph_facts(gm)
     plan = plan.resolve(world, batch, heads)
-    graph_name = f"graph {len(__import__('xdit_compile.report', fromlist=['x']).reports())}"
+    graph_name = f"graph {len(reports())}"
     report = PlanReport(graph_name, plan.describe(), rank, world, len(gm.graph.nodes))
     if world == 1:
         publish(report)

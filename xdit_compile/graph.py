@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import operator
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -91,19 +91,6 @@ def input_label(node: fx.Node) -> str:
         source = source()
     return str(source) if source else node.name
 
-
-def flat_nodes(args: Any) -> Iterator[fx.Node]:
-    """Every fx.Node inside nested args/kwargs, in order."""
-    if isinstance(args, fx.Node):
-        yield args
-    elif isinstance(args, (list, tuple)):
-        for a in args:
-            yield from flat_nodes(a)
-    elif isinstance(args, dict):
-        for a in args.values():
-            yield from flat_nodes(a)
-    elif isinstance(args, slice):
-        yield from flat_nodes((args.start, args.stop, args.step))
 
 
 def arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:

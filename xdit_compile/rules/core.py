@@ -15,7 +15,7 @@ from typing import Any, Callable
 import torch.fx as fx
 
 from ..graph import arg, is_tensor, shape, value
-from ..placements import REPLICATE, Partial, Placement, Replicate, Shard, pieces
+from ..placements import REPLICATE, Placement, Replicate, Shard, pieces
 
 # A local rewrite: called by the lowering with (graph, node, LocalContext); it edits the node
 # in place (new args) or returns a replacement node.
@@ -95,9 +95,6 @@ def on_first_shard(fn: ShardRule) -> Callable[[OpView], "Decision | None"]:
     return rule
 
 
-def all_replicated(op: OpView) -> bool:
-    return all(isinstance(op.pl(x), Replicate) for x in op.tensor_inputs())
-
 
 def replicate_all(op: OpView, note: str | None = None) -> Decision:
     """Run the op on full tensors: every input gathered (or all-reduced) to ``R``."""
@@ -111,9 +108,6 @@ def _replicated_like(v: Any) -> Any:
         return tuple(_replicated_like(x) for x in v)
     return REPLICATE if hasattr(v, "shape") else None
 
-
-def same_shards(a: Shard, b: Shard) -> bool:
-    return a.segments == b.segments and a.inner == b.inner
 
 
 def regroup(p: Shard, inner: int, n: int) -> Shard | None:
@@ -132,12 +126,6 @@ def regroup(p: Shard, inner: int, n: int) -> Shard | None:
         segs.append(total // inner)
     return Shard(p.dim, tuple(segs), inner)
 
-
-def slice_to(length: int, template: Shard, dim: int, n: int) -> Shard | None:
-    """Placement that slices a replicated dim of ``length`` like ``template`` (or None)."""
-    if length != template.length:
-        return None
-    return template.with_dim(dim)
 
 
 def split_segments(p: Shard, bounds: list[int]) -> list[Shard] | None:
@@ -171,13 +159,6 @@ def local_range(p: Shard, n: int, rank: int, lo: int, hi: int) -> tuple[int, int
     return start, stop
 
 
-def is_partial(p: Any) -> bool:
-    return isinstance(p, Partial)
-
-
-def broadcast_dim(in_shape: tuple[int, ...], out_ndim: int, in_dim: int) -> int:
-    """Output dim that input dim ``in_dim`` maps to under right-aligned broadcasting."""
-    return in_dim + (out_ndim - len(in_shape))
 
 
 def align_to(op: OpView, inputs: list[fx.Node], target: Shard, out_ndim: int) -> dict[fx.Node, Placement] | None:
