@@ -16,6 +16,8 @@ from typing import Iterator, NamedTuple, Sequence
 import torch
 import torch.distributed as dist
 
+from ..runtime.collectives import log_into
+
 Meta = tuple[tuple[int, ...], torch.dtype]
 
 
@@ -31,12 +33,8 @@ _LOGS: list[list[P2PRecord]] = []
 @contextlib.contextmanager
 def record_p2p() -> Iterator[list[P2PRecord]]:
     """Log every pipeline transfer this process takes part in while the block runs."""
-    log: list[P2PRecord] = []
-    _LOGS.append(log)
-    try:
+    with log_into(_LOGS) as log:
         yield log
-    finally:
-        _LOGS.remove(log)
 
 
 def _record(kind: str, peer: int, nbytes: int) -> None:

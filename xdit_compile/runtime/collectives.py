@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator, Sequence
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -38,6 +38,7 @@ __all__ = [
 ]
 
 Group = str | dist.ProcessGroup
+T = TypeVar("T")
 
 
 # --------------------------------------------------------------------------------------------
@@ -95,12 +96,19 @@ def record_collectives() -> Iterator[list[CollectiveRecord]]:
     once at trace time, and recording is switched off there so tracing stays side-effect free.
     Nested recorders each receive every record.
     """
-    log: list[CollectiveRecord] = []
-    _ACTIVE_LOGS.append(log)
+    with log_into(_ACTIVE_LOGS) as log:
+        yield log
+
+
+@contextlib.contextmanager
+def log_into(active: list[list[T]]) -> Iterator[list[T]]:
+    """A fresh list that ``active`` holds while the block runs (recorders append to all of them)."""
+    log: list[T] = []
+    active.append(log)
     try:
         yield log
     finally:
-        _ACTIVE_LOGS.remove(log)
+        active.remove(log)
 
 
 def _record(kind: str, sent: torch.Tensor, size: int) -> None:
