@@ -18,8 +18,7 @@ from __future__ import annotations
 import pytest
 
 from tests.pipefusion import test_diffusers_pipelines as alone
-from tests.pipefusion.jobs import diffusers_pipeline_job
-from tests.pipefusion.test_pipeline import EXACT, STALE_BOUND
+from tests.pipefusion.jobs import check_image, diffusers_pipeline_job
 from xdit_compile.testing.harness import run_spmd
 
 STEPS = alone.STEPS
@@ -53,13 +52,10 @@ def test_image_matches_single_rank(case: str) -> None:
     _, _, options, _, exact, same_as = CASES[i]
     for per_rank in _results():
         r = per_rank[i]
-        rel = r["err"] / r["scale"]
-        assert r["patches"] == options["num_pipeline_patch"], r["report"]
-        assert r["graphs"] == 1, r["report"]
-        if exact:
-            assert rel < EXACT, (case, r["err"], r["scale"], r["report"])
-        else:
-            assert 0 < rel < STALE_BOUND, (case, r["err"], r["scale"], r["report"])
+        check_image(case, r, exact)
+        assert r["options"] == options and r["graphs"] == 1, r["report"]
+        if not exact:
+            rel = r["err"] / r["scale"]
             ref = alone._results()[0][alone.IDS.index(same_as)]
             assert abs(rel - ref["err"] / ref["scale"]) < 1e-6, (case, rel, ref["err"] / ref["scale"])
 
