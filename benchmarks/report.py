@@ -208,6 +208,12 @@ def _plots(a: dict[str, Any], out: Path) -> list[str]:
         return []
     files = []
 
+    def save(fig: Any, name: str) -> None:
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        files.append(name)
+
     def bar(name: str, rows: list[dict], label, value, ylabel: str, title: str, line: float | None = None) -> None:
         if not rows:
             return
@@ -219,10 +225,7 @@ def _plots(a: dict[str, Any], out: Path) -> list[str]:
             ax.axhline(line, color="tab:red", ls="--", lw=1)
         ax.set_ylabel(ylabel)
         ax.set_title(title + f"\n{a['device']}", fontsize=9)
-        fig.tight_layout()
-        fig.savefig(out / name, dpi=110)
-        plt.close(fig)
-        files.append(name)
+        save(fig, name)
 
     bar("comm_ratio.png", a["comm"], lambda r: f"{r['model']}\n{r['method']}", lambda r: r["handed"] / max(r["min_handed"], 1),
         "measured / analytical minimum (bytes handed)", "Communication per rank per forward", 1.10)
@@ -241,10 +244,7 @@ def _plots(a: dict[str, Any], out: Path) -> list[str]:
         ax.set_ylabel("over 1 process x 1 thread")
         ax.set_title(f"Speedup (CPU ranks, gloo; shared machine, see RESULTS.md)\n{a['device']}", fontsize=9)
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / "speedup.png", dpi=110)
-        plt.close(fig)
-        files.append("speedup.png")
+        save(fig, "speedup.png")
     bar("memory.png", [r for r in a["memory"] if r["method"] != "1 rank"],
         lambda r: f"{r['model']} {r['method']}\n{r['inner']}, {r['world']} proc", lambda r: r["fwd"] / max(r["fwd1"], 1e-9),
         "forward peak per rank / 1 rank", "Forward memory per rank (peak above resident)", 1.0)
@@ -259,10 +259,7 @@ def _plots(a: dict[str, Any], out: Path) -> list[str]:
         ax.set_ylabel("seconds (cold)")
         ax.set_title(f"Compile time\n{a['device']}", fontsize=9)
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / "compile_time.png", dpi=110)
-        plt.close(fig)
-        files.append("compile_time.png")
+        save(fig, "compile_time.png")
     return files
 
 
