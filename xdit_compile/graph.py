@@ -80,6 +80,8 @@ def is_user_input(node: fx.Node) -> bool:
         source = source()
     if not source:
         return not node.name.startswith(("L_self", "l_self"))
+    if "_buffers" in source or "_parameters" in source:  # a module's state reached through a closure or argument
+        return False
     return source.startswith("L[") and not source.startswith("L['self']")
 
 

@@ -88,6 +88,19 @@ def pieces(p: Shard, n: int, rank: int) -> tuple[tuple[int, int], ...]:
     return tuple(out)
 
 
+def same_layout(a: Placement, b: Placement, n: int) -> bool:
+    """Whether two placements put the same global ranges on every one of ``n`` ranks.
+
+    ``Shard(2, (8,), inner=2)`` (rows merged from 8 pairs) and ``Shard(2, (16,))`` hold the same
+    rows on 2 ranks, so values in the two layouts line up without moving anything.
+    """
+    if a == b:
+        return True
+    if not (isinstance(a, Shard) and isinstance(b, Shard)) or a.dim != b.dim:
+        return False
+    return all(pieces(a, n, r) == pieces(b, n, r) for r in range(n))
+
+
 def local_length(p: Shard, n: int, rank: int) -> int:
     """Length of the sharded dimension on ``rank``."""
     return sum(length for _, length in pieces(p, n, rank))

@@ -8,13 +8,18 @@ Per call (one transformer forward), on the stage ``s`` of ``P``::
 
 Receives are posted before any compute and sends are asynchronous, so stage ``s`` works on
 patch ``i + 1`` while patch ``i`` travels to stage ``s + 1``. The pipeline fills and drains
-within each call (a bubble of ``(P - 1) / (M + P - 1)`` of a step's time).
+within each call (a bubble of ``(P - 1) / (M + P - 1)`` of a step's time); ``stream.run_steps``
+keeps it full across steps where the caller hands over the whole loop. Every call's wall
+time and the time spent inside this rank's stage programs are kept in ``timings``: the rest
+is the bubble (waiting for a neighbour, transfers, the output broadcast).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
+
+import time
 
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
@@ -39,6 +44,26 @@ class Topology:
     next: int | None
     last: int  # global rank of the last stage of this pipeline
     group: Any  # the pp process group
+    ranks: tuple[int, ...] = ()  # global rank of every stage of this pipeline
+
+
+@dataclass(frozen=True)
+class Timing:
+    """One driver run: wall seconds, and seconds spent inside this rank's stage programs."""
+
+    kind: str  # "full", "patches" or "stream"
+    steps: int
+    wall: float
+    compute: float
+
+    @property
+    def bubble(self) -> float:
+        """Share of the wall time this rank was not computing (waiting, transfers, broadcast)."""
+        return 1.0 - self.compute / self.wall if self.wall > 0 else 0.0
+
+
+# While ``stream.capture()`` is active, drivers record their flat arguments instead of running.
+CAPTURE: list[list[tuple["PipelineDriver", tuple[Any, ...], list[Any]]]] = []
 
 
 class PipelineDriver:
@@ -52,6 +77,8 @@ class PipelineDriver:
         self.state = StepState(warmup_steps)
         self.store = KVStore()
         self.calls: list[tuple[int, int, bool]] = []  # (step, stream, full) of each call, for tests
+        self.timings: list[Timing] = []
+        self.layout: Any = None  # stream.PatchLayout, set by the backend when there are patches
 
     def step_key(self, args: Sequence[Any]) -> tuple | None:
         if not self.key_inputs:
@@ -59,6 +86,8 @@ class PipelineDriver:
         return tuple(float(x) for i in self.key_inputs for x in args[i].detach().reshape(-1).tolist())
 
     def __call__(self, *args: Any) -> Any:
+        if CAPTURE:
+            return self._capture(args)
         step, stream, full = self.state.on_call(self.step_key(args))
         full = full or not self.patches
         self.calls.append((step, stream, full))
@@ -67,13 +96,23 @@ class PipelineDriver:
         self.state.done(stream, full)
         return outs
 
+    def _capture(self, args: tuple[Any, ...]) -> Any:
+        """Record the call's flat arguments; return zeros shaped like the output (nothing runs)."""
+        out = [torch.zeros(leaf.shape, dtype=leaf.dtype) if isinstance(leaf, OutTensor) else leaf
+               for leaf in self.out_leaves]
+        CAPTURE[-1].append((self, args, out))
+        return tree_unflatten(out, self.out_spec)
+
     def _run(self, programs: list[StageProgram], args: Sequence[Any], assembly: Assembly | None) -> Any:
         t = self.topo
+        start, compute = time.perf_counter(), 0.0
         recvs = [p2p.irecv(p.graph.recv, t.prev, tag=i) for i, p in enumerate(programs)] if t.prev is not None else []
         sends, results = [], []
         for i, p in enumerate(programs):
             vals = [args[j] for j in p.graph.inputs] + (recvs[i].wait() if recvs else [])
+            begin = time.perf_counter()
             out = p.fn(*vals)
+            compute += time.perf_counter() - begin
             if t.next is not None:
                 sends.append(p2p.isend(list(out), t.next, tag=i))
             else:
@@ -88,6 +127,8 @@ class PipelineDriver:
         metas = [(leaf.shape, leaf.dtype) for leaf in self.out_leaves if isinstance(leaf, OutTensor)]
         tensors = iter(p2p.broadcast(final, metas, t.last, t.group))
         out = [next(tensors) if isinstance(leaf, OutTensor) else leaf for leaf in self.out_leaves]
+        kind = "patches" if programs is self.patches else "full"
+        self.timings.append(Timing(kind, 1, time.perf_counter() - start, compute))
         return tree_unflatten(out, self.out_spec)
 
 

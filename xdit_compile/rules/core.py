@@ -15,7 +15,7 @@ from typing import Any, Callable
 import torch.fx as fx
 
 from ..graph import arg, is_tensor, shape, value
-from ..placements import REPLICATE, Placement, Replicate, Shard, pieces
+from ..placements import REPLICATE, Placement, Replicate, Shard, pieces, same_layout
 
 # A local rewrite: called by the lowering with (graph, node, LocalContext); it edits the node
 # in place (new args) or returns a replacement node.
@@ -179,6 +179,6 @@ def align_to(op: OpView, inputs: list[fx.Node], target: Shard, out_ndim: int) ->
         want = target.with_dim(d)
         if s[d] != target.length:
             return None
-        if p != want:
+        if not same_layout(p, want, op.n):
             needs[x] = want
     return needs
