@@ -2,8 +2,8 @@
 
 Axis order dp -> cfg -> pp -> ring -> ulysses (``xdit_compile/plan.py``):
 
-* cfg 2 x pp 2: the batch axis is lowered first, so each CFG half (ranks {0, 1} and {2, 3})
-  runs its own pipeline over its half of the batch.
+* cfg 2 x pp 2 (and dp 2 x pp 2, the same batch axis): the batch axis is lowered first, so each
+  CFG half (ranks {0, 1} and {2, 3}) runs its own pipeline over its half of the batch.
 * pp 2 x ulysses 2: Ulysses runs inside each stage (ranks {0, 1} stage 0, {2, 3} stage 1); the
   K/V buffers hold each rank's head slice of the whole sequence, after the all-to-all.
 
@@ -29,6 +29,7 @@ ULYSSES = {"ulysses_degree": 2}
 CASES = [
     ("cfg_pixart_m1", "pixart", {**alone._pf(1, 1), **CFG}, False, True, None),
     ("cfg_sd3_m2_w1", "sd3", {**alone._pf(2, 1), **CFG}, False, False, "sd3_m2_w1"),
+    ("dp_pixart_m1", "pixart", {**alone._pf(1, 1), "data_parallel_degree": 2}, False, True, None),
     ("ulysses_pixart_m1", "pixart", {**alone._pf(1, 1), **ULYSSES}, False, True, None),
     ("ulysses_sd3_m1", "sd3", {**alone._pf(1, 1), **ULYSSES}, False, True, None),
     ("ulysses_flux_truecfg_m1", "flux", {**alone._pf(1, 1), **ULYSSES}, True, True, None),
@@ -60,13 +61,14 @@ def test_image_matches_single_rank(case: str) -> None:
             assert abs(rel - ref["err"] / ref["scale"]) < 1e-6, (case, rel, ref["err"] / ref["scale"])
 
 
-@pytest.mark.parametrize("case", [c for c in IDS if c.startswith("cfg")])
-def test_cfg_halves_pipeline_separately(case: str) -> None:
+@pytest.mark.parametrize("case", [c for c in IDS if c.startswith(("cfg", "dp"))])
+def test_batch_halves_pipeline_separately(case: str) -> None:
     i = IDS.index(case)
     results = _results()
+    axis = "cfg" if case.startswith("cfg") else "dp"
     for rank, per_rank in enumerate(results):
         r = per_rank[i]
-        assert r["plan"] == "cfg=2 x pp=2" and ("batch", "S(0)") in r["seeds"], (r["plan"], r["seeds"])
+        assert r["plan"] == f"{axis}=2 x pp=2" and ("batch", "S(0)") in r["seeds"], (r["plan"], r["seeds"])
         assert r["stage"] == rank % 2  # rank = cfg * 2 + pp
         peer = rank + 1 if rank % 2 == 0 else rank - 1
         kinds = {(kind, p) for kind, p, _ in r["p2p"]}

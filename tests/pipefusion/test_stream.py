@@ -19,6 +19,7 @@ from xdit_compile.testing.harness import run_spmd
 
 STEPS = 4
 CASES = [("pixart", 2), ("sd3", 4), ("flux", 2)]
+HYBRID = [("pixart", 2, {"ulysses_degree": 2}), ("sd3", 2, {"use_cfg_parallel": True})]  # 4 ranks
 
 
 def _step_fn(model: torch.nn.Module, inputs: dict[str, Any], graph_break: bool = False) -> Callable[..., torch.Tensor]:
@@ -37,13 +38,13 @@ def _steps(name: str, inputs: dict[str, Any]) -> list[tuple[torch.Tensor, torch.
     return [(_timestep(name, inputs, s)["timestep"], torch.tensor(s_next - s)) for s, s_next in zip(sigmas, sigmas[1:])]
 
 
-def stream_job(cases: list[tuple[str, int]]) -> list[dict[str, Any]]:
+def stream_job(cases: list[tuple[str, int, dict[str, Any]]], refuse: bool = True) -> list[dict[str, Any]]:
     """Per case: the eager loop, the plain compiled loop and ``run_steps``; errors and timings."""
     from xdit_compile import pipefusion
     from xdit_compile.errors import PlanError
 
     out = []
-    for name, m in cases:
+    for name, m, extra in cases:
         torch._dynamo.reset()
         pipefusion.reset()
         pipefusion.clear_reports()
@@ -54,7 +55,8 @@ def stream_job(cases: list[tuple[str, int]]) -> list[dict[str, Any]]:
             ref = x0
             for args in steps:
                 ref = _step_fn(model, inputs)(ref, *args)
-            options = {"inner": "eager", "pipefusion_parallel_degree": 2, "num_pipeline_patch": m, "warmup_steps": 1}
+            options = {"inner": "eager", "pipefusion_parallel_degree": 2, "num_pipeline_patch": m, "warmup_steps": 1,
+                       **extra}
             step = torch.compile(_step_fn(model, inputs), backend="xdit", dynamic=False, options=options)
             plain = x0
             for args in steps:
@@ -70,6 +72,8 @@ def stream_job(cases: list[tuple[str, int]]) -> list[dict[str, Any]]:
             "calls": list(rep.driver.calls), "timings": [tuple(vars(t).values()) for t in rep.driver.timings],
             "p2p": [tuple(r) for r in log], "report": str(rep),
         })
+    if not refuse:
+        return out
     torch._dynamo.reset()
     model, inputs = _build("pixart")
     broken = torch.compile(_step_fn(model, inputs, graph_break=True), backend="xdit", dynamic=False,
@@ -84,13 +88,14 @@ def stream_job(cases: list[tuple[str, int]]) -> list[dict[str, Any]]:
     return out
 
 
-_cache: list = []
+_cache: dict[int, list] = {}
 
 
-def _results() -> list[list[dict[str, Any]]]:
-    if not _cache:
-        _cache.append(run_spmd(stream_job, 2, CASES, timeout=900))
-    return _cache[0]
+def _results(world: int = 2) -> list[list[dict[str, Any]]]:
+    if world not in _cache:
+        cases = [(n, m, {}) for n, m in CASES] if world == 2 else HYBRID
+        _cache[world] = run_spmd(stream_job, world, cases, world == 2, timeout=900)
+    return _cache[world]
 
 
 @pytest.mark.parametrize("case", [f"{n}_m{m}" for n, m in CASES])
@@ -116,3 +121,15 @@ def test_streamed_equals_plain_loop(case: str) -> None:
 def test_graph_break_is_refused() -> None:
     for per_rank in _results():
         assert "one graph" in per_rank[-1]["refused"] or "unchanged" in per_rank[-1]["refused"], per_rank[-1]
+
+
+@pytest.mark.parametrize("case", [f"{n}_{next(iter(o))}" for n, _, o in HYBRID])
+def test_streamed_hybrid_equals_plain_loop(case: str) -> None:
+    """PipeFusion 2 x Ulysses 2 and CFG 2 x PipeFusion 2 on 4 ranks: still the plain loop's result."""
+    i = [f"{n}_{next(iter(o))}" for n, _, o in HYBRID].index(case)
+    for per_rank in _results(4):
+        r = per_rank[i]
+        assert r["patches"] == r["m"], r["report"]
+        assert r["plain_vs_stream"] == 0.0, (case, r["plain_vs_stream"])
+        assert 0 < r["err"] < STALE_BOUND, (case, r["err"])
+        assert [t[0] for t in r["timings"]][-2:] == ["full", "stream"], r["timings"]
