@@ -43,3 +43,13 @@ def test_dead_rank_ends_the_job_with_an_error() -> None:
     assert proc.returncode != 0
     assert "rank 1 dies on purpose" in proc.stdout + proc.stderr
     assert time.time() - start < 240, "torchrun took too long to stop the surviving rank"
+
+
+def test_pipefusion_loop_example() -> None:
+    """``examples/pipefusion_loop.py``: run_steps equals the plain loop, within the stale-K/V bound."""
+    proc = subprocess.run(TORCHRUN + ["--nproc-per-node", "2", "--master-port", str(_port()),
+                                      str(ROOT / "examples" / "pipefusion_loop.py"), "--model", "flux", "--steps", "4"],
+                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    assert "run_steps equals the plain loop bit for bit" in out and ": OK" in out, out
