@@ -1,7 +1,7 @@
 """``pipefusion_backend``: the core backend hands a graph here when ``pipefusion_parallel_degree > 1``.
 
     [backend.py: batch axis lowered first] -> cuts (cuts.py) -> balance (policy.py) -> mark stages
-    -> programs (programs.py: full, patches; Ulysses lowered inside them) -> split each into stages
+    -> programs (programs.py: full, patches; ring x Ulysses lowered inside them) -> split each into stages
     (split.py) -> compile this rank's stage -> PipelineDriver (driver.py)
 
 Each rank keeps the parameters and buffers its stage reads and frees the storage of the
@@ -96,10 +96,6 @@ def clear_reports() -> None:
 
 
 def _check_plan(plan: ParallelPlan, gm: fx.GraphModule) -> None:
-    if plan.degree("ring") > 1:
-        raise PlanError(
-            f"pipefusion_parallel_degree={plan.degree('pp')} with ring_degree={plan.degree('ring')} is not supported "
-            "yet: spend those ranks on ulysses_degree (Ulysses runs inside each stage) or use_cfg_parallel")
     for n in gm.graph.nodes:
         if n.op == "placeholder" and (has_symbolic_shape(n) or isinstance(value(n), torch.SymInt)):
             raise PlanError("pipefusion needs static shapes: compile with torch.compile(..., dynamic=False)")
@@ -168,11 +164,19 @@ def _block_weights(gm: fx.GraphModule, cuts: Any, example_inputs: Sequence[Any])
 
 
 def _sp_axis(plan: ParallelPlan, rank: int) -> Axis | None:
-    """The Ulysses axis that runs inside each stage (None without one)."""
+    """The sequence-parallel axis (ring x Ulysses) that runs inside each stage (None without one).
+
+    The sub-groups are named only when both degrees are > 1 (as ``backend._axes`` does); with
+    one of them, the sp group is that group (``programs.sp_groups``).
+    """
     if plan.degree("sp") <= 1:
         return None
-    group = plan_mod.process_groups(plan)["sp"].group_name
-    return Axis("sp", plan.degree("sp"), plan.axis_rank("sp", rank), group, ulysses=plan.degree("ulysses"))
+    groups = plan_mod.process_groups(plan)
+    u, r = plan.degree("ulysses"), plan.degree("ring")
+    sub = {}
+    if u > 1 and r > 1:
+        sub = dict(ulysses_group=groups["ulysses"].group_name, ring_group=groups["ring"].group_name)
+    return Axis("sp", plan.degree("sp"), plan.axis_rank("sp", rank), groups["sp"].group_name, ulysses=u, ring=r, **sub)
 
 
 def pipefusion_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], plan: ParallelPlan,
@@ -181,7 +185,7 @@ def pipefusion_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], plan: 
 
     Axis order (``plan.py``: dp -> cfg -> pp -> ring -> ulysses): the caller has already lowered
     the batch axis (dp x cfg) on ``gm``, so each batch group pipelines its own share of the
-    batch; Ulysses is lowered here, inside every stage program (full and per patch).
+    batch; sp (ring x Ulysses) is lowered here, inside every stage program (full and per patch).
     """
     _check_plan(plan, gm)
     world_rank = dist.get_rank()
@@ -261,8 +265,10 @@ def pipefusion_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], plan: 
     report.axes.append(ar)
     if sp is not None:
         ar_sp = AxisReport("sp", sp.n)
-        ar_sp.attention = [(layer, "self/joint", f"ulysses={sp.n} inside the stage; stale K/V buffer after the "
-                            "all-to-all (whole sequence, head slice)") for layer in sorted(layers)]
+        how = " x ".join(f"{d}={getattr(sp, d)}" for d in ("ring", "ulysses") if getattr(sp, d) > 1)
+        ar_sp.attention = [(layer, "self/joint", f"{how} inside the stage; stale K/V buffer of the whole sequence "
+                            "(head slice after the Ulysses all-to-all; the patch's K/V all-gathered over the ring)")
+                           for layer in sorted(layers)]
         report.axes.append(ar_sp)
     publish(report)
     log.info("%s", pf)

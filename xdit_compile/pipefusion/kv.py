@@ -6,9 +6,21 @@ attention ops the PipeFusion programs call.
 * ``stale_kv_attention`` (patch calls): writes the patch's fresh K/V into the buffer at its
   global token positions and attends over the whole buffer, so the patch sees fresh K/V for
   itself and the patches before it in this step, and the previous step's K/V for the rest.
-* ``fill_kv_ulysses_attention`` / ``stale_kv_ulysses_attention``: the same with Ulysses inside
-  the stage: the all-to-all first, then the buffer holds this rank's head slice of the whole
-  sequence (so every sequence-parallel rank sees every patch), then the all-to-all back.
+
+Both take the sequence-parallel groups of the stage (``None`` when absent), so one op covers
+PipeFusion alone, x Ulysses, x Ring and x USP. With R ring ranks of U Ulysses ranks each
+(sp rank ``ring_rank * U + ulysses_rank``)::
+
+    q, k, v  [B, H, s_r, D]            this rank's tokens (of the patch, or of the sequence)
+    -> Ulysses all-to-all (U > 1)      [B, H/U, sum of this ring rank's U shards, D]
+    -> K/V all-gather over the ring    k, v: every sp rank's tokens, in sp-rank order
+    -> write k, v into the buffer at ``pieces`` (global positions); attend q over
+       the gathered K/V (fill) or over the whole buffer (stale)
+    -> Ulysses all-to-all back         [B, H, s_r, D]
+
+So the buffer always holds the *whole* sequence (this rank's head slice with Ulysses): each
+ring rank sees every patch, and the ring moves only the current patch's K/V (an all-gather,
+not a circulating ring), at the price of not dividing the buffer's memory by R.
 
 Both are ``torch.library`` custom ops (opaque to inductor, traceable by Dynamo and
 FakeTensor); the buffers live in the ``KVStore`` the driver makes current around each call.
@@ -34,10 +46,11 @@ import torch
 import torch.nn.functional as F
 
 from ..runtime.attention import _mask_heads, _ulysses_scatter_heads
-from ..runtime.collectives import all_to_all, group_rank, group_size
+from ..runtime.collectives import all_gather, all_to_all, group_rank, group_size
 
 _CURRENT: list["KVStore"] = []
 _RESET_EPOCH = [0]
+_TOKENS = 2  # the token dim of q/k/v [B, H, S, D]
 
 
 def reset() -> None:
@@ -53,7 +66,8 @@ class KVStore:
     stream: int = 0
 
     def put(self, layer: str, k: torch.Tensor, v: torch.Tensor) -> None:
-        self.buffers[(self.stream, layer)] = (k.detach().clone(), v.detach().clone())
+        """Keep ``k``/``v`` (fresh tensors the store then owns) as the layer's buffer."""
+        self.buffers[(self.stream, layer)] = (k, v)
 
     def get(self, layer: str) -> tuple[torch.Tensor, torch.Tensor]:
         try:
@@ -82,80 +96,89 @@ def _store() -> KVStore:
     return _CURRENT[-1]
 
 
-@torch.library.custom_op("xdit_pipefusion::fill_kv_attention", mutates_args=())
-def fill_kv_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
-                      scale: Optional[float], enable_gqa: bool, layer: str) -> torch.Tensor:
-    """Exact attention over the full sequence; keeps K/V for the patch steps."""
-    _store().put(layer, k, v)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=enable_gqa).contiguous()
+def _write(kb: torch.Tensor, vb: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pieces: list[int]) -> None:
+    """Copy ``k``/``v`` (pieces concatenated) into the buffers at their global positions.
 
-
-def _refresh(layer: str, k: torch.Tensor, v: torch.Tensor, pieces: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The layer's buffer with ``k``/``v`` written at their global positions (``pieces``)."""
-    kb, vb = _store().get(layer)
+    ``pieces`` = flattened ``(global start, length)`` pairs, in the order of ``k``'s tokens.
+    """
     off = 0
     for start, length in zip(pieces[0::2], pieces[1::2]):
-        kb.narrow(-2, start, length).copy_(k.narrow(-2, off, length))
-        vb.narrow(-2, start, length).copy_(v.narrow(-2, off, length))
+        kb.narrow(_TOKENS, start, length).copy_(k.narrow(_TOKENS, off, length))
+        vb.narrow(_TOKENS, start, length).copy_(v.narrow(_TOKENS, off, length))
         off += length
-    return kb, vb
+
+
+class _Sp:
+    """The stage's sequence-parallel groups as one call sees them (sizes, this rank's chunk)."""
+
+    def __init__(self, ulysses_group: Optional[str], ring_group: Optional[str]):
+        self.ug, self.rg = ulysses_group, ring_group
+        self.u = group_size(ulysses_group) if ulysses_group is not None else 1
+        self.r = group_size(ring_group) if ring_group is not None else 1
+        self.u_index = group_rank(ulysses_group) if ulysses_group is not None else 0
+        j = group_rank(ring_group) if ring_group is not None else 0
+        self.chunk = slice(j * self.u, (j + 1) * self.u)  # this ring rank's U shards of the sizes
+
+    def gather(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_sizes: list[int],
+               kv_sizes: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q: this ring rank's queries (head slice); k, v: every sp rank's tokens in sp-rank order."""
+        if self.ug is not None:
+            q, k, v = _ulysses_scatter_heads(q, k, v, self.ug, q_sizes[self.chunk], kv_sizes[self.chunk])
+        if self.rg is not None:
+            sizes = [sum(kv_sizes[r * self.u:(r + 1) * self.u]) for r in range(self.r)]
+            k, v = all_gather(torch.stack([k, v]), _TOKENS + 1, sizes, self.rg).unbind(0)
+        return q, k, v
+
+    def mask(self, mask: Optional[torch.Tensor], heads: int) -> Optional[torch.Tensor]:
+        return _mask_heads(mask, heads, self.u_index, self.u)
+
+    def back(self, out: torch.Tensor, q_sizes: list[int]) -> torch.Tensor:
+        out = out.contiguous()
+        if self.ug is None:
+            return out
+        return all_to_all(out, 2, 1, self.ug, scatter_sizes=q_sizes[self.chunk])
+
+
+@torch.library.custom_op("xdit_pipefusion::fill_kv_attention", mutates_args=())
+def fill_kv_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
+                      scale: Optional[float], enable_gqa: bool, layer: str, pieces: list[int],
+                      ulysses_group: Optional[str], ring_group: Optional[str], q_sizes: list[int],
+                      kv_sizes: list[int]) -> torch.Tensor:
+    """Exact attention over the full sequence; keeps (this rank's head slice of) the whole K/V.
+
+    ``q_sizes``/``kv_sizes``: token lengths of all R*U sp ranks, in sp-rank order; ``pieces``:
+    flattened ``(global start, length)`` of the gathered keys (sp-rank order); ``mask``: keys in
+    that gathered order, queries as the core's Ulysses / ring / USP attention has them.
+    """
+    sp = _Sp(ulysses_group, ring_group)
+    heads = q.size(1)
+    q, k, v = sp.gather(q, k, v, q_sizes, kv_sizes)
+    kb, vb = torch.empty_like(k), torch.empty_like(v)
+    _write(kb, vb, k, v, pieces)
+    _store().put(layer, kb, vb)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=sp.mask(mask, heads), scale=scale, enable_gqa=enable_gqa)
+    return sp.back(out, q_sizes)
 
 
 @torch.library.custom_op("xdit_pipefusion::stale_kv_attention", mutates_args=())
 def stale_kv_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
-                       scale: Optional[float], enable_gqa: bool, layer: str, pieces: list[int]) -> torch.Tensor:
-    """Attention of a patch's queries over the buffer, refreshed with the patch's K/V.
+                       scale: Optional[float], enable_gqa: bool, layer: str, pieces: list[int],
+                       ulysses_group: Optional[str], ring_group: Optional[str], q_sizes: list[int],
+                       kv_sizes: list[int]) -> torch.Tensor:
+    """Attention of a patch's queries over the buffer, refreshed with the patch's fresh K/V.
 
-    ``pieces`` = flattened ``(global start, length)`` pairs of the patch's tokens, in local order.
+    ``q_sizes``/``kv_sizes``: token lengths of the patch on all R*U sp ranks (sp-rank order);
+    ``pieces``: flattened ``(global start, length)`` of the patch's gathered keys; ``mask``:
+    keys in global order (the buffer's), queries as for ``fill_kv_attention``.
     """
-    kb, vb = _refresh(layer, k, v, pieces)
-    return F.scaled_dot_product_attention(q, kb, vb, attn_mask=mask, scale=scale, enable_gqa=enable_gqa).contiguous()
-
-
-# ---------------------------------------------------------------------------- with Ulysses inside a stage
-# The K/V buffer of a rank holds its Ulysses head slice of the *whole* sequence (after the
-# all-to-all), in global token order, so each sequence-parallel rank sees every patch.
-
-
-@torch.library.custom_op("xdit_pipefusion::fill_kv_ulysses_attention", mutates_args=())
-def fill_kv_ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
-                              scale: Optional[float], enable_gqa: bool, layer: str, pieces: list[int], group: str,
-                              q_sizes: list[int], kv_sizes: list[int]) -> torch.Tensor:
-    """``ulysses_attention`` that also keeps this rank's head slice of the whole K/V.
-
-    ``pieces``: flattened ``(global start, length)`` of the gathered keys, in gathered order;
-    ``mask`` is aligned with the gathered order (as ``ulysses_attention``'s).
-    """
-    heads, index, ranks = q.size(1), group_rank(group), group_size(group)
-    q, k, v = _ulysses_scatter_heads(q, k, v, group, q_sizes, kv_sizes)
-    kb, vb = torch.empty_like(k), torch.empty_like(v)
-    off = 0
-    for start, length in zip(pieces[0::2], pieces[1::2]):
-        kb.narrow(-2, start, length).copy_(k.narrow(-2, off, length))
-        vb.narrow(-2, start, length).copy_(v.narrow(-2, off, length))
-        off += length
-    _store().put(layer, kb, vb)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=_mask_heads(mask, heads, index, ranks), scale=scale,
+    sp = _Sp(ulysses_group, ring_group)
+    heads = q.size(1)
+    q, k, v = sp.gather(q, k, v, q_sizes, kv_sizes)
+    kb, vb = _store().get(layer)
+    _write(kb, vb, k, v, pieces)
+    out = F.scaled_dot_product_attention(q, kb, vb, attn_mask=sp.mask(mask, heads), scale=scale,
                                          enable_gqa=enable_gqa)
-    return all_to_all(out.contiguous(), 2, 1, group, scatter_sizes=q_sizes)
-
-
-@torch.library.custom_op("xdit_pipefusion::stale_kv_ulysses_attention", mutates_args=())
-def stale_kv_ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
-                               scale: Optional[float], enable_gqa: bool, layer: str, pieces: list[int], group: str,
-                               q_sizes: list[int], kv_sizes: list[int]) -> torch.Tensor:
-    """A patch spread over a Ulysses group: all-to-all q/k/v (the patch's tokens, 1/N of the
-    heads), write the patch's K/V into the buffer, attend over the buffer, all-to-all back.
-
-    ``pieces``: flattened ``(global start, length)`` of the patch's gathered keys, in gathered
-    order; ``mask``: queries in gathered order, keys in global order.
-    """
-    heads, index, ranks = q.size(1), group_rank(group), group_size(group)
-    q, k, v = _ulysses_scatter_heads(q, k, v, group, q_sizes, kv_sizes)
-    kb, vb = _refresh(layer, k, v, pieces)
-    out = F.scaled_dot_product_attention(q, kb, vb, attn_mask=_mask_heads(mask, heads, index, ranks), scale=scale,
-                                         enable_gqa=enable_gqa)
-    return all_to_all(out.contiguous(), 2, 1, group, scatter_sizes=q_sizes)
+    return sp.back(out, q_sizes)
 
 
 def _fake_out(q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -164,29 +187,17 @@ def _fake_out(q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 
 @fill_kv_attention.register_fake
-def _(q, k, v, mask, scale, enable_gqa, layer):  # type: ignore[no-untyped-def]
+def _(q, k, v, mask, scale, enable_gqa, layer, pieces, ulysses_group, ring_group, q_sizes, kv_sizes):  # type: ignore[no-untyped-def]
     return _fake_out(q, v)
 
 
 @stale_kv_attention.register_fake
-def _(q, k, v, mask, scale, enable_gqa, layer, pieces):  # type: ignore[no-untyped-def]
-    return _fake_out(q, v)
-
-
-@fill_kv_ulysses_attention.register_fake
-def _(q, k, v, mask, scale, enable_gqa, layer, pieces, group, q_sizes, kv_sizes):  # type: ignore[no-untyped-def]
-    return _fake_out(q, v)
-
-
-@stale_kv_ulysses_attention.register_fake
-def _(q, k, v, mask, scale, enable_gqa, layer, pieces, group, q_sizes, kv_sizes):  # type: ignore[no-untyped-def]
+def _(q, k, v, mask, scale, enable_gqa, layer, pieces, ulysses_group, ring_group, q_sizes, kv_sizes):  # type: ignore[no-untyped-def]
     return _fake_out(q, v)
 
 
 FILL = torch.ops.xdit_pipefusion.fill_kv_attention.default
 STALE = torch.ops.xdit_pipefusion.stale_kv_attention.default
-FILL_ULYSSES = torch.ops.xdit_pipefusion.fill_kv_ulysses_attention.default
-STALE_ULYSSES = torch.ops.xdit_pipefusion.stale_kv_ulysses_attention.default
 
 
 @dataclass

@@ -12,13 +12,20 @@ positional tensors: all reused). Two things differ from sequence parallelism:
   patch group, becomes ``stale_kv_attention`` over the layer's buffer::
 
       o = ring_attention(q_i, k_i, v_i, group="xdit-pf-patches", kv_sizes=..., mask=m)
-   -> o = stale_kv_attention(q_i, k_i, v_i, m', scale, gqa, "hidden_states_4", [start, len, ...])
+   -> o = stale_kv_attention(q_i, k_i, v_i, m', scale, gqa, "hidden_states_4", [start, len, ...],
+                             None, None, q_sizes, kv_sizes)
 
 * the gathers of the outputs are removed and recorded: the driver assembles the patches.
 
+With sequence parallelism inside the stage (``sp``: R ring x U Ulysses ranks), the patch's
+tokens are split once more over the sp ranks (see ``patch_program``) and the stale op gets the
+real Ulysses and ring groups: it all-to-alls over Ulysses, all-gathers the patch's K/V over the
+ring, and attends over the whole-sequence buffer (``kv.py``).
+
 Any other collective on the patch group (an op with no sharding rule in the middle of the
 graph needs every patch) makes patches impossible for this graph: ``Unsupported``.
-The full program is the graph with those layers' attention replaced by ``fill_kv_attention``.
+The full program is the graph (lowered on ``sp`` when given) with those layers' attention
+replaced by ``fill_kv_attention``.
 """
 
 from __future__ import annotations
@@ -32,12 +39,12 @@ import torch.fx as fx
 from torch.utils._pytree import tree_flatten
 
 from ..axis import Axis
-from ..errors import PlanError
+from ..errors import PassError, PlanError
 from ..graph import op_name, shape
 from ..passes.choose_seeds import choose_seeds
 from ..passes.lower import lower
 from ..passes.refresh_meta import refresh_meta
-from ..placements import Shard, pieces
+from ..placements import Shard, local_sizes, pieces
 from ..rules.attention import sdpa_args
 from ..runtime import attention as rt_attention
 from ..runtime import redistribute as rt
@@ -88,9 +95,9 @@ def full_program(gm: fx.GraphModule, layers: set[str], sp: Axis | None = None,
                  example_inputs: Sequence[Any] = ()) -> fx.GraphModule:
     """``gm`` with the attention of ``layers`` filling K/V buffers (a copy).
 
-    With ``sp`` (Ulysses inside the stages) the copy is first lowered on that axis (the core's
-    seeds, propagation and lowering), and the Ulysses attention of ``layers`` becomes
-    ``fill_kv_ulysses_attention``.
+    With ``sp`` (sequence parallelism inside the stages) the copy is first lowered on that axis
+    (the core's seeds, propagation and lowering), and the Ulysses / ring / USP attention of
+    ``layers`` becomes ``fill_kv_attention`` with the same groups.
     """
     g = copy_graph(gm)
     if sp is not None:
@@ -100,9 +107,11 @@ def full_program(gm: fx.GraphModule, layers: set[str], sp: Axis | None = None,
         if layer not in layers:
             continue
         a = sdpa_args(n)
+        sq, sk = shape(a["query"])[-2], shape(a["key"])[-2]
         with g.graph.inserting_before(n):
             new = g.graph.call_function(kv.FILL, (
-                a["query"], a["key"], a["value"], a.get("attn_mask"), a.get("scale"), bool(a.get("enable_gqa", False)), layer))
+                a["query"], a["key"], a["value"], a.get("attn_mask"), a.get("scale"), bool(a.get("enable_gqa", False)),
+                layer, [0, sk], None, None, [sq], [sk]))
         new.meta.update(n.meta)
         n.replace_all_uses_with(new)
         g.graph.erase_node(n)
@@ -116,6 +125,37 @@ def _gathered_pieces(pk: Any, n: int, ranks: Sequence[int]) -> list[int]:
     return [x for r in ranks for start, length in pieces(pk, n, r) for x in (start, length)]
 
 
+def sp_groups(sp: Axis) -> tuple[str | None, str | None]:
+    """The real (Ulysses group, ring group) of a stage's sp axis; ``None`` for a degree of 1.
+
+    An axis with one kind of degree > 1 may name only its sp group (as ``backend._axes`` does):
+    that group is then the Ulysses (or ring) group.
+    """
+    if sp.ulysses > 1 and sp.ring > 1 and (sp.ulysses_group is None or sp.ring_group is None):
+        raise PassError(f"sp axis ring={sp.ring} x ulysses={sp.ulysses} names no Ulysses/ring sub-groups")
+    ug = sp.ulysses_group if sp.ring > 1 else sp.group
+    rg = sp.ring_group if sp.ulysses > 1 else sp.group
+    return (ug if sp.ulysses > 1 else None), (rg if sp.ring > 1 else None)
+
+
+def _sp_call(n: fx.Node, sp: Axis) -> tuple[str | None, str | None, list[int] | None]:
+    """(Ulysses group, ring group, q sizes) of a lowered sequence-parallel attention ``n``.
+
+    ``ring_attention`` (ring only, or heads that do not divide U) rings over all of
+    ``kw["group"]``; its queries stay local, so the sizes of the queries come from their placement.
+    """
+    kw = n.kwargs
+    if n.target is rt_attention.ulysses_attention:
+        return kw["group"], None, list(kw["q_sizes"])
+    if n.target is rt_attention.usp_attention:
+        return kw["ulysses_group"], kw["ring_group"], list(kw["q_sizes"])
+    pq = n.args[0].meta.get("xdit", {}).get(sp.name)
+    return None, kw["group"], (local_sizes(pq, sp.n) if isinstance(pq, Shard) else None)
+
+
+_SP_ATTENTION = (rt_attention.ulysses_attention, rt_attention.ring_attention, rt_attention.usp_attention)
+
+
 def _full_sp_program(g: fx.GraphModule, layers: set[str], sp: Axis, example_inputs: Sequence[Any]) -> fx.GraphModule:
     from ..backend import graph_facts
 
@@ -124,16 +164,18 @@ def _full_sp_program(g: fx.GraphModule, layers: set[str], sp: Axis, example_inpu
         layer = n.meta.get("xdit", {}).get(LAYER)
         if layer not in layers:
             continue
-        if n.target is not rt_attention.ulysses_attention:
-            raise PlanError(f"attention {layer} is not lowered to Ulysses attention on the {sp.n} sequence ranks "
-                            f"inside a stage ({op_name(n)}): choose a ulysses_degree that divides the heads")
+        ug, rg, q_sizes = _sp_call(n, sp) if n.target in _SP_ATTENTION else (None, None, None)
+        if q_sizes is None:
+            raise PlanError(f"attention {layer} is not lowered to sequence-parallel attention over its tokens on the "
+                            f"{sp.n} sequence ranks inside a stage ({op_name(n)}): use use_cfg_parallel or "
+                            "data_parallel_degree for those ranks")
         q, k, v = n.args[:3]
         flat = _gathered_pieces(k.meta["xdit"][sp.name], sp.n, range(sp.n))
         kw = n.kwargs
         with g.graph.inserting_before(n):
-            new = g.graph.call_function(kv.FILL_ULYSSES, (
+            new = g.graph.call_function(kv.FILL, (
                 q, k, v, kw.get("mask"), kw.get("scale"), bool(kw.get("enable_gqa", False)), layer, flat,
-                kw["group"], list(kw["q_sizes"]), list(kw["kv_sizes"])))
+                ug, rg, q_sizes, list(kw["kv_sizes"])))
         new.meta.update(n.meta)
         n.replace_all_uses_with(new)
         g.graph.erase_node(n)
@@ -156,23 +198,27 @@ def patch_program(gm: fx.GraphModule, m: int, i: int, batch: int | None, example
                   sp: Axis | None = None) -> tuple[fx.GraphModule, Assembly, set[str], list[str]]:
     """Patch ``i`` of ``m``: (program, output assembly, stale-K/V layers, seeds as text).
 
-    With ``sp`` (a Ulysses axis of ``u`` ranks inside the stage), the tokens are split on one
-    axis of ``m * u`` "ranks", patch-major: patch ``i`` on this rank is piece ``i * u + r``.
-    That is the core's USP layout with the patches as the (fictitious) ring, so attention is
-    lowered to ``usp_attention``, which becomes ``stale_kv_ulysses_attention``; the output
-    gathers over the patches become gathers of the patch over the Ulysses group.
+    With ``sp`` (R ring x U Ulysses ranks inside the stage, ``n = R * U``), the tokens are
+    split on one axis of ``m * n`` "ranks", patch-major: patch ``i`` on sp rank ``r`` is piece
+    ``i * n + r``. That is the core's USP layout with ``m * R`` ring ranks (the patches times
+    the real ring), so attention is lowered to ``usp_attention`` (U > 1) or ``ring_attention``
+    (U == 1, or heads that do not divide U: a ring over all ``m * n`` pieces). Either becomes
+    ``stale_kv_attention`` with the real groups: Ulysses inside, and the ring over the real
+    ring group (the sp group for ``ring_attention``), which all-gathers the patch's K/V; the
+    output gathers over the patches become gathers of the patch over the sp group.
     """
-    u = sp.n if sp is not None else 1
+    n_sp = sp.n if sp is not None else 1
     rows = token_rows(gm)
-    if m * u > rows:
-        fix = f"num_pipeline_patch <= {rows // u}" if u > 1 else f"num_pipeline_patch <= {rows}"
-        raise PlanError(f"num_pipeline_patch={m}{f' x ulysses_degree={u}' if u > 1 else ''} is larger than the rows "
-                        f"of tokens ({rows}): use {fix}")
+    if m * n_sp > rows:
+        degrees = "".join(f" x {d}_degree={getattr(sp, d)}" for d in ("ring", "ulysses")
+                          if sp is not None and getattr(sp, d) > 1)
+        raise PlanError(f"num_pipeline_patch={m}{degrees} is larger than the rows of tokens ({rows}): "
+                        f"use num_pipeline_patch <= {rows // n_sp}")
     if sp is None:
         axis = Axis("patch", m, i, PATCH_GROUP)
     else:
-        axis = Axis("sp", m * u, i * u + sp.rank, PATCH_GROUP, ulysses=u, ring=m, ulysses_group=sp.group,
-                    ring_group=PATCH_GROUP)
+        axis = Axis("sp", m * n_sp, i * n_sp + sp.rank, PATCH_GROUP, ulysses=sp.ulysses, ring=m * sp.ring,
+                    ulysses_group=sp_groups(sp)[0], ring_group=PATCH_GROUP)
     g = copy_graph(gm)
     prop = choose_seeds(g, axis.n, False, batch)
     if not prop.seeds:
@@ -180,7 +226,7 @@ def patch_program(gm: fx.GraphModule, m: int, i: int, batch: int | None, example
     seeds = [f"{p.name} {pl}" for p, pl in prop.seeds.items()]
     lower(g, prop, axis)
     graph = g.graph
-    mine = range(i * u, (i + 1) * u)  # this patch's pieces of the (m * u)-way split
+    mine = slice(i * n_sp, (i + 1) * n_sp)  # this patch's pieces of the (m * n)-way split
     layers: set[str] = set()
     for n in list(graph.nodes):
         if n.target not in (rt_attention.ring_attention, rt_attention.usp_attention):
@@ -189,22 +235,24 @@ def patch_program(gm: fx.GraphModule, m: int, i: int, batch: int | None, example
         pk = k.meta.get("xdit", {}).get(axis.name)
         if not isinstance(pk, Shard):
             raise Unsupported(f"attention {n.name}: keys placed {pk}, not sharded over the tokens")
-        if sp is not None and n.target is not rt_attention.usp_attention:
-            raise Unsupported(f"attention {n.name}: its heads do not split over ulysses_degree={u}")
+        _, _, q_sizes = _sp_call(n, axis)
+        if q_sizes is None:
+            raise Unsupported(f"attention {n.name}: queries not sharded over the tokens")
+        if sp is None:
+            ug, rg = None, None
+        elif n.target is rt_attention.usp_attention:
+            ug, rg = sp_groups(sp)
+        else:  # ring over every sp rank of the stage
+            ug, rg = None, sp.group
         kw = n.kwargs
         mask = kw.get("mask")
         with graph.inserting_before(n):
             if isinstance(mask, fx.Node) and op_name(mask) == "xdit_align_mask":
                 mask = graph.call_function(rt.align_mask, (mask.args[0], mask.args[1], None))  # keys: global order
             layer = n.meta["xdit"][LAYER]
-            common = (q, k, v, mask, kw.get("scale"), bool(kw.get("enable_gqa", False)), layer,
-                      _gathered_pieces(pk, axis.n, mine))
-            if sp is None:
-                new = graph.call_function(kv.STALE, common)
-            else:
-                new = graph.call_function(kv.STALE_ULYSSES, (
-                    *common, sp.group, list(kw["q_sizes"][mine.start:mine.stop]),
-                    list(kw["kv_sizes"][mine.start:mine.stop])))
+            new = graph.call_function(kv.STALE, (
+                q, k, v, mask, kw.get("scale"), bool(kw.get("enable_gqa", False)), layer,
+                _gathered_pieces(pk, axis.n, range(axis.n)[mine]), ug, rg, q_sizes[mine], list(kw["kv_sizes"])[mine]))
         new.meta.update(n.meta)
         n.replace_all_uses_with(new)
         graph.erase_node(n)
@@ -216,9 +264,9 @@ def patch_program(gm: fx.GraphModule, m: int, i: int, batch: int | None, example
         if isinstance(leaf, fx.Node) and op_name(leaf) == "xdit_gather" and leaf.args[3] == PATCH_GROUP:
             x, dim, sizes, _group, order = leaf.args
             gathers.append((dim, tuple(tuple(o) for o in order) if order is not None else None))
-            if sp is not None:  # this patch's pieces, from the Ulysses group, in rank order
+            if sp is not None:  # this patch's pieces, from every sp rank (ring x Ulysses), in sp-rank order
                 with graph.inserting_before(leaf):
-                    x = graph.call_function(rt.gather, (x, dim, list(sizes[mine.start:mine.stop]), sp.group, None))
+                    x = graph.call_function(rt.gather, (x, dim, list(sizes[mine]), sp.group, None))
             out.replace_input_with(leaf, x)
         else:
             gathers.append(None)
