@@ -143,3 +143,23 @@ def test_too_many_patches_with_ulysses_names_the_fix() -> None:
     gm, ex, _ = captured("pixart")
     with pytest.raises(PlanError, match=r"num_pipeline_patch=16 x ulysses_degree=2 .* use num_pipeline_patch <= 8"):
         patch_program(gm, 16, 0, 2, ex, Axis("sp", 2, 0, "g", ulysses=2))
+
+
+def test_sp_annotations_are_reported_as_ignored() -> None:
+    """PipeFusion derives its own patch and sp split: a user's sp annotation is dropped, and said so."""
+    import xdit_compile
+    from xdit_compile.pipefusion.entry import _check_plan
+
+    graphs = []
+
+    def grab(gm, example_inputs):  # type: ignore[no-untyped-def]
+        graphs.append(gm)
+        return gm.forward
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        return xdit_compile.shard(x, 1) * 2
+
+    torch.compile(fn, backend=grab)(torch.randn(2, 4))
+    notes = _check_plan(ParallelPlan(pp=2), graphs[0])
+    assert len(notes) == 1 and "annotations ignored" in notes[0] and "(sp)" in notes[0], notes
+    assert not any(op_name(n) == "mark" for n in graphs[0].graph.nodes)

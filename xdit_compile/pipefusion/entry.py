@@ -32,6 +32,7 @@ from .driver import OutTensor, PipelineDriver, StageProgram, Topology
 from .policy import balance
 from .programs import Unsupported, full_program, patch_program, stamp_layers
 from .split import mark_stages, split_stages
+from .stream import PatchLayout
 
 log = logging.getLogger("xdit_compile")
 
@@ -95,15 +96,23 @@ def clear_reports() -> None:
     _REPORTS.clear()
 
 
-def _check_plan(plan: ParallelPlan, gm: fx.GraphModule) -> None:
+def _check_plan(plan: ParallelPlan, gm: fx.GraphModule) -> list[str]:
+    """Refuse symbolic shapes; drop the annotation marks, returning a note on the ones ignored."""
     for n in gm.graph.nodes:
         if n.op == "placeholder" and (has_symbolic_shape(n) or isinstance(value(n), torch.SymInt)):
             raise PlanError("pipefusion needs static shapes: compile with torch.compile(..., dynamic=False)")
-    for n in gm.graph.nodes:
+    ignored = []
+    for n in list(gm.graph.nodes):
         if op_name(n) == "mark":
+            if n.args[1] != "batch":  # batch annotations were used by the batch axis already
+                ignored.append(f"{n.args[0].name} ({n.args[1]})")
             n.replace_all_uses_with(n.args[0])
             gm.graph.erase_node(n)
     gm.recompile()
+    if not ignored:
+        return []
+    return [f"annotations ignored under PipeFusion (the patches and the sp split inside the stages are derived "
+            f"from the graph): {', '.join(ignored)}"]
 
 
 def _usable_inputs(example_inputs: Sequence[Any]) -> list[Any]:
@@ -187,7 +196,7 @@ def pipefusion_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], plan: 
     the batch axis (dp x cfg) on ``gm``, so each batch group pipelines its own share of the
     batch; sp (ring x Ulysses) is lowered here, inside every stage program (full and per patch).
     """
-    _check_plan(plan, gm)
+    notes = _check_plan(plan, gm)
     world_rank = dist.get_rank()
     stages = plan.degree("pp")
     m = plan.num_pipeline_patch or stages
@@ -210,7 +219,6 @@ def pipefusion_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], plan: 
     stamp_layers(gm)
     bounds = [-1, *chosen, len(cuts.unit_costs) - 1]
     stage_costs = [sum(cuts.unit_costs[a + 1:b + 1]) for a, b in zip(bounds, bounds[1:])]
-    notes: list[str] = []
 
     patch_graphs, assembly, layers, seeds = [], None, set(), []
     if m > 1:
@@ -234,7 +242,9 @@ def pipefusion_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], plan: 
         return StageProgram(st, inner(plan, st.gm, st.example_inputs(inputs)))
 
     full_prog = build(full)
-    patch_progs = [build(g) for g in patch_graphs]
+    patch_splits = [split_stages(g, stages) for g in patch_graphs]
+    patch_progs = [StageProgram(parts[stage], inner(plan, parts[stage].gm, parts[stage].example_inputs(inputs)))
+                   for parts in patch_splits]
     used = set(full_prog.graph.inputs).union(*[p.graph.inputs for p in patch_progs])
     all_full = split_stages(full, stages)
     blocks = _block_weights(gm, cuts, inputs)
@@ -245,9 +255,11 @@ def pipefusion_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], plan: 
     template = [OutTensor(tuple(value(x).shape), value(x).dtype) if is_tensor(x) else
                 (value(x) if isinstance(x, fx.Node) else x) for x in leaves]
     topo = Topology(stage, stages, ranks[stage - 1] if stage > 0 else None,
-                    ranks[stage + 1] if stage < stages - 1 else None, ranks[-1], group)
+                    ranks[stage + 1] if stage < stages - 1 else None, ranks[-1], group, tuple(ranks))
     driver = PipelineDriver(topo, full_prog, patch_progs, assembly, (template, spec), _step_inputs(gm),
                             plan.warmup_steps)
+    if patch_graphs and assembly is not None:
+        driver.layout = PatchLayout.build(patch_graphs, patch_splits, assembly)
 
     pf = PipeFusionReport(
         rank=world_rank, stage=stage, stages=stages, patches=len(patch_progs) or 1, warmup_steps=plan.warmup_steps,
