@@ -183,7 +183,7 @@ def table(results: list[dict[str, Any]]) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="the tiny test model")
-    p.add_argument("--steps", type=int, default=8, help="steps per method (the first is PipeFusion's warmup)")
+    p.add_argument("--steps", type=int, default=12, help="steps per method (the first is PipeFusion's warmup)")
     p.add_argument("--inner", choices=("eager", "inductor"), default="eager")
     p.add_argument("--output", default=os.path.join(ROOT, "benchmarks", "results", "pipefusion.md"))
     args = p.parse_args()
