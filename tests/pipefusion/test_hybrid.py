@@ -18,7 +18,7 @@ from __future__ import annotations
 import pytest
 
 from tests.pipefusion import test_diffusers_pipelines as alone
-from tests.pipefusion.jobs import check_image, diffusers_pipeline_job
+from tests.pipefusion.jobs import diffusers_pipeline_job
 from xdit_compile.testing.harness import run_spmd
 
 STEPS = alone.STEPS
@@ -51,14 +51,7 @@ def _results() -> list[list[dict]]:
 def test_image_matches_single_rank(case: str) -> None:
     i = IDS.index(case)
     _, _, options, _, exact, same_as = CASES[i]
-    for per_rank in _results():
-        r = per_rank[i]
-        check_image(case, r, exact)
-        assert r["options"] == options and r["graphs"] == 1, r["report"]
-        if not exact:
-            rel = r["err"] / r["scale"]
-            ref = alone._results()[0][alone.IDS.index(same_as)]
-            assert abs(rel - ref["err"] / ref["scale"]) < 1e-6, (case, rel, ref["err"] / ref["scale"])
+    alone.check_like_alone(case, _results(), i, options, exact, same_as)
 
 
 @pytest.mark.parametrize("case", [c for c in IDS if c.startswith(("cfg", "dp"))])

@@ -26,7 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from tests.pipefusion import test_diffusers_pipelines as alone
-from tests.pipefusion.jobs import check_image, diffusers_pipeline_job
+from tests.pipefusion.jobs import diffusers_pipeline_job
 from xdit_compile.graph import op_name
 from xdit_compile.pipefusion import kv
 from xdit_compile.testing.harness import run_spmd
@@ -188,31 +188,11 @@ def _results() -> list[list[dict]]:
     return _cache[0]
 
 
-def _alone(case: str) -> dict:
-    """Rank 0's result of PipeFusion alone on 2 ranks (shared with that file's run when it ran)."""
-    if alone._cache:
-        return alone._results()[0][alone.IDS.index(case)]
-    if case not in _alone_cache:
-        _, name, options, cfg, _ = alone.CASES[alone.IDS.index(case)]
-        _alone_cache[case] = run_spmd(diffusers_pipeline_job, 2, [(name, options, STEPS, cfg)], timeout=900)[0][0]
-    return _alone_cache[case]
-
-
-_alone_cache: dict[str, dict] = {}
-
-
 @pytest.mark.parametrize("case", IDS)
 def test_image_matches_single_rank(case: str) -> None:
     i = IDS.index(case)
     _, _, options, _, exact, same_as = CASES[i]
-    for per_rank in _results():
-        r = per_rank[i]
-        check_image(case, r, exact)
-        assert r["options"] == options and r["graphs"] == 1, r["report"]
-        if not exact:
-            rel = r["err"] / r["scale"]
-            ref = _alone(same_as)
-            assert abs(rel - ref["err"] / ref["scale"]) < 1e-6, (case, rel, ref["err"] / ref["scale"])
+    alone.check_like_alone(case, _results(), i, options, exact, same_as)
 
 
 @pytest.mark.parametrize("case", IDS)
