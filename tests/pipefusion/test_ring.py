@@ -221,3 +221,55 @@ def test_ring_inside_each_stage(case: str) -> None:
                 fill = max(sent)
                 assert sorted(set(sent)) == [fill // m, fill], sent
                 assert sent.count(fill // m) == m * (STEPS - 1) * sent.count(fill), sent  # W = 1
+
+
+def odd_heads_job() -> list[dict[str, Any]]:
+    """PixArt with 3 heads under pp 2 x ulysses 2: the heads do not split, so attention inside a
+    stage rings over both sp ranks (all-gathering the patch's K/V) instead of Ulysses."""
+    from diffusers import PixArtTransformer2DModel
+
+    from tests.pipefusion.test_stream import STEPS as steps_n
+    from tests.pipefusion.test_stream import _step_fn, _steps
+    from xdit_compile import pipefusion
+    from xdit_compile.runtime.collectives import record_collectives
+
+    out = []
+    for warmup in (steps_n, 1):
+        torch._dynamo.reset()
+        pipefusion.reset()
+        torch.manual_seed(0)
+        model = PixArtTransformer2DModel(
+            num_attention_heads=3, attention_head_dim=16, in_channels=4, out_channels=8, num_layers=2,
+            norm_type="ada_norm_single", use_additional_conditions=False, sample_size=16, patch_size=2,
+            caption_channels=32, cross_attention_dim=48).eval()
+        g = torch.Generator().manual_seed(1)
+        inputs = {"hidden_states": torch.randn(2, 4, 16, 16, generator=g),
+                  "encoder_hidden_states": torch.randn(2, 8, 32, generator=g),
+                  "timestep": torch.zeros(2, dtype=torch.long), "added_cond_kwargs": {"resolution": None, "aspect_ratio": None}}
+        steps = _steps("pixart", inputs)
+        with torch.no_grad():
+            ref = x = inputs["hidden_states"]
+            for a in steps:
+                ref = _step_fn(model, inputs)(ref, *a)
+            options = {"inner": "eager", "pipefusion_parallel_degree": 2, "num_pipeline_patch": 2,
+                       "warmup_steps": warmup, "ulysses_degree": 2}
+            step = torch.compile(_step_fn(model, inputs), backend="xdit", dynamic=False, options=options)
+            with record_collectives() as coll:
+                for a in steps:
+                    x = step(x, *a)
+        rep = pipefusion.reports()[-1]
+        out.append({"warmup": warmup, "err": float((x - ref).abs().max() / ref.abs().max()),
+                    "patches": rep.patches, "stale": rep.stale_layers, "report": str(rep),
+                    "kinds": sorted({(c.kind, c.group_size) for c in coll})})
+    return out
+
+
+def test_heads_that_do_not_divide_ulysses_ring_inside_the_stage() -> None:
+    for per_rank in run_spmd(odd_heads_job, 4, timeout=600):
+        exact, stale = per_rank
+        for r in per_rank:
+            assert r["patches"] == 2 and r["stale"], r["report"]
+            assert not any(kind == "all_to_all" for kind, _ in r["kinds"]), r["kinds"]  # no Ulysses: 3 heads
+            assert ("all_gather", 2) in r["kinds"], r["kinds"]
+        assert exact["err"] < 1e-4, exact  # warmup covers every step: the full-sequence program only
+        assert 0 < stale["err"] < 1e-2, stale
