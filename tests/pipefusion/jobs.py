@@ -150,6 +150,25 @@ def diffusers_pipeline_job(cases: list[tuple[str, dict[str, Any], int, bool]]) -
     return out
 
 
+class Spawn:
+    """One ``run_spmd`` of a test file's pipeline cases, on first use, shared by its tests.
+
+    ``cases`` rows start ``(id, pipeline, options, true CFG, ...)``.
+    """
+
+    def __init__(self, cases: list[tuple], world: int, steps: int):
+        self.jobs = [(name, options, steps, cfg) for _, name, options, cfg, *_ in cases]
+        self.world = world
+        self.results: list[list[dict[str, Any]]] | None = None
+
+    def __call__(self) -> list[list[dict[str, Any]]]:
+        if self.results is None:
+            from xdit_compile.testing.harness import run_spmd
+
+            self.results = run_spmd(diffusers_pipeline_job, self.world, self.jobs, timeout=900)
+        return self.results
+
+
 EXACT = 1e-4  # M = 1, or warmup covering every step
 STALE_BOUND = 1e-2  # W = 1 with M = 2, 4: the bound stated in docs/pipefusion.md
 

@@ -17,8 +17,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.pipefusion.jobs import check_image, diffusers_pipeline_job
-from xdit_compile.testing.harness import run_spmd
+from tests.pipefusion.jobs import Spawn, check_image
 
 STEPS = 8
 
@@ -41,14 +40,7 @@ CASES = [
     ("flux_truecfg_m4_w1", "flux", _pf(4, 1), True, False),
 ]
 IDS = [c[0] for c in CASES]
-_cache: list = []
-
-
-def _results() -> list[list[dict]]:
-    if not _cache:
-        jobs = [(name, options, STEPS, cfg) for _, name, options, cfg, _ in CASES]
-        _cache.append(run_spmd(diffusers_pipeline_job, 2, jobs, timeout=900))
-    return _cache[0]
+_results = Spawn(CASES, 2, STEPS)
 
 
 _single: dict[str, dict] = {}
@@ -56,11 +48,10 @@ _single: dict[str, dict] = {}
 
 def result_of(case: str) -> dict:
     """Rank 0's result of ``case`` (from this file's run when it ran, else a run of that case alone)."""
-    if _cache:
+    if _results.results is not None:
         return _results()[0][IDS.index(case)]
     if case not in _single:
-        _, name, options, cfg, _ = CASES[IDS.index(case)]
-        _single[case] = run_spmd(diffusers_pipeline_job, 2, [(name, options, STEPS, cfg)], timeout=900)[0][0]
+        _single[case] = Spawn([CASES[IDS.index(case)]], 2, STEPS)()[0][0]
     return _single[case]
 
 

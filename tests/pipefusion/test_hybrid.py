@@ -18,8 +18,7 @@ from __future__ import annotations
 import pytest
 
 from tests.pipefusion import test_diffusers_pipelines as alone
-from tests.pipefusion.jobs import diffusers_pipeline_job
-from xdit_compile.testing.harness import run_spmd
+from tests.pipefusion.jobs import Spawn
 
 STEPS = alone.STEPS
 CFG = {"use_cfg_parallel": True}
@@ -37,14 +36,7 @@ CASES = [
     ("ulysses_flux_truecfg_m2_w1", "flux", {**alone._pf(2, 1), **ULYSSES}, True, False, "flux_truecfg_m2_w1"),
 ]
 IDS = [c[0] for c in CASES]
-_cache: list = []
-
-
-def _results() -> list[list[dict]]:
-    if not _cache:
-        jobs = [(name, options, STEPS, cfg) for _, name, options, cfg, _, _ in CASES]
-        _cache.append(run_spmd(diffusers_pipeline_job, 4, jobs, timeout=900))
-    return _cache[0]
+_results = Spawn(CASES, 4, STEPS)
 
 
 @pytest.mark.parametrize("case", IDS)
@@ -66,9 +58,10 @@ def test_batch_halves_pipeline_separately(case: str) -> None:
         peer = rank + 1 if rank % 2 == 0 else rank - 1
         kinds = {(kind, p) for kind, p, _ in r["p2p"]}
         assert kinds == ({("send", peer), ("broadcast", peer)} if rank % 2 == 0 else {("recv", peer), ("broadcast", rank)})
-    # Each pipeline carries half the batch: half of PipeFusion alone's boundary bytes.
-    ref = alone._results()[0][alone.IDS.index(CASES[i][5] or "pixart_m1")]
-    assert 2 * results[0][i]["boundary_bytes"][0] == ref["boundary_bytes"][0] or CASES[i][5] is None
+    # Each pipeline carries half the batch: half of PipeFusion alone's boundary bytes (to 1%:
+    # a few small values without a batch dim, 64 bytes on pixart, cross whole).
+    ref = alone.result_of(CASES[i][5] or "pixart_m1")["boundary_bytes"][0]
+    assert abs(2 * results[0][i]["boundary_bytes"][0] - ref) <= 0.01 * ref, (results[0][i]["boundary_bytes"], ref)
 
 
 @pytest.mark.parametrize("case", [c for c in IDS if c.startswith("ulysses")])

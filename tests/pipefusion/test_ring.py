@@ -26,7 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from tests.pipefusion import test_diffusers_pipelines as alone
-from tests.pipefusion.jobs import diffusers_pipeline_job
+from tests.pipefusion.jobs import Spawn
 from xdit_compile.graph import op_name
 from xdit_compile.pipefusion import kv
 from xdit_compile.testing.harness import run_spmd
@@ -178,14 +178,7 @@ CASES = [
     ("ring_flux_truecfg_m1", "flux", {**alone._pf(1, 1), **RING}, True, True, None),
 ]
 IDS = [c[0] for c in CASES]
-_cache: list = []
-
-
-def _results() -> list[list[dict]]:
-    if not _cache:
-        jobs = [(name, options, STEPS, cfg) for _, name, options, cfg, _, _ in CASES]
-        _cache.append(run_spmd(diffusers_pipeline_job, 4, jobs, timeout=900))
-    return _cache[0]
+_results = Spawn(CASES, 4, STEPS)
 
 
 @pytest.mark.parametrize("case", IDS)
