@@ -169,6 +169,16 @@ class Spawn:
         return self.results
 
 
+def check_p2p_neighbours(r: dict, rank: int, m: int) -> None:
+    """2 ranks: stage 0 only sends to 1, stage 1 only receives from 0 (one transfer per full
+    call, one per patch otherwise); both take part in the output broadcast from rank 1."""
+    kinds = {(kind, peer) for kind, peer, _ in r["p2p"]}
+    expected = {("send", 1), ("broadcast", 1)} if rank == 0 else {("recv", 0), ("broadcast", 1)}
+    assert kinds == expected, r["p2p"]
+    transfers = sum(1 for kind, _, _ in r["p2p"] if kind in ("send", "recv"))
+    assert transfers == sum(1 if full else m for _, _, full in r["calls"])
+
+
 EXACT = 1e-4  # M = 1, or warmup covering every step
 STALE_BOUND = 1e-2  # W = 1 with M = 2, 4: the bound stated in docs/pipefusion.md
 
