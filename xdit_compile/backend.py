@@ -153,7 +153,8 @@ def graph_facts(gm: fx.GraphModule) -> tuple[int | None, int | None]:
     return batch, heads
 
 
-def _axes(plan: ParallelPlan, rank: int) -> list[Axis]:
+def mesh_axes(plan: ParallelPlan, rank: int) -> list[Axis]:
+    """The logical axes (batch, then sp) this rank's passes lower, with their process groups."""
     groups = plan_mod.process_groups(plan)
     axes = []
     for name in ("batch", "sp"):
@@ -200,7 +201,7 @@ def xdit_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: dic
         # PipeFusion splits the graph into stages and lowers Ulysses inside each stage.
         from .pipefusion import pipefusion_backend
 
-        batch_axes = [a for a in _axes(plan, rank) if a.name == "batch"]
+        batch_axes = [a for a in mesh_axes(plan, rank) if a.name == "batch"]
         original = _copy(gm)
         try:
             run_passes(gm, State(plan, example_inputs, rank, batch_axes, report),
@@ -211,7 +212,7 @@ def xdit_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: dic
             report.axes.clear()
             log.warning("xdit: %s; every batch group pipelines the whole batch", e)
         return pipefusion_backend(gm, example_inputs, plan, report, _inner)
-    state = State(plan, example_inputs, rank, _axes(plan, rank), report)
+    state = State(plan, example_inputs, rank, mesh_axes(plan, rank), report)
     passes: list[tuple[str, PassFn]] = [("recognise", _recognise), ("annotations", _annotations)]
     for i, axis in enumerate(state.axes):
         passes += _axis_passes(axis)

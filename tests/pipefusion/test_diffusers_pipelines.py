@@ -55,13 +55,15 @@ def result_of(case: str) -> dict:
     return _single[case]
 
 
-def check_like_alone(case: str, results: list[list[dict]], i: int, options: dict, exact: bool,
-                     same_as: str | None) -> None:
+def check_like_alone(case: str, cases: list[tuple], results: list[list[dict]]) -> None:
     """A hybrid's image on every rank: exact, or stale with PipeFusion alone's error (to 1e-6).
 
-    With SP or a batch split beside it, patch ``i`` covers the same tokens as with PipeFusion
-    alone, so the stale-K/V error must be the same as ``same_as``'s on 2 ranks.
+    ``cases`` rows: (id, pipeline, options, true CFG, exact?, the 2-rank case with the same
+    patches). With SP or a batch split beside it, patch ``i`` covers the same tokens as with
+    PipeFusion alone, so the stale-K/V error must be the same as that case's on 2 ranks.
     """
+    i = [c[0] for c in cases].index(case)
+    _, _, options, _, exact, same_as = cases[i]
     for per_rank in results:
         r = per_rank[i]
         check_image(case, r, exact)

@@ -183,9 +183,7 @@ _results = Spawn(CASES, 4, STEPS)
 
 @pytest.mark.parametrize("case", IDS)
 def test_image_matches_single_rank(case: str) -> None:
-    i = IDS.index(case)
-    _, _, options, _, exact, same_as = CASES[i]
-    alone.check_like_alone(case, _results(), i, options, exact, same_as)
+    alone.check_like_alone(case, CASES, _results())
 
 
 @pytest.mark.parametrize("case", IDS)

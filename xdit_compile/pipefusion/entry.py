@@ -175,17 +175,12 @@ def _block_weights(gm: fx.GraphModule, cuts: Any, example_inputs: Sequence[Any])
 def _sp_axis(plan: ParallelPlan, rank: int) -> Axis | None:
     """The sequence-parallel axis (ring x Ulysses) that runs inside each stage (None without one).
 
-    The sub-groups are named only when both degrees are > 1 (as ``backend._axes`` does); with
-    one of them, the sp group is that group (``programs.sp_groups``).
+    The core's own sp axis: sub-groups are named only when both degrees are > 1; with one of
+    them, the sp group is that group (``programs.sp_groups``).
     """
-    if plan.degree("sp") <= 1:
-        return None
-    groups = plan_mod.process_groups(plan)
-    u, r = plan.degree("ulysses"), plan.degree("ring")
-    sub = {}
-    if u > 1 and r > 1:
-        sub = dict(ulysses_group=groups["ulysses"].group_name, ring_group=groups["ring"].group_name)
-    return Axis("sp", plan.degree("sp"), plan.axis_rank("sp", rank), groups["sp"].group_name, ulysses=u, ring=r, **sub)
+    from ..backend import mesh_axes
+
+    return next((a for a in mesh_axes(plan, rank) if a.name == "sp"), None)
 
 
 def pipefusion_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], plan: ParallelPlan,

@@ -87,10 +87,10 @@ class PatchLayout:
         per_patch = self.reads.get(index)
         if not per_patch:
             return None
-        dims = {d for r in per_patch for d in r}
-        split = [d for d in dims if any(d not in r or not torch.equal(r[d], per_patch[0].get(d, r[d]))
-                                        for r in per_patch)]
-        if len(split) != 1 or any(split[0] not in r for r in per_patch):
+        if any(set(r) != set(per_patch[0]) for r in per_patch):
+            return None  # some patch reads a dim whole that another slices
+        split = [d for d in per_patch[0] if any(not torch.equal(r[d], per_patch[0][d]) for r in per_patch)]
+        if len(split) != 1:
             return None
         return split[0], [r[split[0]] for r in per_patch]
 
