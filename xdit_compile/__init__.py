@@ -11,13 +11,13 @@ from __future__ import annotations
 
 from .annotate import replicate, shard
 from .backend import xdit_backend
-from .errors import CollectiveError, PassError, PlanError, ShardingError, XditError
+from .errors import CollectiveError, GradientError, PassError, PlanError, ShardingError, XditError
 from .placements import Partial, Replicate, Shard
 from .plan import ParallelPlan
 from .report import PlanReport, clear_reports, reports
 
 __all__ = [
-    "CollectiveError", "ParallelPlan", "Partial", "PassError", "PlanError", "PlanReport", "Replicate",
+    "CollectiveError", "GradientError", "ParallelPlan", "Partial", "PassError", "PlanError", "PlanReport", "Replicate",
     "Shard", "ShardingError", "XditError", "clear_reports", "replicate", "reports", "shard", "xdit_backend",
 ]
 __version__ = "0.1.0"

@@ -21,12 +21,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+import torch
 import torch.distributed as dist
 import torch.fx as fx
 
 from . import plan as plan_mod
 from .axis import Axis
 from .errors import PassError, PlanError, XditError
+from .gradients import guard_backward, needs_guard
 from .graph import input_label, is_tensor, is_user_input, op_name, shape, value
 from .passes.choose_seeds import choose_seeds
 from .passes.lower import lower
@@ -178,6 +180,14 @@ def _inner(plan: ParallelPlan, gm: fx.GraphModule, example_inputs: Sequence[Any]
     return compile_fx(gm, example_inputs)
 
 
+def _guarded(plan: ParallelPlan, example_inputs: Sequence[Any], build: Callable[[], Callable]) -> Callable:
+    """``build()``'s program; traced for autograd, it is built for inference and refuses backward."""
+    if not needs_guard(example_inputs):
+        return build()
+    with torch.no_grad():
+        return guard_backward(build(), plan.describe())
+
+
 def xdit_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: dict | None = None, **_: Any) -> Callable:
     """Rewrite a Dynamo graph into this rank's parallel program and compile it."""
     plan = ParallelPlan.from_options(options)
@@ -211,7 +221,7 @@ def xdit_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: dic
             gm = original
             report.axes.clear()
             log.warning("xdit: %s; every batch group pipelines the whole batch", e)
-        return pipefusion_backend(gm, example_inputs, plan, report, _inner)
+        return _guarded(plan, example_inputs, lambda: pipefusion_backend(gm, example_inputs, plan, report, _inner))
     state = State(plan, example_inputs, rank, mesh_axes(plan, rank), report)
     passes: list[tuple[str, PassFn]] = [("recognise", _recognise), ("annotations", _annotations)]
     for i, axis in enumerate(state.axes):
@@ -239,7 +249,9 @@ def xdit_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: dic
     publish(report)
     if os.environ.get("XDIT_KEEP_GRAPHS", "0") == "1":
         _GRAPHS.append((report, gm, list(example_inputs)))
-    return _inner(plan, gm, example_inputs)
+    if not any(ax.collectives for ax in report.axes):
+        return _inner(plan, gm, example_inputs)  # nothing moves between ranks: autograd through it is exact
+    return _guarded(plan, example_inputs, lambda: _inner(plan, gm, example_inputs))
 
 
 # (report, per-rank graph, example inputs) of each compiled graph, kept only when

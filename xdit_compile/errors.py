@@ -21,3 +21,7 @@ class PassError(XditError):
 
 class CollectiveError(XditError):
     """A collective was called with arguments that cannot work (shapes, sizes, group)."""
+
+
+class GradientError(XditError):
+    """Backward through a rewritten (multi-rank) graph, which has no gradient rules yet."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import operator
 from typing import Any
 
@@ -102,3 +103,76 @@ def arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
     if index < len(node.args):
         return node.args[index]
     return default
+
+
+# In-place-looking names that do not write their first argument's data.
+_NOT_MUTATING = frozenset({"requires_grad_", "and_", "or_", "xor_", "not_", "is_", "is_not_"})
+_AUGMENTED = frozenset({"setitem", "iadd", "isub", "imul", "itruediv"})
+
+
+def _inplace_flag(node: fx.Node) -> bool:
+    """``inplace=True`` given by keyword or by position (``F.relu(x, True)``)."""
+    if node.kwargs.get("inplace") is True:
+        return True
+    if node.op != "call_function" or len(node.args) < 2:
+        return False
+    try:
+        params = list(inspect.signature(node.target).parameters)
+    except (TypeError, ValueError):
+        return False
+    if "inplace" not in params:
+        return False
+    i = params.index("inplace")
+    return i < len(node.args) and node.args[i] is True
+
+
+def _schema_writes(node: fx.Node) -> list[fx.Node]:
+    """Arguments an operator's schema marks as written (``Tensor(a!)``): custom ops with mutable args."""
+    schema = getattr(node.target, "_schema", None)
+    if schema is None:
+        return []
+    out = []
+    for i, a in enumerate(schema.arguments):
+        if a.alias_info is None or not a.alias_info.is_write:
+            continue
+        x = node.args[i] if i < len(node.args) else node.kwargs.get(a.name)
+        out.extend(t for t in (x if isinstance(x, (tuple, list)) else (x,)) if isinstance(t, fx.Node))
+    return out
+
+
+def written_inputs(node: fx.Node) -> list[fx.Node]:
+    """The input nodes whose data ``node`` writes: every in-place spelling Dynamo produces.
+
+    ``x.add_(y)`` / ``torch.relu_(x)`` (names ending in ``_``), ``x[i] = y`` / ``x += y``,
+    ``F.silu(x, inplace=True)``, ``torch.add(a, b, out=c)``, and operators whose schema marks an
+    argument mutable (``torch.library.custom_op(..., mutates_args=...)``).
+    """
+    if node.op not in ("call_function", "call_method"):
+        return []
+    out: list[fx.Node] = []
+    first = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+    name = op_name(node)
+    if first is not None and name and (
+        (name.endswith("_") and not name.startswith("_") and name not in _NOT_MUTATING) or name in _AUGMENTED
+        or _inplace_flag(node)
+    ):
+        out.append(first)
+    dest = node.kwargs.get("out")
+    out.extend(t for t in (dest if isinstance(dest, (tuple, list)) else (dest,)) if isinstance(t, fx.Node))
+    if node.op == "call_function":
+        out.extend(_schema_writes(node))
+    return list(dict.fromkeys(out))
+
+
+def has_side_effects(node: fx.Node) -> bool:
+    """Whether removing ``node`` could change the program even if nothing reads its result.
+
+    fx's own ``Node.is_impure`` misses in-place methods (``x.masked_fill_(m, v)`` as a statement)
+    and ``inplace=True`` keywords; every pass that eliminates dead code must use this instead.
+    """
+    return node.is_impure() or bool(written_inputs(node))
+
+
+def eliminate_dead_code(graph: fx.Graph) -> bool:
+    """``graph.eliminate_dead_code`` that never drops a node with side effects."""
+    return graph.eliminate_dead_code(is_impure_node=has_side_effects)

@@ -29,7 +29,7 @@ from torch.fx.node import map_arg
 
 from ..axis import Axis
 from ..errors import ShardingError
-from ..graph import shape, value
+from ..graph import eliminate_dead_code, shape, value
 from ..placements import REPLICATE, Partial, Placement, Replicate, Shard, fmt, global_order, local_sizes, pieces
 from ..rules.attention import sdpa_args
 from ..runtime import attention as rt_attention
@@ -267,7 +267,7 @@ class _Lowerer:
 def lower(gm: fx.GraphModule, prop: Propagation, axis: Axis) -> Lowered:
     """Rewrite ``gm`` in place into this rank's program for ``axis``; see the module docstring."""
     out = _Lowerer(gm, prop, axis).run()
-    gm.graph.eliminate_dead_code()
+    eliminate_dead_code(gm.graph)
     gm.graph.lint()
     gm.recompile()
     return out

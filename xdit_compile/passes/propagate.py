@@ -18,13 +18,10 @@ import torch
 import torch.fx as fx
 
 from ..errors import ShardingError
-from ..graph import has_symbolic_shape, is_tensor, op_name, shape, value
+from ..graph import has_symbolic_shape, is_tensor, op_name, shape, value, written_inputs
 from ..placements import REPLICATE, Partial, Placement, Replicate, Shard, fmt, local_length
 from ..rules.core import Decision, OpView, replicate_all
 from ..rules.table import RULES
-
-# In-place ops that do not write their first argument's data (and operator names ending in "_").
-_NOT_MUTATING = {"requires_grad_", "and_", "or_", "xor_", "not_", "is_", "is_not_"}
 
 # Ops whose result may share storage with their first argument (a write through one is seen
 # through the other). Over-approximate: ``float``/``contiguous``/``reshape`` only alias when
@@ -65,11 +62,6 @@ class Propagation:
         # collectives (per-layer K/V of text) more expensive than the projections they save.
         # Each collective also costs a fixed latency worth a few million flops.
         return self.compute + FLOPS_PER_BYTE * self.comm_bytes + FLOPS_PER_COLLECTIVE * self.collectives
-
-
-def _is_mutating(name: str | None) -> bool:
-    return bool(name) and ((name.endswith("_") and not name.startswith("_") and name not in _NOT_MUTATING)
-                           or name in ("setitem", "iadd", "isub", "imul", "itruediv"))
 
 
 def _numel(v: Any) -> int:
@@ -167,16 +159,20 @@ def propagate(
             continue
         name = op_name(node)
         d = _decide(node, name, pl, n, forced)
-        if _is_mutating(name) and node.args and isinstance(node.args[0], fx.Node) and (
-            node.args[0] in d.needs or (d.note is not None and not isinstance(pl.get(node.args[0]), Replicate))
-        ):
-            # A write into a shard must be a rule's local write; anything else (a write into
-            # a gathered copy, or a write at global offsets into a local shard) is wrong.
-            raise WholeGraphFallback(
-                f"in-place op {name} on node {node.name} would write a redistributed copy or the wrong part of "
-                f"{node.args[0]} (placement {fmt(pl.get(node.args[0]))}"
-                + (f" -> {fmt(d.needs[node.args[0]])})" if node.args[0] in d.needs else ", written at global offsets)")
-            )
+        for w in written_inputs(node):
+            have = pl.get(w)
+            # A write into a shard must be a rule's local write of the placement the rule gives
+            # its result; anything else (a write into a gathered copy, at global offsets into a
+            # local shard, or an ``out=`` tensor placed unlike the result) is wrong.
+            moved = w in d.needs
+            if moved or (d.note is not None and not isinstance(have, Replicate)) or (
+                isinstance(d.out, (Replicate, Shard, Partial)) and d.out != have
+            ):
+                raise WholeGraphFallback(
+                    f"in-place op {name} on node {node.name} would write a redistributed copy or the wrong part of "
+                    f"{w.name} (placement {fmt(have)}"
+                    + (f" -> {fmt(d.needs[w])})" if moved else f", result {fmt(d.out)})")
+                )
         pl[node] = d.out
         decisions[node] = d
         if d.note:
@@ -210,7 +206,7 @@ def _check_aliasing(gm: fx.GraphModule, result: Propagation) -> None:
     * a sharded input (its local slice is a copy) belongs to a written group.
     """
     nodes = list(gm.graph.nodes)
-    writes = [n for n in nodes if _is_mutating(op_name(n)) and n.args and isinstance(n.args[0], fx.Node)]
+    writes = {n: w for n in nodes if (w := written_inputs(n))}
     if not writes:
         return
     pos = {n: i for i, n in enumerate(nodes)}
@@ -223,16 +219,18 @@ def _check_aliasing(gm: fx.GraphModule, result: Propagation) -> None:
 
     def aliases_arg0(n: fx.Node) -> bool:
         name = op_name(n)
-        return bool(n.args) and isinstance(n.args[0], fx.Node) and (name in _MAY_ALIAS or _is_mutating(name))
+        return bool(n.args) and isinstance(n.args[0], fx.Node) and (name in _MAY_ALIAS or n.args[0] in writes.get(n, ()))
 
     for n in nodes:
-        if aliases_arg0(n):
-            a, b = root(n), root(n.args[0])
+        # A write's result aliases what it writes (``out=`` returns the ``out`` tensor).
+        for t in ([n.args[0]] if aliases_arg0(n) else []) + writes.get(n, []):
+            a, b = root(n), root(t)
             if a is not b:
                 parent[a] = b
     written: dict[fx.Node, list[int]] = {}
-    for w in writes:
-        written.setdefault(root(w.args[0]), []).append(pos[w])
+    for w, targets in writes.items():
+        for t in targets:
+            written.setdefault(root(t), []).append(pos[w])
     for ph, p in result.seeds.items():
         if root(ph) in written and not isinstance(p, Replicate):
             raise WholeGraphFallback(f"input {ph.name} is written in place but would be sharded (a copy)")
@@ -258,7 +256,7 @@ def _decide(node: fx.Node, name: str | None, pl: dict[fx.Node, Any], n: int, for
     v = value(node)
     tensor_out = isinstance(v, torch.Tensor) or (
         isinstance(v, (tuple, list)) and any(isinstance(x, torch.Tensor) for x in v))
-    writes = _is_mutating(name)
+    writes = bool(written_inputs(node))
     if not tensor_out and not writes:
         # Sizes, dtypes, devices: the lowering pins them to their global values.
         return Decision(None)

@@ -40,7 +40,7 @@ from torch.utils._pytree import tree_flatten
 
 from ..axis import Axis
 from ..errors import PassError, PlanError
-from ..graph import op_name, shape
+from ..graph import eliminate_dead_code, op_name, shape
 from ..passes.choose_seeds import choose_seeds
 from ..passes.lower import lower
 from ..passes.refresh_meta import refresh_meta
@@ -270,7 +270,7 @@ def patch_program(gm: fx.GraphModule, m: int, i: int, batch: int | None, example
             out.replace_input_with(leaf, x)
         else:
             gathers.append(None)
-    graph.eliminate_dead_code()
+    eliminate_dead_code(graph)
     for n in graph.nodes:
         if any(a == PATCH_GROUP for a in (*n.args, *n.kwargs.values())):
             raise Unsupported(f"{n.name} ({op_name(n)}) needs every patch at once (a collective over the tokens)")
