@@ -29,7 +29,7 @@ from . import plan as plan_mod
 from .axis import Axis
 from .errors import PassError, PlanError, XditError
 from .gradients import guard_backward, needs_guard
-from .graph import input_label, is_tensor, is_user_input, op_name, shape, value
+from .graph import arg, input_label, is_tensor, is_user_input, op_name, shape, value
 from .passes.choose_seeds import choose_seeds
 from .passes.lower import lower
 from .passes.propagate import WholeGraphFallback
@@ -38,6 +38,7 @@ from .passes.refresh_meta import refresh_meta
 from .placements import REPLICATE, Shard
 from .plan import ParallelPlan
 from .report import AxisReport, PlanReport, publish, reports
+from .specialize import per_shape, symbolic_inputs
 
 log = logging.getLogger("xdit_compile")
 
@@ -60,10 +61,21 @@ PassFn = Callable[[fx.GraphModule, State], bool]
 def run_passes(gm: fx.GraphModule, state: State, passes: Sequence[tuple[str, PassFn]]) -> None:
     """Run ``passes`` in order; errors name the failing pass and those that ran before it."""
     disabled = {p for p in os.environ.get("XDIT_DISABLE_PASSES", "").split(",") if p}
+    known = {n for name, _ in passes for n in (name, name.split(":")[0])}
+    if disabled - known:
+        log.warning("xdit: XDIT_DISABLE_PASSES names no pass %s; passes: %s",
+                    sorted(disabled - known), ", ".join(name for name, _ in passes))
     done: list[str] = []
+    skipped: set[str] = set()
     for name, fn in passes:
         if name in disabled or name.split(":")[0] in disabled:
             log.info("xdit: pass %s disabled by XDIT_DISABLE_PASSES", name)
+            skipped.add(name)
+            continue
+        if _requires(name) in skipped:
+            log.warning("xdit: pass %s skipped too: it needs pass %s, which XDIT_DISABLE_PASSES disables",
+                        name, _requires(name))
+            skipped.add(name)
             continue
         start = time.perf_counter()
         try:
@@ -74,6 +86,30 @@ def run_passes(gm: fx.GraphModule, state: State, passes: Sequence[tuple[str, Pas
             raise PassError(f"xdit pass {name!r} failed after passes {done or 'none'}: {type(e).__name__}: {e}") from e
         state.report.pass_seconds[name] = time.perf_counter() - start
         done.append(name)
+
+
+def random_ops(gm: fx.GraphModule) -> list[str]:
+    """Nodes that draw random numbers (train-mode dropout): each rank draws its own, unlike one rank."""
+    found = []
+    for node in gm.graph.nodes:
+        name = op_name(node)
+        p = training = None
+        if name in ("dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout"):
+            p, training = arg(node, 1, "p", 0.5), arg(node, 2, "training", True)
+        elif name == "scaled_dot_product_attention":
+            p, training = arg(node, 4, "dropout_p", 0.0), True
+        if isinstance(p, (int, float)) and p > 0 and training is not False:
+            found.append(f"{node.name} ({name}, p={p}) draws random numbers in training mode: ranks draw "
+                         "different masks than one rank would; call model.eval() (or set the dropout "
+                         "probability to 0) for inference")
+    return found
+
+
+def _requires(name: str) -> str | None:
+    """The pass whose result ``name`` reads (lowering needs that axis's plan, refreshing its lowering)."""
+    kind, _, axis = name.partition(":")
+    dep = {"lower": "plan", "refresh": "lower"}.get(kind)
+    return f"{dep}:{axis}" if dep else None
 
 
 # ---------------------------------------------------------------------- passes
@@ -117,15 +153,16 @@ def _axis_passes(axis: Axis) -> list[tuple[str, PassFn]]:
         lowered = lower(gm, prop, axis)
         ar = AxisReport(axis.name, axis.n)
         ar.seeds = [(input_label(n), str(p)) for n, p in prop.seeds.items()]
+        ar.forced = [(input_label(m.args[0]), str(p)) for m, p in state.forced.get(axis.name, {}).items()]
         ar.replicated = [(n.name, str(op_name(n)), why) for n, why in prop.fallbacks]
         ar.attention = lowered.attention
         ar.collectives = lowered.collectives
+        refused = any(n.op == "placeholder" for n, _ in prop.fallbacks)
         if not prop.seeds and not state.forced.get(axis.name):
-            ar.note = (
-                f"nothing to split on the {axis.name} axis: every rank of it computes the same thing"
-                + (" (batch too small: a pipeline that calls the model once per CFG half gives it"
-                   " batch 1; see docs/pipelines.md)" if axis.name == "batch" else "")
-            )
+            ar.note = f"nothing to split on the {axis.name} axis: every rank of it computes the same thing" + (
+                " (every input split was refused: see the replicated inputs below)" if refused else
+                " (batch too small: a pipeline that calls the model once per CFG half gives it"
+                " batch 1; see docs/pipelines.md)" if axis.name == "batch" else "")
         state.report.axes.append(ar)
         return True
 
@@ -199,10 +236,16 @@ def xdit_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: dic
             )
         return _inner(plan, gm, example_inputs)
     world, rank = dist.get_world_size(), dist.get_rank()
+    if world > 1 and symbolic_inputs(gm):  # a new shape under dynamic=None: one static program per shape
+        return per_shape(gm, example_inputs, plan.resolve(world, *graph_facts(gm)),
+                         lambda g, ex: xdit_backend(g, ex, options), _inner)
     batch, heads = graph_facts(gm)
     plan = plan.resolve(world, batch, heads)
     graph_name = f"graph {len(reports())}"
     report = PlanReport(graph_name, plan.describe(), rank, world, len(gm.graph.nodes))
+    report.warnings = random_ops(gm)
+    for w in report.warnings:
+        log.warning("xdit: %s", w)
     if world == 1:
         publish(report)
         return _inner(plan, gm, example_inputs)
