@@ -30,6 +30,11 @@ def shard(x: torch.Tensor, dim: int, axis: str = "sp") -> torch.Tensor:
     """Mark ``x`` as split along ``dim`` over ``axis`` (``"sp"``: sequence ranks, ``"batch"``)."""
     if axis not in AXES:
         raise PlanError(f"annotation axis must be one of {AXES}, got {axis!r}")
+    if not isinstance(dim, int) or isinstance(dim, bool) or not -x.dim() <= dim < x.dim():
+        raise PlanError(
+            f"xdit_compile.shard: dim {dim!r} is out of range for a tensor of shape {tuple(x.shape)} "
+            f"(give a dim in [{-x.dim()}, {x.dim() - 1}])"
+        )
     return _mark(x, axis, dim % x.dim())
 
 

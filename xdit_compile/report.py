@@ -18,6 +18,7 @@ class AxisReport:
     axis: str
     degree: int
     seeds: list[tuple[str, str]] = field(default_factory=list)  # (input, placement)
+    forced: list[tuple[str, str]] = field(default_factory=list)  # (annotated value, placement)
     attention: list[tuple[str, str, str]] = field(default_factory=list)  # (node, kind, lowering)
     replicated: list[tuple[str, str, str]] = field(default_factory=list)  # (node, op, why)
     collectives: list[tuple[str, str, int]] = field(default_factory=list)  # (kind, node, bytes/call)
@@ -35,6 +36,7 @@ class PlanReport:
     nodes: int
     axes: list[AxisReport] = field(default_factory=list)
     fallback: str | None = None  # why the whole graph runs replicated, if it does
+    warnings: list[str] = field(default_factory=list)  # what may differ from one rank (e.g. train-mode dropout)
     recognised: dict[str, int] = field(default_factory=dict)  # role -> count
     pass_seconds: dict[str, float] = field(default_factory=dict)
 
@@ -44,9 +46,12 @@ class PlanReport:
             lines.append("  recognised: " + ", ".join(f"{k} x{v}" for k, v in sorted(self.recognised.items())))
         if self.fallback:
             lines.append(f"  WHOLE GRAPH REPLICATED: {self.fallback}")
+        lines.extend(f"  WARNING: {w}" for w in self.warnings)
         for ax in self.axes:
             lines.append(f"  axis {ax.axis} (degree {ax.degree})")
             lines.append("    sharded inputs: " + (", ".join(f"{i} {p}" for i, p in ax.seeds) or "none"))
+            if ax.forced:
+                lines.append("    annotated: " + ", ".join(f"{i} {p}" for i, p in ax.forced))
             if ax.note:
                 lines.append(f"    NOTE: {ax.note}")
             for node, kind, how in ax.attention:

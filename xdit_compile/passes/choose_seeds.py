@@ -57,18 +57,16 @@ def choose_seeds(
     seeds = dict(fixed or {})
     best = propagate(gm, n, seeds, forced)
     pool = [c for c in candidates(gm, n, batch_axis, batch) if c[0] not in seeds]
+    refused: dict[fx.Node, str] = {}
     while pool:
         trials = []
-        refused: list[tuple[fx.Node, str]] = []
         for node, p in pool:
             try:
                 trials.append((propagate(gm, n, {**seeds, node: p}, forced), node, p))
             except WholeGraphFallback as e:
-                refused.append((node, f"input not sharded as {p}: {e}"))
+                refused.setdefault(node, f"input not sharded as {p}: {e}")
                 continue
         if not trials:
-            if not seeds:
-                best.fallbacks.extend(refused[:1])  # nothing could be sharded: say why in the report
             break
         if seeds or any(getattr(fp, "dim", None) is not None for fp in (forced or {}).values()):
             prop, node, p = min(trials, key=lambda t: t[0].cost)
@@ -84,4 +82,7 @@ def choose_seeds(
         seeds[node] = p
         best = prop
         pool = [c for c in pool if c[0] is not node]
+    if not seeds:
+        # Nothing was sharded: say which inputs could not be, and why, in the report.
+        best.fallbacks.extend(refused.items())
     return best
