@@ -23,7 +23,7 @@ from torch.utils._pytree import tree_flatten
 from .. import plan as plan_mod
 from ..axis import Axis
 from ..errors import PlanError
-from ..graph import has_symbolic_shape, is_tensor, is_user_input, op_name, value
+from ..graph import has_symbolic_shape, input_label, is_tensor, is_user_input, op_name, value
 from ..plan import ParallelPlan
 from ..report import AxisReport, PlanReport, publish
 from . import p2p
@@ -37,6 +37,11 @@ from .stream import PatchLayout
 log = logging.getLogger("xdit_compile")
 
 _SETTINGS = {"free_unused_parameters": True}
+
+# Cut points chosen earlier: (stages, units, ids of the weights the graph reads, cut indices). A later
+# graph over the same weights (a new shape, compiled by ``specialize.PerShape``) reuses them, so each
+# rank keeps exactly the weights it kept: the first compile freed the storage of the others.
+_CHOSEN: list[tuple[int, int, frozenset[int], list[int]]] = []
 
 
 def configure(*, free_unused_parameters: bool | None = None) -> None:
@@ -100,7 +105,9 @@ def _check_plan(plan: ParallelPlan, gm: fx.GraphModule) -> list[str]:
     """Refuse symbolic shapes; drop the annotation marks, returning a note on the ones ignored."""
     for n in gm.graph.nodes:
         if n.op == "placeholder" and (has_symbolic_shape(n) or isinstance(value(n), torch.SymInt)):
-            raise PlanError("pipefusion needs static shapes: compile with torch.compile(..., dynamic=False)")
+            raise PlanError(
+                f"pipefusion needs static shapes, but input {input_label(n)} of this graph has symbolic sizes "
+                f"{tuple(value(n).shape) if is_tensor(n) else value(n)}: compile with torch.compile(..., dynamic=False)")
     ignored = []
     for n in list(gm.graph.nodes):
         if op_name(n) == "mark":
@@ -125,6 +132,41 @@ def _usable_inputs(example_inputs: Sequence[Any]) -> list[Any]:
     return out
 
 
+def _weight_ids(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> frozenset[int]:
+    phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    return frozenset(id(example_inputs[i]) for i, n in enumerate(phs)
+                     if isinstance(example_inputs[i], torch.Tensor) and not is_user_input(n))
+
+
+def _cuts_for(gm: fx.GraphModule, example_inputs: Sequence[Any], unit_costs: list[float], stages: int,
+              what: str) -> list[int]:
+    """``balance``'s cuts, or those of an earlier graph over the same weights with as many units.
+
+    The unit costs change with the shape (attention grows faster than the rest), so a new shape
+    could otherwise move a block to a stage whose rank already freed that block's weights.
+    """
+    ids = _weight_ids(gm, example_inputs)
+    for s, units, seen, chosen in reversed(_CHOSEN):
+        if s == stages and units == len(unit_costs) and ids & seen:
+            return list(chosen)
+    chosen = balance(unit_costs, stages, what)
+    _CHOSEN.append((stages, len(unit_costs), ids, list(chosen)))
+    return chosen
+
+
+def _check_kept(gm: fx.GraphModule, example_inputs: Sequence[Any], used: set[int]) -> None:
+    """Refuse to run a stage that reads weights an earlier compile freed (never read zeros)."""
+    phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    freed = [input_label(phs[i]) for i in sorted(used) if isinstance(example_inputs[i], torch.Tensor)
+             and example_inputs[i].numel() and example_inputs[i].untyped_storage().nbytes() == 0]
+    if freed:
+        raise PlanError(
+            f"pipefusion: this rank's stage of graph needs weights that an earlier PipeFusion compile on this "
+            f"rank freed ({', '.join(freed[:4])}{' and more' if len(freed) > 4 else ''}): call "
+            "xdit_compile.pipefusion.configure(free_unused_parameters=False) before the first compile when "
+            "the same model is compiled again (e.g. at a new shape) with different stages")
+
+
 def _step_inputs(gm: fx.GraphModule) -> list[int]:
     """Flat indices of small user tensor inputs (timestep, guidance): their values name a step."""
     phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -140,12 +182,16 @@ def _free(example_inputs: Sequence[Any], gm: fx.GraphModule, used: set[int]) -> 
     """Free the storage of parameters/buffers this rank does not read; (kept, total) bytes."""
     phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
     weights = [i for i, n in enumerate(phs) if isinstance(example_inputs[i], torch.Tensor) and not is_user_input(n)]
-    kept_storages = {example_inputs[i].untyped_storage().data_ptr() for i in weights if i in used}
+    def storage(x: torch.Tensor) -> int:
+        # Storages an earlier compile freed all have address 0: tell them apart by tensor.
+        return x.untyped_storage().data_ptr() or -id(x)
+
+    kept_storages = {storage(example_inputs[i]) for i in weights if i in used}
     seen: set[int] = set()
     kept = total = 0
     for i in weights:
         x = example_inputs[i]
-        ptr = x.untyped_storage().data_ptr()
+        ptr = storage(x)
         nbytes = x.numel() * x.element_size()
         if ptr in seen:
             continue
@@ -209,7 +255,7 @@ def pipefusion_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], plan: 
         report.fallback = "pipefusion: no attention in this graph, so no blocks to stage; runs replicated"
         publish(report)
         return inner(plan, gm, example_inputs)
-    chosen = balance(cuts.unit_costs, stages, cuts.describe())
+    chosen = _cuts_for(gm, example_inputs, cuts.unit_costs, stages, cuts.describe())
     mark_stages(gm, cuts.nodes, cuts.positions, chosen)
     stamp_layers(gm)
     bounds = [-1, *chosen, len(cuts.unit_costs) - 1]
@@ -243,6 +289,7 @@ def pipefusion_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], plan: 
     used = set(full_prog.graph.inputs).union(*[p.graph.inputs for p in patch_progs])
     all_full = split_stages(full, stages)
     blocks = _block_weights(gm, cuts, inputs)
+    _check_kept(gm, example_inputs, used)
     kept, total = _free(example_inputs, gm, used)
 
     out = next(n for n in gm.graph.nodes if n.op == "output")
