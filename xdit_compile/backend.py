@@ -26,6 +26,7 @@ import torch.distributed as dist
 import torch.fx as fx
 
 from . import plan as plan_mod
+from .runtime.agreement import checked
 from .axis import Axis
 from .errors import PassError, PlanError, XditError
 from .gradients import guard_backward, needs_guard
@@ -225,6 +226,7 @@ def _guarded(plan: ParallelPlan, example_inputs: Sequence[Any], build: Callable[
         return guard_backward(build(), plan.describe())
 
 
+@checked  # ranks agree on what they compile first; each call checks its inputs and names timeouts
 def xdit_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: dict | None = None, **_: Any) -> Callable:
     """Rewrite a Dynamo graph into this rank's parallel program and compile it."""
     plan = ParallelPlan.from_options(options)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass, fields
+from datetime import timedelta
 from typing import Any, Mapping
 
 import torch.distributed as dist
@@ -34,7 +35,11 @@ _OPTION_TO_FIELD = {
     "num_pipeline_patch": "num_pipeline_patch",
     "warmup_steps": "warmup_steps",
     "inner": "inner",
+    "timeout": "timeout",
+    "check_inputs": "check_inputs",
 }
+# The xDiT flag name of each degree, for messages that tell the user what to pass.
+_FIELD_TO_OPTION = {field: option for option, field in _OPTION_TO_FIELD.items()}
 
 
 @dataclass(frozen=True)
@@ -50,6 +55,11 @@ class ParallelPlan:
         num_pipeline_patch: PipeFusion patches; ``None`` means ``pp``.
         warmup_steps: PipeFusion steps run synchronously before stale K/V is used.
         inner: compiler for the rewritten per-rank graph, ``"inductor"`` or ``"eager"``.
+        timeout: seconds a collective or pipeline transfer of the groups the backend creates
+            (and the ranks' agreement check at compile time) may wait for a peer before it
+            raises; ``None`` keeps the default group's timeout (``init_process_group(timeout=)``).
+        check_inputs: per call, check with one tiny collective that every rank got the same
+            inputs (``runtime/agreement.py``); ``False`` skips it.
     """
 
     dp: int | None = None
@@ -60,30 +70,56 @@ class ParallelPlan:
     num_pipeline_patch: int | None = None
     warmup_steps: int = 1
     inner: str = "inductor"
+    timeout: float | None = None
+    check_inputs: bool = True
 
     def __post_init__(self) -> None:
+        # bool is an int subclass: True would pass as degree 1, so it is refused by name.
         for axis in MESH_AXES:
-            d = getattr(self, axis)
-            if d is not None and (not isinstance(d, int) or d < 1):
-                raise PlanError(f"{axis} degree must be a positive int, got {d!r}")
+            _check_int(axis, getattr(self, axis), 1, "a positive int (1 = off)", optional=True)
         if self.cfg not in (None, 1, 2):
-            raise PlanError(f"cfg degree must be 1 or 2 (cond/uncond halves), got {self.cfg}")
-        if self.inner not in INNER_COMPILERS:
-            raise PlanError(f"inner must be one of {INNER_COMPILERS}, got {self.inner!r}")
-        if self.warmup_steps < 0:
-            raise PlanError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+            raise PlanError(f"cfg degree must be 1 or 2 (the cond/uncond halves; option use_cfg_parallel=True or "
+                            f"False), got {self.cfg!r}")
+        _check_int("num_pipeline_patch", self.num_pipeline_patch, 1,
+                   "a positive int, or None for one patch per pipeline stage", optional=True)
+        _check_int("warmup_steps", self.warmup_steps, 0, "an int >= 0")
+        if not isinstance(self.inner, str) or self.inner not in INNER_COMPILERS:
+            raise PlanError(f"option inner={self.inner!r} is not accepted: use one of {list(INNER_COMPILERS)}")
+        t = self.timeout
+        if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < math.inf):
+            raise PlanError(f"option timeout={t!r} ({type(t).__name__}) is not accepted: use a positive number "
+                            "of seconds (e.g. timeout=60.0), or None for the default group's timeout")
+        if not isinstance(self.check_inputs, bool):
+            raise PlanError(f"option check_inputs={self.check_inputs!r} ({type(self.check_inputs).__name__}) is not "
+                            "accepted: use True or False")
+
+    @property
+    def timeout_delta(self) -> timedelta | None:
+        """``timeout`` as the ``timedelta`` torch.distributed takes (None: the default)."""
+        return None if self.timeout is None else timedelta(seconds=float(self.timeout))
 
     # ---------------------------------------------------------------- construction
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | None) -> "ParallelPlan":
         """Build a plan from ``torch.compile(..., options=...)`` (xDiT flag names)."""
+        if options is not None and not isinstance(options, Mapping):
+            raise PlanError(f"xdit options must be a dict such as {{'ulysses_degree': 2}}, got "
+                            f"{type(options).__name__} {_short(options)}")
         options = dict(options or {})
+        bad_keys = [k for k in options if not isinstance(k, str)]
+        if bad_keys:
+            raise PlanError(f"xdit option names must be strings, got {bad_keys!r}")
         plan = options.pop("plan", None)
         if plan is not None and not isinstance(plan, ParallelPlan):
             raise PlanError(f"options['plan'] must be a ParallelPlan, got {type(plan).__name__}")
         kwargs: dict[str, Any] = {}
         if "use_cfg_parallel" in options:
-            kwargs["cfg"] = 2 if options.pop("use_cfg_parallel") else 1
+            use = options.pop("use_cfg_parallel")
+            # A string such as "false" is truthy: refuse anything but a real bool.
+            if not isinstance(use, bool):
+                raise PlanError(f"option use_cfg_parallel={use!r} ({type(use).__name__}) is not accepted: use "
+                                "True (CFG parallel, degree 2) or False")
+            kwargs["cfg"] = 2 if use else 1
         for key in list(options):
             if key in _OPTION_TO_FIELD:
                 kwargs[_OPTION_TO_FIELD[key]] = options.pop(key)
@@ -146,11 +182,29 @@ class ParallelPlan:
         """Raise ``PlanError`` unless the degrees multiply to ``world_size``."""
         if self.world_size != world_size:
             listing = " x ".join(f"{a}={self.degree(a)}" for a in MESH_AXES)
+            fixes = self._fitting_degrees(world_size)
+            hint = f"change the degrees (e.g. {' or '.join(fixes)}) or " if fixes else ""
             raise PlanError(
                 f"parallel degrees {listing} = {self.world_size} do not multiply to the world size "
-                f"{world_size}; change the degrees (e.g. data_parallel_degree={world_size // math.gcd(world_size, self.world_size)}"
-                f" if it divides) or launch {self.world_size} processes"
+                f"{world_size}; {hint}launch {self.world_size} processes"
             )
+
+    def _fitting_degrees(self, world_size: int) -> list[str]:
+        """Option settings that change one degree so that the product is ``world_size`` (checked)."""
+        out: list[str] = []
+        for axis in ("dp", "ring", "ulysses", "pp", "cfg"):
+            rest = self.world_size // self.degree(axis)
+            if world_size % rest:
+                continue
+            new = world_size // rest
+            if new == self.degree(axis) or (axis == "cfg" and new not in (1, 2)):
+                continue
+            trial = {a: self.degree(a) for a in MESH_AXES} | {axis: new}
+            if math.prod(trial.values()) == world_size:
+                out.append(_spell(axis, new))
+            if len(out) == 2:
+                break
+        return out
 
     # ---------------------------------------------------------------- ranks and groups
     def coords(self, rank: int) -> dict[str, int]:
@@ -193,6 +247,47 @@ class ParallelPlan:
         return " x ".join(f"{a}={self.degree(a)}" for a in MESH_AXES if self.degree(a) > 1) or "single rank"
 
 
+def check_plan(options: Mapping[str, Any] | None, world_size: int | None = None) -> ParallelPlan:
+    """Validate ``torch.compile(..., options=...)`` before compiling; raises ``PlanError``.
+
+    ``world_size`` defaults to the default process group's size when one is initialised. With
+    some degree given, the rest are filled (1) and the product is checked against the world
+    size; with none given, the degrees are chosen from the graph at compile time, so the plan
+    is returned unresolved. A ``PlanError`` raised here is not wrapped by Dynamo.
+    """
+    plan = ParallelPlan.from_options(options)
+    if world_size is None and dist.is_available() and dist.is_initialized():
+        world_size = dist.get_world_size()
+    if world_size is None:
+        return plan
+    _check_int("world_size", world_size, 1, "a positive int")
+    if any(getattr(plan, a) is not None for a in MESH_AXES) or world_size == 1:
+        return plan.resolve(world_size)
+    return plan
+
+
+def _spell(field_name: str, value: Any = None) -> str:
+    """The option users pass for a plan field (xDiT's flag name), with ``value`` when given."""
+    if field_name == "cfg":
+        return "use_cfg_parallel" if value is None else f"use_cfg_parallel={value == 2}"
+    option = _FIELD_TO_OPTION.get(field_name, field_name)
+    return option if value is None else f"{option}={value}"
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _check_int(name: str, value: Any, low: int, accepted: str, optional: bool = False) -> None:
+    """Raise ``PlanError`` naming the option unless ``value`` is an int >= ``low`` (not a bool)."""
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise PlanError(f"option {_spell(name)}={_short(value)} ({type(value).__name__}) is not accepted: "
+                        f"use {accepted}")
+
+
 def _prime_factors(n: int) -> list[int]:
     out, p = [], 2
     while n > 1:
@@ -209,14 +304,17 @@ _GROUPS: dict[tuple, dict[str, Any]] = {}
 def process_groups(plan: ParallelPlan) -> dict[str, Any]:
     """The ``ProcessGroup`` of this rank for every axis of degree > 1 (created once per plan).
 
-    Every rank creates every group in the same order, as ``torch.distributed`` requires.
+    Every rank creates every group in the same order, as ``torch.distributed`` requires (the
+    backend checks first that the ranks agree on the plan: ``runtime/agreement.py``). With
+    ``plan.timeout`` set, every group gets that timeout, the whole world included (a new
+    group of every rank, not the default one, whose timeout belongs to the user).
     """
     if not dist.is_available() or not dist.is_initialized():
         raise PlanError(
             "xdit needs a torch.distributed process group: launch with torchrun and call "
             "torch.distributed.init_process_group() (gloo on CPU, nccl on GPU) before compiling"
         )
-    key = tuple(plan.degree(a) for a in MESH_AXES) + (dist.get_world_size(),)
+    key = tuple(plan.degree(a) for a in MESH_AXES) + (dist.get_world_size(), plan.timeout)
     if key not in _GROUPS:
         rank = dist.get_rank()
         mine: dict[str, Any] = {}
@@ -224,11 +322,36 @@ def process_groups(plan: ParallelPlan) -> dict[str, Any]:
             if plan.degree(axis) <= 1:
                 continue
             if plan.degree(axis) == dist.get_world_size():
-                mine[axis] = dist.group.WORLD
+                mine[axis] = world_group(plan)
                 continue
             for ranks in plan.axis_groups(axis):
-                g = dist.new_group(ranks)
+                g = dist.new_group(ranks, timeout=plan.timeout_delta)
                 if rank in ranks:
                     mine[axis] = g
         _GROUPS[key] = mine
     return _GROUPS[key]
+
+
+_WORLD_GROUPS: dict[float | None, Any] = {}
+
+
+def world_group(plan: ParallelPlan) -> Any:
+    """Every rank, with ``plan.timeout``: the default group when no timeout is set.
+
+    Created on first use: every rank must reach the first call for a timeout in the same order
+    (the backend calls it right after the agreement check).
+    """
+    if plan.timeout is None:
+        return dist.group.WORLD
+    if plan.timeout not in _WORLD_GROUPS:
+        _WORLD_GROUPS[plan.timeout] = dist.new_group(list(range(dist.get_world_size())), timeout=plan.timeout_delta)
+    return _WORLD_GROUPS[plan.timeout]
+
+
+def group_ranks(group: Any) -> list[int]:
+    """Global ranks of a process group (or of a group's name), for error messages."""
+    import torch.distributed.distributed_c10d as c10d
+
+    if isinstance(group, str):
+        group = c10d._resolve_process_group(group)
+    return list(dist.get_process_group_ranks(group))

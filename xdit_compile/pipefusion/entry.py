@@ -246,6 +246,7 @@ def pipefusion_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], plan: 
     stage = plan.axis_rank("pp", world_rank)
     ranks = next(g for g in plan.axis_groups("pp") if world_rank in g)
     group = plan_mod.process_groups(plan)["pp"]
+    p2p.use_pipeline(ranks, plan.timeout_delta)  # transfers wait as long as the plan's groups do
     sp = _sp_axis(plan, world_rank)
     inputs = _usable_inputs(example_inputs)
 

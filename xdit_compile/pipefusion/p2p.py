@@ -5,17 +5,24 @@ The pipeline driver runs outside the compiled stage programs, so these are plain
 boundary tensors packed into a byte buffer (tagged with the patch index), posted ahead of
 the compute so that transfers overlap it. ``record_p2p()`` logs what this process sends and
 receives, for tests and benchmarks.
+
+A transfer that waits longer than the plan's ``timeout`` (``use_pipeline``; else the default
+group's) raises ``CollectiveTimeoutError`` naming this rank, the peer, the stage boundary
+and the pipeline's ranks, instead of gloo's bare "Timed out waiting ...".
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import re
+from datetime import timedelta
 from typing import Iterator, NamedTuple, Sequence
 
 import torch
 import torch.distributed as dist
 
+from ..errors import CollectiveTimeoutError
 from ..runtime.collectives import log_into
 
 Meta = tuple[tuple[int, ...], torch.dtype]
@@ -61,23 +68,46 @@ def unpack(buf: torch.Tensor, metas: Sequence[Meta]) -> list[torch.Tensor]:
     return out
 
 
+# peer (global rank) -> (the ranks of its pipeline, stage order; the wait timeout), from use_pipeline
+_PIPELINES: dict[int, tuple[tuple[int, ...], timedelta | None]] = {}
+_TIMED_OUT = re.compile(r"timed out|timeout", re.IGNORECASE)
+
+
+def use_pipeline(ranks: Sequence[int], timeout: timedelta | None) -> None:
+    """This rank's pipeline (global ranks in stage order) and how long its transfers may wait."""
+    me = dist.get_rank()
+    for r in ranks:
+        if r != me:
+            _PIPELINES[r] = (tuple(ranks), timeout)
+
+
 def isend(tensors: Sequence[torch.Tensor], peer: int, tag: int) -> "Pending":
     """Send ``tensors`` packed into one buffer; ``wait()`` on the result before reusing it."""
     buf = pack(tensors)
     if buf.numel() == 0:
         return Pending(buf, None, [])
     _record("send", peer, buf.numel())
-    return Pending(buf, dist.isend(buf, peer, tag=tag), [])
+    return Pending(buf, dist.isend(buf, peer, tag=tag), [], "send", peer, tag)
 
 
 class Pending(NamedTuple):
     buf: torch.Tensor
     work: dist.Work | None
     metas: list[Meta]
+    kind: str = ""  # "send" or "recv", for the timeout message
+    peer: int = -1
+    tag: int = 0
 
     def wait(self) -> list[torch.Tensor]:
         if self.work is not None:
-            self.work.wait()
+            timeout = _PIPELINES.get(self.peer, ((), None))[1]
+            try:
+                self.work.wait(timeout) if timeout is not None else self.work.wait()
+            except RuntimeError as e:
+                named = _timed_out(e, self.kind, self.peer, f"tag {self.tag}")
+                if named is None:
+                    raise
+                raise named from e
         return unpack(self.buf, self.metas)
 
 
@@ -86,7 +116,7 @@ def irecv(metas: Sequence[Meta], peer: int, tag: int) -> Pending:
     if buf.numel() == 0:
         return Pending(buf, None, list(metas))
     _record("recv", peer, buf.numel())
-    return Pending(buf, dist.irecv(buf, peer, tag=tag), list(metas))
+    return Pending(buf, dist.irecv(buf, peer, tag=tag), list(metas), "recv", peer, tag)
 
 
 def broadcast(tensors: list[torch.Tensor] | None, metas: Sequence[Meta], src: int, group: dist.ProcessGroup) -> list[torch.Tensor]:
@@ -94,5 +124,29 @@ def broadcast(tensors: list[torch.Tensor] | None, metas: Sequence[Meta], src: in
     buf = pack(tensors) if tensors is not None else torch.empty(nbytes(metas), dtype=torch.uint8)
     if buf.numel():
         _record("broadcast", src, buf.numel())
-        dist.broadcast(buf, src, group=group)
+        try:
+            dist.broadcast(buf, src, group=group)
+        except RuntimeError as e:
+            named = _timed_out(e, "broadcast", src, "the output of the last stage")
+            if named is None:
+                raise
+            raise named from e
     return [t.clone() for t in unpack(buf, metas)]
+
+
+def _timed_out(error: RuntimeError, kind: str, peer: int, what: str) -> CollectiveTimeoutError | None:
+    """``CollectiveTimeoutError`` naming the transfer when ``error`` is a timeout, else None."""
+    if not _TIMED_OUT.search(str(error)):
+        return None
+    me = dist.get_rank()
+    ranks, timeout = _PIPELINES.get(peer, ((), None))
+    stage = lambda r: f"stage {ranks.index(r)} (rank {r})" if r in ranks else f"rank {r}"  # noqa: E731
+    edge = {"send": f"sending to {stage(peer)}", "recv": f"receiving from {stage(peer)}",
+            "broadcast": f"in the output broadcast from {stage(peer)}"}[kind]
+    waited = f"{timeout.total_seconds():g} s" if timeout is not None else "the default group's timeout"
+    return CollectiveTimeoutError(
+        f"xdit: PipeFusion {stage(me)} timed out after {waited} {edge} ({kind}, {what}; pipeline ranks "
+        f"{list(ranks)}): that rank is stuck, died, or called the model differently; its own traceback shows "
+        f"where it is. Raise the option timeout if it legitimately needs longer. The backend said: "
+        f"{str(error).strip().splitlines()[0][:300]}"
+    )

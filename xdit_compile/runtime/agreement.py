@@ -1,0 +1,503 @@
+"""Ranks that disagree and ranks that are stuck: named before they give a wrong image or a hang.
+
+Nothing here runs inside a compiled graph. ``checked`` wraps the backend (``backend.py``):
+
+1. **Agreement, once per compiled graph, before the first collective.** Every rank writes a
+   fingerprint of what it is about to compile into the default group's store, then waits
+   (bounded by the plan's ``timeout``, else the default group's timeout) for every other rank's:
+
+       plan      the resolved ParallelPlan (degrees, patches, warmup, inner, timeout, check_inputs)
+       graph     one line per traced node (op, target, arguments), compared through a hash
+       inputs    each user input's label, shape and dtype
+       weights   a float64 sum of every parameter and buffer
+
+   The store, not a collective: ranks that disagree about the plan would create different
+   process groups (``dist.new_group`` deadlocks) or post collectives of different sizes (gloo
+   aborts with "Received data size doesn't match expected size"). Each rank reads back only
+   the others' digests; when they differ, every rank reads the differing fingerprints and
+   raises the same ``RankMismatchError``. A rank whose options make no plan tells the others.
+
+2. **Inputs, once per call.** ``Guarded`` runs one all-gather of two float64 sums per user
+   input (the total, and the sum weighted by position along dim 0, so that swapped CFG halves
+   differ) before the compiled program: ranks called with different inputs raise
+   ``RankMismatchError`` naming the inputs and ranks. ``check_inputs=False`` skips it.
+
+3. **Stuck peers.** A collective that outlives its group's timeout raises gloo's bare
+   "Timed out waiting 20000ms for recv operation": ``Guarded`` re-raises it as
+   ``CollectiveTimeoutError`` naming this rank, the collective, the group and its ranks, and
+   the graph node, all read off the traceback (the fx frame under ``inner="eager"``,
+   inductor's generated code under ``"inductor"``), so the compiled program runs unchanged.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import itertools
+import json
+import linecache
+import logging
+import re
+import time
+from dataclasses import asdict, dataclass, fields
+from datetime import timedelta
+from types import FrameType, TracebackType
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.distributed.distributed_c10d as c10d
+import torch.fx as fx
+
+from .. import plan as plan_mod
+from ..errors import CollectiveTimeoutError, PlanError, RankMismatchError, XditError
+from ..graph import input_label, is_user_input
+from ..plan import MESH_AXES, ParallelPlan
+
+log = logging.getLogger("xdit_compile")
+
+_SEQ = itertools.count()  # agreement rounds of this process; every rank counts the same ones
+_PREFIX = "xdit/agree"
+_MAX_LISTED = 4  # differences listed per kind before "and N more"
+_ADDRESS = re.compile(r" at 0x[0-9a-f]+")
+
+
+# ---------------------------------------------------------------------- the backend wrapper
+def checked(backend: Callable[..., Callable]) -> Callable[..., Callable]:
+    """Wrap the backend: agreement before it compiles, ``Guarded`` around what it returns.
+
+    A graph with symbolic sizes is handed on unchecked: the backend compiles it once per
+    concrete shape by calling itself again, and that call is checked.
+    """
+
+    @functools.wraps(backend)
+    def run(gm: fx.GraphModule, example_inputs: Sequence[Any], options: dict | None = None, **kw: Any) -> Callable:
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1 or _symbolic(gm):
+            return backend(gm, example_inputs, options, **kw)
+        from ..report import reports
+
+        graph = f"graph {len(reports())}"
+        inputs = user_inputs(gm, example_inputs)
+        plan = agree(gm, example_inputs, options)
+        fn = backend(gm, example_inputs, options, **kw)
+        return Guarded(fn, plan, inputs, graph)
+
+    return run
+
+
+def _symbolic(gm: fx.GraphModule) -> bool:
+    for n in gm.graph.nodes:
+        if n.op != "placeholder":
+            continue
+        v = n.meta.get("example_value", n.meta.get("val"))
+        if isinstance(v, torch.SymInt) or (isinstance(v, torch.Tensor) and not all(isinstance(s, int) for s in v.shape)):
+            return True
+    return False
+
+
+def user_inputs(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> list[tuple[int, str]]:
+    """(flat index, label) of the caller's tensor arguments (not parameters or buffers)."""
+    phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    return [(i, input_label(n)) for i, n in enumerate(phs)
+            if i < len(example_inputs) and isinstance(example_inputs[i], torch.Tensor) and is_user_input(n)]
+
+
+# ---------------------------------------------------------------------- 1. agreement
+@dataclass(frozen=True)
+class Fingerprint:
+    """What one rank is about to compile; ranks must hold equal ones (``options`` aside)."""
+
+    plan: dict[str, str]  # field -> repr of the resolved plan ({} when the plan failed)
+    describe: str  # plan.describe(), or the PlanError's text
+    error: str  # the PlanError this rank raised ("" when none)
+    graph: list[str]  # one line per node
+    inputs: list[list[str]]  # [label, shape, dtype] of each user input
+    weights: list[list[Any]]  # [name, shape and dtype, float64 sum or None when freed]
+    options: str  # the options as given, for messages only (equal plans from different options agree)
+
+    def digest(self) -> str:
+        body = json.dumps([self.plan, self.error, self.graph, self.inputs, self.weights], sort_keys=True)
+        return hashlib.sha256(body.encode()).hexdigest()
+
+
+def agree(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Mapping[str, Any] | None) -> ParallelPlan:
+    """The resolved plan, once every rank is known to compile the same thing (see module docstring).
+
+    Raises ``RankMismatchError`` on every rank when fingerprints differ, ``CollectiveTimeoutError``
+    when a rank does not arrive in time, and this rank's own ``PlanError`` when its options
+    make no plan (after telling the other ranks, which then raise ``RankMismatchError``).
+    """
+    from ..backend import graph_facts
+
+    world = dist.get_world_size()
+    try:
+        plan = ParallelPlan.from_options(options).resolve(world, *graph_facts(gm))
+    except PlanError as e:
+        _publish(_fingerprint(gm, example_inputs, options, None, str(e)))  # the others stop waiting
+        raise
+    fp = _fingerprint(gm, example_inputs, options, plan, "")
+    wait = plan.timeout if plan.timeout is not None else _store().timeout.total_seconds()
+    _exchange(fp, wait)
+    return plan
+
+
+def _fingerprint(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Mapping[str, Any] | None,
+                 plan: ParallelPlan | None, error: str) -> Fingerprint:
+    phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    inputs, weights, sums = [], [], []
+    for n, x in zip(phs, example_inputs):
+        if not isinstance(x, torch.Tensor):
+            if is_user_input(n):
+                inputs.append([input_label(n), repr(x), type(x).__name__])
+            continue
+        if is_user_input(n):
+            inputs.append([input_label(n), str(tuple(x.shape)), str(x.dtype)])
+        else:
+            weights.append([_weight_name(n), f"{tuple(x.shape)} {x.dtype}", None])
+            sums.append((len(weights) - 1, x))
+    for i, value in zip([i for i, _ in sums], _sums([x for _, x in sums])):
+        weights[i][2] = value
+    described = plan.describe() if plan is not None else error
+    plan_fields = {f.name: repr(getattr(plan, f.name)) for f in fields(plan)} if plan is not None else {}
+    try:
+        shown = repr(dict(options or {}))
+    except Exception:  # noqa: BLE001 - options that are not a mapping are already a PlanError
+        shown = repr(options)
+    return Fingerprint(plan_fields, described, error, [_node_line(n) for n in gm.graph.nodes],
+                       inputs, weights, shown)
+
+
+def _weight_name(node: fx.Node) -> str:
+    """``blocks.0.attn.to_q.weight`` from Dynamo's ``L['self']._modules['blocks']...`` source."""
+    label = input_label(node)
+    parts = re.findall(r"\['([^']*)'\]|\.(\w+)", label.split("L['self']", 1)[-1])
+    names = [a or b for a, b in parts if (a or b) not in ("_modules", "_parameters", "_buffers")
+             and not (a or b).startswith("__")]
+    return ".".join(names) if "L['self']" in label and names else label
+
+
+def _node_line(node: fx.Node) -> str:
+    target = node.target
+    if not isinstance(target, str):
+        target = f"{getattr(target, '__module__', '')}.{getattr(target, '__qualname__', repr(target))}"
+    line = f"{node.op} {node.name} {target} {node.args} {node.kwargs}"
+    return _ADDRESS.sub("", line)[:240]
+
+
+def _sums(tensors: Sequence[torch.Tensor]) -> list[float | None]:
+    """float64 sum of each tensor (None for freed, meta or fake storage), one host sync per device."""
+    out: list[float | None] = [None] * len(tensors)
+    by_device: dict[torch.device, list[tuple[int, torch.Tensor]]] = {}
+    for i, x in enumerate(tensors):
+        if x.device.type == "meta" or _is_fake(x) or (x.numel() and x.untyped_storage().nbytes() == 0):
+            continue
+        by_device.setdefault(x.device, []).append((i, _total(x)))
+    for items in by_device.values():
+        for (i, _), v in zip(items, torch.stack([s for _, s in items]).tolist()):
+            out[i] = v
+    return out
+
+
+def _is_fake(x: torch.Tensor) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return isinstance(x, FakeTensor)
+
+
+def _total(x: torch.Tensor) -> torch.Tensor:
+    x = x.detach()
+    if x.is_complex():
+        x = torch.view_as_real(x)
+    return torch.sum(x, dtype=torch.float64)
+
+
+def _store() -> dist.Store:
+    return c10d._get_default_store()
+
+
+def _publish(fp: Fingerprint) -> tuple[str, int]:
+    """Write this rank's fingerprint, then its digest (readers wait on digests); the key prefix."""
+    prefix, rank = f"{_PREFIX}/{next(_SEQ)}/", dist.get_rank()
+    store = _store()
+    store.set(f"{prefix}fp/{rank}", json.dumps(asdict(fp)))
+    store.set(f"{prefix}digest/{rank}", fp.digest())
+    return prefix, rank
+
+
+def _exchange(fp: Fingerprint, wait_s: float) -> None:
+    prefix, rank = _publish(fp)
+    world, store = dist.get_world_size(), _store()
+    keys = [f"{prefix}digest/{r}" for r in range(world)]
+    start = time.monotonic()
+    try:
+        store.wait(keys, timedelta(seconds=wait_s))
+    except RuntimeError as e:  # DistStoreError: some rank never arrived
+        missing = [r for r in range(world) if not store.check([keys[r]])]
+        raise CollectiveTimeoutError(
+            f"xdit: rank {rank} waited {time.monotonic() - start:.0f} s (timeout {wait_s:g} s) for rank(s) {missing} "
+            f"to compile the same graph (agreement round {prefix.split('/')[-2]}, before any collective); they are "
+            "stuck, died, or compile a different number of graphs (a graph break on some ranks only). Their "
+            "tracebacks show where they are; raise the option timeout if they legitimately need longer."
+        ) from e
+    digests = [d.decode() if isinstance(d, bytes) else d for d in store.multi_get(keys)]
+    if len(set(digests)) == 1:
+        return
+    groups: dict[str, list[int]] = {}
+    for r, d in enumerate(digests):
+        groups.setdefault(d, []).append(r)
+    prints = {d: Fingerprint(**json.loads(store.get(f"{prefix}fp/{ranks[0]}"))) for d, ranks in groups.items()}
+    raise RankMismatchError(explain([(ranks, prints[d]) for d, ranks in groups.items()]))
+
+
+def explain(groups: list[tuple[list[int], Fingerprint]]) -> str:
+    """The message for ranks holding different fingerprints; ``groups[0]`` holds rank 0."""
+    (ref_ranks, ref), lines = groups[0], []
+    for ranks, fp in groups[1:]:
+        lines += _differences(_ranks(ranks), _ranks(ref_ranks), fp, ref)
+    return ("xdit: the ranks disagree about what they compile, so their collectives would not match (a hang or a "
+            "wrong image); every rank must compile the same model, weights, options and input shapes:\n  - "
+            + "\n  - ".join(lines))
+
+
+def _ranks(ranks: list[int]) -> str:
+    return f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks}"
+
+
+def _differences(who: str, ref_who: str, fp: Fingerprint, ref: Fingerprint) -> list[str]:
+    has = "has" if who.startswith("rank ") else "have"
+    out = []
+    for name, other in ((who, fp), (ref_who, ref)):
+        if other.error:
+            out.append(f"{name} could not build its plan from options {other.options}: {other.error}")
+    if out:
+        return out
+    if fp.plan != ref.plan:
+        if fp.describe != ref.describe:
+            out.append(f"{who} {has} plan {fp.describe} but {ref_who} has {ref.describe} "
+                       f"(options {fp.options} vs {ref.options})")
+        others = [f for f in fp.plan if f not in MESH_AXES and fp.plan[f] != ref.plan.get(f)]
+        out += [f"{who} {has} {f}={fp.plan[f]} but {ref_who} has {f}={ref.plan.get(f)}" for f in others]
+    shapes = len(out)
+    mine, theirs = {i[0]: i[1:] for i in fp.inputs}, {i[0]: i[1:] for i in ref.inputs}
+    for label in [*mine, *[t for t in theirs if t not in mine]]:
+        a, b = mine.get(label), theirs.get(label)
+        if a != b:
+            show = lambda v: "no such input" if v is None else f"{v[0]} {v[1]}"  # noqa: E731
+            out.append(f"input {label}: shape {show(a)} on {who}, {show(b)} on {ref_who}")
+    if fp.graph != ref.graph and len(out) == shapes:  # other input shapes trace other graphs: said already
+        first = next((i for i, (a, b) in enumerate(zip(fp.graph, ref.graph)) if a != b), min(len(fp.graph), len(ref.graph)))
+        at = lambda g: g[first] if first < len(g) else "(end of graph)"  # noqa: E731
+        out.append(f"the traced graphs differ: {who} {has} {len(fp.graph)} nodes, {ref_who} {len(ref.graph)}; first "
+                   f"difference at node {first}: {at(fp.graph)!r} on {who}, {at(ref.graph)!r} on {ref_who} (the "
+                   "model code or its Python-level arguments differ between ranks)")
+    if fp.weights != ref.weights:
+        out += _weight_differences(who, ref_who, fp.weights, ref.weights)
+    return out or [f"{who} and {ref_who} hold different fingerprints ({fp.digest()[:8]} vs {ref.digest()[:8]})"]
+
+
+def _weight_differences(who: str, ref_who: str, mine: list[list[Any]], ref: list[list[Any]]) -> list[str]:
+    theirs = {w[0]: w for w in ref}
+    diffs = []
+    for name, spec, total in mine:
+        other = theirs.get(name)
+        if other is None:
+            diffs.append(f"{name} ({spec}) exists on {who} only")
+        elif other[1] != spec:
+            diffs.append(f"{name} is {spec} on {who} but {other[1]} on {ref_who}")
+        elif total is not None and other[2] is not None and not _same(total, other[2]):
+            diffs.append(f"{who}'s checksum of {name} is {total!r} but {ref_who}'s is {other[2]!r}")
+    if not diffs:
+        return []
+    more = f" (and {len(diffs) - _MAX_LISTED} more)" if len(diffs) > _MAX_LISTED else ""
+    return [f"parameters differ: {'; '.join(diffs[:_MAX_LISTED])}{more}; load the same weights on every rank "
+            "(the same seed before building the model, or the same checkpoint)"]
+
+
+def _same(a: float, b: float) -> bool:
+    return a == b or (a != a and b != b)  # NaN equals NaN here: both ranks got the same NaN
+
+
+# ---------------------------------------------------------------------- 2. per call, 3. timeouts
+class Guarded:
+    """The compiled per-rank program, behind the per-call input check and timeout naming."""
+
+    def __init__(self, fn: Callable[..., Any], plan: ParallelPlan, inputs: list[tuple[int, str]], graph: str):
+        self.fn, self.plan, self.inputs, self.graph = fn, plan, inputs, graph
+        self.calls = 0
+        self.check = plan.check_inputs and bool(inputs)
+        self.group = plan_mod.world_group(plan) if self.check else None  # every rank creates it now, in order
+        self.world, self.rank = dist.get_world_size(), dist.get_rank()
+        backend = dist.get_backend(self.group) if self.group is not None else "gloo"
+        self.host = str(backend) == "gloo"
+
+    def __getattr__(self, name: str) -> Any:
+        # What callers read off the compiled program (a PipeFusion driver's timings, ...).
+        # Private names and dunders stay unanswered: Dynamo probes e.g. __wrapped__ (and would
+        # unwrap the guard) or _boxed_call (and would change the calling convention).
+        if name == "fn" or name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self.fn, name)
+
+    def __call__(self, *args: Any) -> Any:
+        self.calls += 1
+        try:
+            if self.check:
+                self.check_inputs(args)
+            return self.fn(*args)
+        except XditError:
+            raise
+        except RuntimeError as e:
+            named = name_timeout(e, self.plan, self.graph, self.rank)
+            if named is None:
+                raise
+            raise named from e
+
+    def check_inputs(self, args: Sequence[Any]) -> None:
+        """Raise ``RankMismatchError`` unless every rank got the same user inputs (one all-gather)."""
+        sums = [s for i, _ in self.inputs for s in input_sums(args[i])]
+        local = torch.stack(sums)
+        if self.host:
+            local = local.cpu()
+        gathered = torch.empty(self.world * local.numel(), dtype=local.dtype, device=local.device)
+        try:
+            dist.all_gather_into_tensor(gathered, local, group=self.group)
+        except RuntimeError as e:
+            if not _TIMEOUT_TEXT.search(str(e)):
+                raise
+            waited = f"{self.plan.timeout:g} s" if self.plan.timeout is not None else "the default group's timeout"
+            raise CollectiveTimeoutError(
+                f"xdit: rank {self.rank} timed out after {waited} in the per-call input check (an all_gather over "
+                f"every rank, {list(range(self.world))}) before call {self.calls} of {self.graph} (plan "
+                f"{self.plan.describe()}): some rank did not call the compiled model; it is stuck, died, or "
+                "took another path. Its own traceback shows where it is; raise the option timeout if it "
+                f"legitimately needs longer. The backend said: {str(e).strip().splitlines()[0][:300]}"
+            ) from e
+        rows = gathered.view(self.world, -1).tolist()
+        if all(all(map(_same, rows[0], row)) for row in rows[1:]):
+            return
+        lines = []
+        for k, (_, label) in enumerate(self.inputs):
+            pair = lambda r: (rows[r][2 * k], rows[r][2 * k + 1])  # noqa: E731
+            odd = [r for r in range(1, self.world) if not all(map(_same, pair(0), pair(r)))]
+            if odd:
+                sums = "; ".join(f"rank {r}: sum {pair(r)[0]!r}, weighted by batch row {pair(r)[1]!r}"
+                                 for r in [0, *odd[:_MAX_LISTED]])
+                lines.append(f"input {label}: {_ranks(odd)} got different values than rank 0 ({sums})")
+        raise RankMismatchError(
+            f"xdit: call {self.calls} of {self.graph} (plan {self.plan.describe()}): the ranks were called with "
+            "different inputs, which would give a wrong result on every rank:\n  - " + "\n  - ".join(lines)
+            + "\nEvery rank must pass the same inputs: seed every rank's generator alike (torch.manual_seed(s) or "
+            "generator=torch.Generator().manual_seed(s) on every rank) or broadcast the inputs from rank 0. The "
+            "option check_inputs=False turns this check off."
+        )
+
+
+def input_sums(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float64 sum, sum weighted by position along dim 0) of ``x``: equal on ranks with equal ``x``."""
+    x = x.detach()
+    if x.is_complex():
+        x = torch.view_as_real(x)
+    rows = x.reshape(x.shape[0], -1) if x.dim() >= 1 and x.shape[0] else x.reshape(1, -1)
+    per_row = torch.sum(rows, dim=1, dtype=torch.float64)
+    weights = torch.arange(1, per_row.numel() + 1, dtype=torch.float64, device=per_row.device)
+    return per_row.sum(), (per_row * weights).sum()
+
+
+_TIMEOUT_TEXT = re.compile(r"timed out|timeout", re.IGNORECASE)
+_COLLECTIVE_CALL = re.compile(r"_c10d_functional\.(\w+)\.default\((.*)\)")
+_SOURCE_NODES = re.compile(r"#\s*(?:Topologically Sorted )?Source Nodes?: \[([^\]]*)\]")
+_FX_ASSIGN = re.compile(r"^\s*(\w+) = ")
+
+
+def name_timeout(error: BaseException, plan: ParallelPlan, graph: str, rank: int) -> CollectiveTimeoutError | None:
+    """A ``CollectiveTimeoutError`` naming what ``error`` (a raw backend timeout) waited for; else None."""
+    text = str(error)
+    if not _TIMEOUT_TEXT.search(text):
+        return None
+    frames = list(_frames(error.__traceback__))
+    kind, group, node = _from_runtime(frames)
+    if kind is None:
+        kind, group, node = _from_inductor(frames)
+    if node is None:
+        node = _from_fx(frames)
+    where = f"graph node {node!r} of {graph}" if node else f"{graph} (graph node not found in the traceback)"
+    if group is not None:
+        ranks = plan_mod.group_ranks(group)
+        axis = _axis_of(plan, group)
+        peers = f"the {axis} group, ranks {ranks}" if axis else f"ranks {ranks}"
+    else:
+        peers = "a group of plan " + plan.describe()
+    waited = f"{plan.timeout:g} s" if plan.timeout is not None else "the default group's timeout"
+    return CollectiveTimeoutError(
+        f"xdit: rank {rank} timed out after {waited} in {kind or 'a collective'} over {peers}, at {where} (plan "
+        f"{plan.describe()}): a rank of that group is stuck, died, or called the model differently; its own "
+        "traceback shows where it is. Raise the option timeout if a rank legitimately needs longer (a first "
+        f"compile). The backend said: {text.strip().splitlines()[0][:300]}"
+    )
+
+
+def _frames(tb: TracebackType | None) -> Iterator[tuple[FrameType, int]]:
+    while tb is not None:
+        yield tb.tb_frame, tb.tb_lineno
+        tb = tb.tb_next
+
+
+def _from_runtime(frames: list[tuple[FrameType, int]]) -> tuple[str | None, Any, str | None]:
+    """The innermost runtime function that holds a ``group`` (its name is the collective's)."""
+    for frame, _ in reversed(frames):
+        code, path = frame.f_code, frame.f_code.co_filename.replace("\\", "/")
+        if "xdit_compile/runtime/" in path and not path.endswith("agreement.py") and "group" in frame.f_locals:
+            return code.co_name, frame.f_locals["group"], None
+    return None, None, None
+
+
+def _from_fx(frames: list[tuple[FrameType, int]]) -> str | None:
+    """The node an fx ``GraphModule`` frame was running (its generated line assigns the node's name)."""
+    for frame, line in reversed(frames):
+        if frame.f_code.co_filename.startswith("<eval_with_key>"):
+            m = _FX_ASSIGN.match(linecache.getline(frame.f_code.co_filename, line))
+            if m:
+                return m.group(1)
+    return None
+
+
+def _from_inductor(frames: list[tuple[FrameType, int]]) -> tuple[str | None, Any, str | None]:
+    """The collective and source nodes of inductor's generated code around the failing line."""
+    for frame, line in reversed(frames):
+        path = frame.f_code.co_filename
+        if "torchinductor" not in path and "async_compile" not in frame.f_globals:
+            continue
+        lines = linecache.getlines(path)
+        kind = group = node = None
+        waited = re.search(r"wait_tensor\.default\((\w+)\)", lines[line - 1]) if line <= len(lines) else None
+        for text in reversed(lines[:line]):
+            call = _COLLECTIVE_CALL.search(text)
+            if kind is None and call and call.group(1) != "wait_tensor" and (
+                    waited is None or text.strip().startswith(f"{waited.group(1)} =")):
+                kind = call.group(1)
+                names = re.findall(r"'([^']+)'", call.group(2))
+                group = next((n for n in reversed(names) if _is_group(n)), None)
+            src = _SOURCE_NODES.search(text)
+            if src and node is None:
+                node = src.group(1)
+            if kind is not None and node is not None:
+                break
+        return kind, group, node
+    return None, None, None
+
+
+def _is_group(name: str) -> bool:
+    try:
+        c10d._resolve_process_group(name)
+        return True
+    except Exception:  # noqa: BLE001 - not a group name
+        return False
+
+
+def _axis_of(plan: ParallelPlan, group: Any) -> str | None:
+    name = group if isinstance(group, str) else getattr(group, "group_name", None)
+    try:
+        groups = plan_mod.process_groups(plan)
+    except Exception:  # noqa: BLE001 - only for the message
+        return None
+    return next((axis for axis, g in groups.items() if getattr(g, "group_name", None) == name), None)
