@@ -14,8 +14,9 @@ whole static pipeline (passes, then the inner compiler) on the result::
 
 The placeholders stay, so the specialised graph takes exactly the arguments Dynamo passes.
 Compiled programs are cached by signature (``CACHE_SIZE`` entries, least recently used out).
-A graph whose sizes depend on data (unbacked ``SymInt``s from ``nonzero``, ``item``) cannot be
-specialised from its arguments: ``unspecialisable`` says why, and the backend then warns.
+Sizes that depend on data (``nonzero``) stay unbacked ``SymInt``s, as in a static graph. If
+specialising fails, that graph runs replicated with a WARNING and a plan report naming the cause
+and the fix (under PipeFusion, or with ``XDIT_STRICT=1``, it raises instead).
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ from typing import Any, Callable, Sequence
 
 import torch
 import torch.fx as fx
-from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 
 from .passes.refresh_meta import refresh_meta
 
@@ -54,19 +54,6 @@ def symbolic_inputs(gm: fx.GraphModule) -> list[int]:
     """Flat indices of the placeholders whose example value has a symbolic size (or is a SymInt)."""
     phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
     return [i for i, n in enumerate(phs) if _symbolic(_val(n))]
-
-
-def unspecialisable(gm: fx.GraphModule) -> str | None:
-    """Why ``gm`` cannot be specialised from its arguments' sizes (``None`` if it can)."""
-    for node in gm.graph.nodes:
-        v = _val(node)
-        leaves = v if isinstance(v, (tuple, list)) else (v,)
-        if any(isinstance(x, (torch.Tensor, torch.SymInt, torch.SymFloat, torch.SymBool)) and free_unbacked_symbols(x)
-               for x in leaves):
-            target = node.target if node.op != "placeholder" else "input"
-            return (f"node {node.name} ({getattr(target, '__name__', target)}) has a data-dependent size, "
-                    "which no argument's shape determines")
-    return None
 
 
 def signature(args: Sequence[Any], indices: Sequence[int]) -> Signature:
@@ -140,15 +127,17 @@ class PerShape:
 
     ``compile_static(graph, example_inputs)`` is the backend itself on a static graph; what it
     returns for a shape is what runs for every later call of that shape (a rank-agreement or
-    gradient wrapper it adds included).
+    gradient wrapper it adds included). ``fallback(cause)`` gives the program to run when a
+    shape cannot be specialised (or raises).
     """
 
     def __init__(self, gm: fx.GraphModule, compile_static: Callable[[fx.GraphModule, list[Any]], Callable],
-                 cache_size: int = CACHE_SIZE):
+                 fallback: Callable[[str], Callable] | None = None, cache_size: int = CACHE_SIZE):
         # Dynamo drops the placeholders' ``grapharg`` meta once the backend returns; the copy
         # keeps it, so specialised graphs still tell user inputs from parameters by source.
         self.gm = _copy(gm)
         self.compile_static = compile_static
+        self.fallback = fallback
         self.indices = symbolic_inputs(gm)
         self.cache: OrderedDict[Signature, Callable] = OrderedDict()
         self.cache_size = cache_size
@@ -174,7 +163,15 @@ class PerShape:
         from .report import reports
 
         before = len(reports())
-        fn = self.compile_static(specialise(self.gm, args), list(args))
+        try:
+            static = specialise(self.gm, args)
+        except Exception as e:
+            if self.fallback is None:
+                raise
+            fn = self.fallback(f"specialising it to {sizes} failed ({type(e).__name__}: {str(e).splitlines()[0]})")
+            self.cache[key] = fn
+            return fn
+        fn = self.compile_static(static, list(args))
         for report in reports()[before:]:
             report.graph += f" [specialised to {sizes}]"
         self.cache[key] = fn
@@ -182,27 +179,35 @@ class PerShape:
         return fn
 
 
-def per_shape(gm: fx.GraphModule, example_inputs: Sequence[Any], plan: Any,
-              compile_static: Callable[[fx.GraphModule, list[Any]], Callable],
+def per_shape(gm: fx.GraphModule, example_inputs: Sequence[Any], plan: Any, compile_static: Callable[[fx.GraphModule, list[Any]], Callable],
               inner: Callable[[Any, fx.GraphModule, Sequence[Any]], Callable]) -> Callable:
-    """What the backend returns for a graph with symbolic sizes (``plan`` resolved for it).
+    """What the backend returns for a graph with symbolic sizes (``plan`` resolved for it): a ``PerShape``.
 
-    Normally a ``PerShape``. A graph that cannot be specialised runs replicated with a WARNING
-    and a plan report naming the cause and the fix; under PipeFusion it raises ``PlanError``.
+    A shape that cannot be specialised runs ``gm`` itself, replicated, through ``inner``, with a
+    WARNING and a plan report naming the cause and the fix; under PipeFusion, or with
+    ``XDIT_STRICT=1``, that raises instead.
     """
+    import os
+
     import torch.distributed as dist
 
-    from .errors import PlanError
+    from .errors import PassError, PlanError
     from .report import PlanReport, publish, reports
 
-    why = unspecialisable(gm)
-    if why is None:
-        return PerShape(gm, compile_static)
-    cause = f"this graph has symbolic sizes (a new shape under torch.compile's default dynamic=None) and {why}"
-    if plan.degree("pp") > 1:
-        raise PlanError(f"pipefusion needs static shapes: {cause}; {FIX}")
-    log.warning("xdit: %s: it runs REPLICATED on every rank (each rank does all the work); %s", cause, FIX)
-    report = PlanReport(f"graph {len(reports())}", plan.describe(), dist.get_rank(), dist.get_world_size(),
-                        len(gm.graph.nodes), fallback=f"{cause}; {FIX}")
-    publish(report)
-    return inner(plan, gm, example_inputs)
+    template, replicated = _copy(gm), []  # the graph as Dynamo handed it, compiled once if ever needed
+    example_inputs = list(example_inputs)
+
+    def fallback(why: str) -> Callable:
+        cause = f"this graph has symbolic sizes (a new shape under torch.compile's default dynamic=None), and {why}"
+        if plan.degree("pp") > 1:
+            raise PlanError(f"pipefusion needs static shapes: {cause}; {FIX}")
+        if os.environ.get("XDIT_STRICT", "0") == "1":
+            raise PassError(f"xdit: {cause}; {FIX}")
+        log.warning("xdit: %s: it runs REPLICATED on every rank (each rank does all the work); %s", cause, FIX)
+        publish(PlanReport(f"graph {len(reports())}", plan.describe(), dist.get_rank(), dist.get_world_size(),
+                           len(template.graph.nodes), fallback=f"{cause}; {FIX}"))
+        if not replicated:
+            replicated.append(inner(plan, template, example_inputs))
+        return replicated[0]
+
+    return PerShape(gm, compile_static, fallback)
