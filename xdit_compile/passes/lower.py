@@ -29,6 +29,7 @@ from torch.fx.node import map_arg
 
 from ..axis import Axis
 from ..errors import ShardingError
+from ..gradients import insert_grad_syncs, traced_for_autograd
 from ..graph import eliminate_dead_code, shape, value
 from ..placements import REPLICATE, Partial, Placement, Replicate, Shard, fmt, global_order, local_sizes, pieces
 from ..rules.attention import sdpa_args
@@ -71,6 +72,19 @@ def _nbytes(v: Any, p: Any, n: int, rank: int) -> int:
     return int(numel * v.element_size())
 
 
+def _gather_layout(p: Shard, n: int) -> tuple[list[int], list[tuple[int, int, int]] | None]:
+    """Per-rank lengths and, for multi-segment shards, the pieces' order: ``rt.gather``'s arguments."""
+    sizes = local_sizes(p, n)
+    if len(p.segments) == 1:
+        return sizes, None
+    order, off = [], 0
+    for r in range(n):
+        for start, length in pieces(p, n, r):
+            order.append((off, length, start))
+            off += length
+    return sizes, order
+
+
 def _after(graph: fx.Graph, x: fx.Node) -> Any:
     if x.op == "placeholder":
         last = [n for n in graph.nodes if n.op == "placeholder"][-1]
@@ -79,8 +93,9 @@ def _after(graph: fx.Graph, x: fx.Node) -> Any:
 
 
 class _Lowerer:
-    def __init__(self, gm: fx.GraphModule, prop: Propagation, axis: Axis):
+    def __init__(self, gm: fx.GraphModule, prop: Propagation, axis: Axis, traced: bool = False):
         self.gm, self.graph, self.prop, self.axis = gm, gm.graph, prop, axis
+        self.traced = traced  # traced for autograd: collectives get their backward arguments
         self.actual: dict[fx.Node, Any] = dict(prop.placements)
         self.cache: dict[tuple[fx.Node, Any], fx.Node] = {}
         self.out = Lowered()
@@ -104,14 +119,7 @@ class _Lowerer:
             self.out.collectives.append(("all_reduce", x.name, _nbytes(v, REPLICATE, a.n, a.rank)))
             return self._finish(key, self.redistribute(node, want, user) if want != REPLICATE else node)
         if isinstance(have, Shard):
-            sizes = local_sizes(have, a.n)
-            order = None
-            if len(have.segments) > 1:
-                order, off = [], 0
-                for r in range(a.n):
-                    for start, length in pieces(have, a.n, r):
-                        order.append((off, length, start))
-                        off += length
+            sizes, order = _gather_layout(have, a.n)
             with _after(self.graph, x):
                 node = self.graph.call_function(rt.gather, (x, have.dim, sizes, a.group, order))
             self._new(node, x, REPLICATE)
@@ -121,7 +129,10 @@ class _Lowerer:
             with _after(self.graph, x):
                 # A rank holding none of the dim gets an empty slice (shard_slice needs a range).
                 ranges = pieces(want, a.n, a.rank) or ((0, 0),)
-                node = self.graph.call_function(rt.shard_slice, (x, want.dim, ranges))
+                args: tuple[Any, ...] = (x, want.dim, ranges)
+                if self.traced:  # the backward all-gathers the shard gradients
+                    args += (a.group, *_gather_layout(want, a.n))
+                node = self.graph.call_function(rt.shard_slice, args)
             self._new(node, x, want)
             return self._finish(key, node)
         raise ShardingError(
@@ -265,8 +276,18 @@ class _Lowerer:
 
 
 def lower(gm: fx.GraphModule, prop: Propagation, axis: Axis) -> Lowered:
-    """Rewrite ``gm`` in place into this rank's program for ``axis``; see the module docstring."""
-    out = _Lowerer(gm, prop, axis).run()
+    """Rewrite ``gm`` in place into this rank's program for ``axis``; see the module docstring.
+
+    A graph traced for autograd (``gradients.traced_for_autograd``) also gets the gradient
+    plumbing of ``runtime/autograd.py``: ``xdit_slice`` nodes carry what their backward
+    all-gathers with, and ``xdit_grad_sync`` nodes complete the gradients of replicated values
+    read next to per-rank data (``insert_grad_syncs``).
+    """
+    traced = traced_for_autograd(gm)
+    lowerer = _Lowerer(gm, prop, axis, traced)
+    out = lowerer.run()
+    if traced:
+        insert_grad_syncs(gm.graph, lowerer.actual, axis)
     eliminate_dead_code(gm.graph)
     gm.graph.lint()
     gm.recompile()

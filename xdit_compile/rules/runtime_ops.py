@@ -3,6 +3,7 @@
     xdit_slice(x: S(2), dim=0)    -> S(2)    a batch slice leaves the token shard alone
     xdit_gather(x: S(1), dim=0)   -> S(1)    so does a batch gather
     xdit_all_reduce(x: S(1))      -> S(1)    a sum over other ranks is elementwise here
+    xdit_grad_sync(x: S(1))       -> S(1)    so is an identity (whose backward sums)
 """
 
 from __future__ import annotations
@@ -31,5 +32,5 @@ def elementwise_sum(op: OpView) -> Decision | None:
 
 TABLE = [
     (["xdit_slice", "xdit_gather"], along_other_axis),
-    (["xdit_all_reduce"], elementwise_sum),
+    (["xdit_all_reduce", "xdit_grad_sync"], elementwise_sum),
 ]

@@ -19,6 +19,9 @@ Sequence parallelism, with N ranks each holding a contiguous shard of the sequen
 
 Only shapes, dtypes and the (Python int) shard sizes steer the code, never tensor values, so all
 of it can run inside graphs traced by Dynamo and compiled by inductor.
+
+All three are differentiable (``runtime/attention_grad.py``): when autograd records them, the
+backward all-gathers K/V, recomputes this rank's queries' attention and reduce-scatters dK/dV.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ from typing import Any
 import torch
 
 from xdit_compile.errors import XditError
+from xdit_compile.runtime.attention_grad import SequenceLayout, sequence_attention
+from xdit_compile.runtime.autograd import differentiable, recording
 from xdit_compile.runtime.collectives import Group, all_to_all, group_rank, group_size, shift
 
 __all__ = [
@@ -292,6 +297,7 @@ def _ulysses_scatter_heads(
     return q, k, v
 
 
+@differentiable
 def ulysses_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -320,6 +326,28 @@ def ulysses_attention(
     _check_shard(fn, "q", q, q_sizes, index, ranks)
     _check_shard(fn, "k/v", k, kv_sizes, index, ranks)
     _check_mask(fn, mask, q.size(1), sum(q_sizes), sum(kv_sizes))
+    if recording(q, k, v):
+        layout = SequenceLayout("ulysses", ((group, tuple(kv_sizes)),), (sum(q_sizes[:index]), q_sizes[index]))
+        return sequence_attention(
+            lambda q, k, v, mask: _ulysses(q, k, v, group, q_sizes, kv_sizes, mask, scale, enable_gqa, index, ranks),
+            layout, q, k, v, mask, scale, enable_gqa)
+    return _ulysses(q, k, v, group, q_sizes, kv_sizes, mask, scale, enable_gqa, index, ranks)
+
+
+def _ulysses(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    group: Group,
+    q_sizes: Sequence[int],
+    kv_sizes: Sequence[int],
+    mask: torch.Tensor | None,
+    scale: float | None,
+    enable_gqa: bool,
+    index: int,
+    ranks: int,
+) -> torch.Tensor:
+    """Ulysses attention body; inputs already validated."""
     heads = q.size(1)
     q, k, v = _ulysses_scatter_heads(q, k, v, group, q_sizes, kv_sizes)
     out, _ = attention_with_lse(q, k, v, _mask_heads(mask, heads, index, ranks), scale, enable_gqa)
@@ -378,6 +406,7 @@ def _ring(
     return out.to(q.dtype)
 
 
+@differentiable
 def ring_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -404,9 +433,14 @@ def ring_attention(
     ranks, index = group_size(group), group_rank(group)
     _check_shard(fn, "k/v", k, kv_sizes, index, ranks)
     _check_mask(fn, mask, q.size(1), q.size(2), sum(kv_sizes))
+    if recording(q, k, v):
+        return sequence_attention(
+            lambda q, k, v, mask: _ring(q, k, v, group, kv_sizes, mask, scale, enable_gqa),
+            SequenceLayout("ring", ((group, tuple(kv_sizes)),), None), q, k, v, mask, scale, enable_gqa)
     return _ring(q, k, v, group, kv_sizes, mask, scale, enable_gqa)
 
 
+@differentiable
 def usp_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -444,9 +478,18 @@ def usp_attention(
     chunk = slice(r_index * ulysses, (r_index + 1) * ulysses)
     local_q_sizes, local_kv_sizes = list(q_sizes[chunk]), list(kv_sizes[chunk])
     _check_mask(fn, mask, q.size(1), sum(local_q_sizes), sum(kv_sizes))
-    heads = q.size(1)
-    q, k, v = _ulysses_scatter_heads(q, k, v, ulysses_group, local_q_sizes, local_kv_sizes)
     ring_kv_sizes = [sum(kv_sizes[r * ulysses:(r + 1) * ulysses]) for r in range(ring)]
-    out = _ring(q, k, v, ring_group, ring_kv_sizes, _mask_heads(mask, heads, u_index, ulysses),
-                scale, enable_gqa)
-    return all_to_all(out, 2, 1, ulysses_group, scatter_sizes=local_q_sizes)
+
+    def body(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        heads = q.size(1)
+        q, k, v = _ulysses_scatter_heads(q, k, v, ulysses_group, local_q_sizes, local_kv_sizes)
+        out = _ring(q, k, v, ring_group, ring_kv_sizes, _mask_heads(mask, heads, u_index, ulysses),
+                    scale, enable_gqa)
+        return all_to_all(out, 2, 1, ulysses_group, scatter_sizes=local_q_sizes)
+
+    if recording(q, k, v):
+        # Keys in mask order: this ring index's Ulysses shards, then the ring chunks.
+        levels = ((ulysses_group, tuple(local_kv_sizes)), (ring_group, tuple(ring_kv_sizes)))
+        layout = SequenceLayout("usp", levels, (sum(local_q_sizes[:u_index]), q_sizes[sp_index]))
+        return sequence_attention(body, layout, q, k, v, mask, scale, enable_gqa)
+    return body(q, k, v, mask)
