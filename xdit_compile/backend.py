@@ -29,7 +29,7 @@ from . import plan as plan_mod
 from .runtime.agreement import checked
 from .axis import Axis
 from .errors import PassError, PlanError, XditError
-from .gradients import guard_backward, needs_guard
+from .gradients import guard_backward, needs_guard, undifferentiable_ops
 from .graph import arg, input_label, is_tensor, is_user_input, op_name, shape, value
 from .passes.choose_seeds import choose_seeds
 from .passes.lower import lower
@@ -218,12 +218,24 @@ def _inner(plan: ParallelPlan, gm: fx.GraphModule, example_inputs: Sequence[Any]
     return compile_fx(gm, example_inputs)
 
 
-def _guarded(plan: ParallelPlan, example_inputs: Sequence[Any], build: Callable[[], Callable]) -> Callable:
-    """``build()``'s program; traced for autograd, it is built for inference and refuses backward."""
+def _guarded(plan: ParallelPlan, example_inputs: Sequence[Any], build: Callable[[], Callable],
+             gm: fx.GraphModule | None = None) -> Callable:
+    """``build()``'s program. Traced for autograd, it keeps its backward when every op the passes
+    inserted into ``gm`` has a gradient rule; else (``gm`` None: PipeFusion) it is built for
+    inference and its backward raises ``GradientError`` naming those ops."""
     if not needs_guard(example_inputs):
         return build()
+    if gm is None:
+        why = ("PipeFusion's stage transfers and stale K/V have no gradient rules" if plan.degree("pp") > 1
+               else "its inserted ops have no gradient rules")
+    else:
+        missing = undifferentiable_ops(gm)
+        if not missing:
+            return build()  # with grad mode on: autograd (or aot_autograd) records the program
+        why = (f"its ops {', '.join(missing)} (halo exchange / global statistics of sharded convolutions "
+               "and group norms, or other runtime functions) have no gradient rules")
     with torch.no_grad():
-        return guard_backward(build(), plan.describe())
+        return guard_backward(build(), plan.describe(), why)
 
 
 @checked  # ranks agree on what they compile first; each call checks its inputs and names timeouts
@@ -296,7 +308,7 @@ def xdit_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: dic
         _GRAPHS.append((report, gm, list(example_inputs)))
     if not any(ax.collectives for ax in report.axes):
         return _inner(plan, gm, example_inputs)  # nothing moves between ranks: autograd through it is exact
-    return _guarded(plan, example_inputs, lambda: _inner(plan, gm, example_inputs))
+    return _guarded(plan, example_inputs, lambda: _inner(plan, gm, example_inputs), gm)
 
 
 # (report, per-rank graph, example inputs) of each compiled graph, kept only when
