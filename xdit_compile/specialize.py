@@ -28,6 +28,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.fx as fx
 
+from .graph import has_side_effects, input_label
 from .passes.refresh_meta import refresh_meta
 
 log = logging.getLogger("xdit_compile")
@@ -70,8 +71,6 @@ def describe(gm: fx.GraphModule, args: Sequence[Any], indices: Sequence[int]) ->
 
     SymInts that are sizes of tensor inputs are left out (the tensors' shapes say them).
     """
-    from .graph import input_label
-
     phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
     parts = []
     for i in indices:
@@ -112,7 +111,7 @@ def specialise(gm: fx.GraphModule, args: Sequence[Any]) -> fx.GraphModule:
     refresh_meta(new, args)
     for node in list(new.graph.nodes):
         v = node.meta.get("val")
-        if not _scalar(v) or node.op not in ("placeholder", "call_function", "call_method") or node.is_impure():
+        if not _scalar(v) or node.op not in ("placeholder", "call_function", "call_method") or has_side_effects(node):
             continue
         literal = tuple(v) if isinstance(v, (tuple, list)) else v
         node.replace_all_uses_with(literal)  # type: ignore[arg-type]
@@ -155,9 +154,10 @@ class PerShape:
     def _compile(self, key: Signature, args: Sequence[Any]) -> Callable:
         sizes = describe(self.gm, args, self.indices)
         if len(self.cache) >= self.cache_size:
-            old, _ = self.cache.popitem(last=False)
-            log.warning("xdit: more than %d shapes of one graph; dropped the least recently used (%s), which "
-                        "compiles again if it comes back", self.cache_size, old)
+            self.cache.popitem(last=False)
+            log.warning("xdit: more than %d shapes of one graph (new: %s); dropped the least recently used, "
+                        "which compiles again if it comes back. An int argument that changes every call "
+                        "compiles a program per value: pass it as a tensor", self.cache_size, sizes)
         log.info("xdit: graph with symbolic sizes: compiling a static program for %s (%d cached)",
                  sizes, len(self.cache))
         from .report import reports
