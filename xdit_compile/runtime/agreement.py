@@ -324,6 +324,7 @@ class Guarded:
     def __init__(self, fn: Callable[..., Any], plan: ParallelPlan, inputs: list[tuple[int, str]], graph: str):
         self.fn, self.plan, self.inputs, self.graph = fn, plan, inputs, graph
         self.calls = 0
+        self.mix: torch.Tensor | None = None  # [2 per input, rows of all inputs]: row sums -> the checksums
         self.check = plan.check_inputs and bool(inputs)
         self.group = plan_mod.world_group(plan) if self.check else None  # every rank creates it now, in order
         self.world, self.rank = dist.get_world_size(), dist.get_rank()
@@ -354,8 +355,10 @@ class Guarded:
 
     def check_inputs(self, args: Sequence[Any]) -> None:
         """Raise ``RankMismatchError`` unless every rank got the same user inputs (one all-gather)."""
-        sums = [s for i, _ in self.inputs for s in input_sums(args[i])]
-        local = torch.stack(sums)
+        rows = torch.cat([row_sums(args[i]) for i, _ in self.inputs])
+        if self.mix is None or self.mix.shape[1] != rows.numel() or self.mix.device != rows.device:
+            self.mix = _mixer([row_sums(args[i]).numel() for i, _ in self.inputs], rows.device)
+        local = self.mix @ rows
         if self.host:
             local = local.cpu()
         gathered = torch.empty(self.world * local.numel(), dtype=local.dtype, device=local.device)
@@ -392,15 +395,28 @@ class Guarded:
         )
 
 
-def input_sums(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(float64 sum, sum weighted by position along dim 0) of ``x``: equal on ranks with equal ``x``."""
+def row_sums(x: torch.Tensor) -> torch.Tensor:
+    """float64 sums of ``x`` along everything but dim 0 (one per batch row; a scalar is one row)."""
     x = x.detach()
     if x.is_complex():
         x = torch.view_as_real(x)
     rows = x.reshape(x.shape[0], -1) if x.dim() >= 1 and x.shape[0] else x.reshape(1, -1)
-    per_row = torch.sum(rows, dim=1, dtype=torch.float64)
-    weights = torch.arange(1, per_row.numel() + 1, dtype=torch.float64, device=per_row.device)
-    return per_row.sum(), (per_row * weights).sum()
+    return torch.sum(rows, dim=1, dtype=torch.float64)
+
+
+def _mixer(counts: list[int], device: torch.device) -> torch.Tensor:
+    """Matrix turning concatenated row sums into (sum, sum weighted by row position) per input.
+
+    Equal inputs give equal checksums on every rank; the weighted one tells apart inputs whose
+    rows were swapped (the CFG halves), which the plain sum cannot.
+    """
+    mix = torch.zeros(2 * len(counts), sum(counts), dtype=torch.float64)
+    start = 0
+    for k, n in enumerate(counts):
+        mix[2 * k, start:start + n] = 1
+        mix[2 * k + 1, start:start + n] = torch.arange(1, n + 1, dtype=torch.float64)
+        start += n
+    return mix.to(device)
 
 
 _TIMEOUT_TEXT = re.compile(r"timed out|timeout", re.IGNORECASE)
