@@ -3,8 +3,8 @@
 One ``run_spmd`` of 2 ranks runs every case in turn (a spawned rank costs ~10 s here), catching
 each expected error inside the ranks: different inputs per rank (seeded differently, or the
 CFG halves swapped), different weights, different options (Ulysses 2 on rank 0, CFG 2 on rank
-1: a hang before the check), different input shapes (a gloo abort before), options that make
-no plan on one rank; a normal run stays exact, and ``check_inputs=False`` turns the check off.
+1: a hang before the check), different input shapes (a gloo abort before), different code (a
+constant per rank traced into the graph), options that make no plan on one rank; a normal run stays exact, and ``check_inputs=False`` turns the check off.
 Exact: the normal run is compared with one rank's eager output within 1e-5 of its scale.
 """
 
@@ -73,6 +73,17 @@ def _cases() -> dict[str, tuple[str, str, float]]:
         side = 16 if rank == 0 else 24
         resized = {**inputs, "hidden_states": torch.randn(2, 4, side, side, generator=torch.Generator().manual_seed(1))}
         out["shapes"] = _attempt(lambda: run(base, inputs=resized))
+        scale = 2.0 if rank == 0 else 3.0  # a Python constant baked into the graph: other code per rank
+
+        def scaled(x: torch.Tensor) -> torch.Tensor:
+            q = x.view(2, 8, 2, 4).transpose(1, 2)
+            return torch.nn.functional.scaled_dot_product_attention(q, q, q).transpose(1, 2).flatten(2) * scale
+
+        def graph() -> None:
+            torch._dynamo.reset()
+            torch.compile(scaled, backend="xdit", options=base, dynamic=False)(torch.ones(2, 8, 8))
+
+        out["graph"] = _attempt(graph)
         bad = base if rank == 0 else {"inner": "eager", "ulysses_degree": 3}
         out["no_plan"] = _attempt(lambda: run(bad))
         out["after"] = _attempt(normal)  # the ranks are still in step after all of that
@@ -104,5 +115,7 @@ def test_ranks_that_disagree_raise_on_every_rank() -> None:
                 assert "rank 1 has plan cfg=2 but rank 0 has ulysses=2" in msg, msg
             if name == "shapes":
                 assert "shape (2, 4, 24, 24) torch.float32 on rank 1, (2, 4, 16, 16) torch.float32 on rank 0" in msg, msg
+            if name == "graph":
+                assert "the traced graphs differ: rank 1 has" in msg and "3.0" in msg and "2.0" in msg, msg
             if name == "no_plan":
                 assert "rank 1 could not build its plan" in msg and "ulysses=3" in msg, msg

@@ -105,19 +105,35 @@ def user_inputs(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> list[tuple
 # ---------------------------------------------------------------------- 1. agreement
 @dataclass(frozen=True)
 class Fingerprint:
-    """What one rank is about to compile; ranks must hold equal ones (``options`` aside)."""
+    """What one rank is about to compile; ranks must hold equal ones (``options`` aside).
+
+    Only the summary (everything but ``graph`` and ``weights``, which enter through their
+    hashes) goes to the store every time; the two lists, large for a big model, are written
+    only when the digests differ and the message needs them.
+    """
 
     plan: dict[str, str]  # field -> repr of the resolved plan ({} when the plan failed)
     describe: str  # plan.describe(), or the PlanError's text
     error: str  # the PlanError this rank raised ("" when none)
-    graph: list[str]  # one line per node
     inputs: list[list[str]]  # [label, shape, dtype] of each user input
-    weights: list[list[Any]]  # [name, shape and dtype, float64 sum or None when freed]
     options: str  # the options as given, for messages only (equal plans from different options agree)
+    graph: list[str]  # one line per node
+    weights: list[list[Any]]  # [name, shape and dtype, float64 sum or None when freed]
+
+    def summary(self) -> dict[str, Any]:
+        out = {k: v for k, v in asdict(self).items() if k not in ("graph", "weights")}
+        return out | {"graph": _hash(self.graph), "nodes": len(self.graph), "weights": _hash(self.weights)}
+
+    def details(self) -> dict[str, Any]:
+        return {"graph": self.graph, "weights": self.weights}
 
     def digest(self) -> str:
-        body = json.dumps([self.plan, self.error, self.graph, self.inputs, self.weights], sort_keys=True)
-        return hashlib.sha256(body.encode()).hexdigest()
+        s = self.summary()
+        return _hash([s["plan"], s["error"], s["inputs"], s["graph"], s["weights"]])
+
+
+def _hash(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
 
 
 def agree(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Mapping[str, Any] | None) -> ParallelPlan:
@@ -163,8 +179,8 @@ def _fingerprint(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Map
         shown = repr(dict(options or {}))
     except Exception:  # noqa: BLE001 - options that are not a mapping are already a PlanError
         shown = repr(options)
-    return Fingerprint(plan_fields, described, error, [_node_line(n) for n in gm.graph.nodes],
-                       inputs, weights, shown)
+    return Fingerprint(plan_fields, described, error, inputs, shown, [_node_line(n) for n in gm.graph.nodes],
+                       weights)
 
 
 def _weight_name(node: fx.Node) -> str:
@@ -219,7 +235,7 @@ def _publish(fp: Fingerprint) -> tuple[str, int]:
     """Write this rank's fingerprint, then its digest (readers wait on digests); the key prefix."""
     prefix, rank = f"{_PREFIX}/{next(_SEQ)}/", dist.get_rank()
     store = _store()
-    store.set(f"{prefix}fp/{rank}", json.dumps(asdict(fp)))
+    store.set(f"{prefix}fp/{rank}", json.dumps(fp.summary()))
     store.set(f"{prefix}digest/{rank}", fp.digest())
     return prefix, rank
 
@@ -229,24 +245,42 @@ def _exchange(fp: Fingerprint, wait_s: float) -> None:
     world, store = dist.get_world_size(), _store()
     keys = [f"{prefix}digest/{r}" for r in range(world)]
     start = time.monotonic()
+    _wait(store, keys, wait_s, start, rank, prefix)
+    digests = [d.decode() if isinstance(d, bytes) else d for d in store.multi_get(keys)]
+    if len(set(digests)) == 1:
+        return
+    # Every rank sees the mismatch: each writes its details, then reads those of one rank per group.
+    store.set(f"{prefix}details/{rank}", json.dumps(fp.details()))
+    groups: dict[str, list[int]] = {}
+    for r, d in enumerate(digests):
+        groups.setdefault(d, []).append(r)
+    summaries = {d: json.loads(store.get(f"{prefix}fp/{ranks[0]}")) for d, ranks in groups.items()}
+    if any(s["error"] for s in summaries.values()):  # the message names the error alone
+        prints = {d: Fingerprint(**_fields(s), graph=[], weights=[]) for d, s in summaries.items()}
+    else:
+        reps = {d: ranks[0] for d, ranks in groups.items()}
+        _wait(store, [f"{prefix}details/{r}" for r in reps.values()], wait_s, start, rank, prefix)
+        prints = {d: Fingerprint(**_fields(summaries[d]), **json.loads(store.get(f"{prefix}details/{r}")))
+                  for d, r in reps.items()}
+    raise RankMismatchError(explain([(ranks, prints[d]) for d, ranks in groups.items()]))
+
+
+def _fields(summary: dict[str, Any]) -> dict[str, Any]:
+    return {k: summary[k] for k in ("plan", "describe", "error", "inputs", "options")}
+
+
+def _wait(store: dist.Store, keys: list[str], wait_s: float, start: float, rank: int, prefix: str) -> None:
+    """Wait for ``keys`` (one per rank) until ``wait_s`` after ``start``; name the ranks that never wrote."""
     try:
-        store.wait(keys, timedelta(seconds=wait_s))
+        store.wait(keys, timedelta(seconds=max(wait_s - (time.monotonic() - start), 0.1)))
     except RuntimeError as e:  # DistStoreError: some rank never arrived
-        missing = [r for r in range(world) if not store.check([keys[r]])]
+        missing = [int(k.rsplit("/", 1)[1]) for k in keys if not store.check([k])]
         raise CollectiveTimeoutError(
             f"xdit: rank {rank} waited {time.monotonic() - start:.0f} s (timeout {wait_s:g} s) for rank(s) {missing} "
             f"to compile the same graph (agreement round {prefix.split('/')[-2]}, before any collective); they are "
             "stuck, died, or compile a different number of graphs (a graph break on some ranks only). Their "
             "tracebacks show where they are; raise the option timeout if they legitimately need longer."
         ) from e
-    digests = [d.decode() if isinstance(d, bytes) else d for d in store.multi_get(keys)]
-    if len(set(digests)) == 1:
-        return
-    groups: dict[str, list[int]] = {}
-    for r, d in enumerate(digests):
-        groups.setdefault(d, []).append(r)
-    prints = {d: Fingerprint(**json.loads(store.get(f"{prefix}fp/{ranks[0]}"))) for d, ranks in groups.items()}
-    raise RankMismatchError(explain([(ranks, prints[d]) for d, ranks in groups.items()]))
 
 
 def explain(groups: list[tuple[list[int], Fingerprint]]) -> str:
