@@ -226,7 +226,7 @@ class _Lowerer:
         a = sdpa_args(node)
         ax = self.axis
         q, k, v = a["query"], a["key"], a["value"]
-        pq, pk = self.prop.placements[q], self.prop.placements[k]
+        pq, pk = self.actual[q], self.actual[k]  # q, k may be slices of seeded inputs
         q_now, k_now, v_now = (self._current(node, t) or t for t in (q, k, v))
         heads, kv_heads = shape(q)[-3] if len(shape(q)) >= 3 else 1, shape(k)[-3] if len(shape(k)) >= 3 else 1
         strategy, why = ax.attention_strategy(heads, kv_heads)
@@ -259,6 +259,9 @@ class _Lowerer:
         self.graph.erase_node(node)
         self.actual[new] = pq
         self.prop.placements[new] = pq
+        for d in self.prop.decisions.values():  # users (the output too) still name the old node
+            if node in d.needs:
+                d.needs[new] = d.needs.pop(node)
         kind = "joint" if len(pq.segments) > 1 or len(pk.segments) > 1 else "self"
         self.out.attention.append((node.name, kind, f"{strategy} ({why})"))
         qv = value(q)

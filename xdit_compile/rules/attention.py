@@ -68,13 +68,14 @@ def sdpa(op: OpView) -> Decision | None:
         return Decision(pq, needs, attention="local")
     if not isinstance(pq, Shard) or pq.dim != seq:
         return replicate_all(op, "attention inputs are sharded on a dim it cannot split")
+    if a.get("is_causal"):
+        # The causal mask depends on global query positions, which a rank's rows do not have.
+        return replicate_all(op, "causal attention over a sharded sequence is not lowered")
     if isinstance(pk, Replicate) and isinstance(pv, Replicate):
         m = _mask_need(mask, 2, pq, op)
         if m is None:
             return replicate_all(op, "mask rows do not match the sharded queries")
         return Decision(pq, m, attention="local")
-    if a.get("is_causal"):
-        return replicate_all(op, "causal attention over a sharded sequence is not lowered")
     if not isinstance(pk, Shard) or pk.dim != seq:
         return replicate_all(op, "keys are sharded on a dim attention cannot split")
     needs = {}

@@ -18,7 +18,7 @@ from .core import Decision, OpView, regroup, split_segments
 
 def _tensors_and_dim(op: OpView) -> tuple[list[Any], int]:
     tensors = op.arg(0, "tensors")
-    dim = op.arg(1, "dim", 0)
+    dim = op.arg(1, "dim", op.node.kwargs.get("axis", 0))  # torch.concatenate(..., axis=1)
     return list(tensors), dim
 
 
@@ -58,8 +58,14 @@ def cat(op: OpView) -> Decision | None:
                 needs[t] = seg
                 segs.extend(seg.segments)
         return Decision(Shard(dim, tuple(segs), inner), needs)
-    # Along another dim: every input must be sharded like the first shard (R inputs sliced).
+    # Along another dim: every input must be sharded like the first shard (R inputs sliced),
+    # empty ones too (their other dims must match the local pieces).
     target = next(p for p in shards if p.dim != dim)
+    for t in nodes:
+        if t not in live and len(shape(t)) == ndim:
+            if shape(t)[target.dim] != target.length:
+                return None
+            needs[t] = target
     for t, p in zip(live, pls):
         if p == target:
             continue

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch.fx as fx
+import torch.nn.functional as F
 
 from ..graph import is_tensor, shape
 from ..placements import REPLICATE, Replicate, Shard
@@ -194,7 +195,10 @@ def along_other_dim(op: OpView, src: fx.Node, p: Shard, others: dict) -> Decisio
     if op.name == "repeat_interleave":
         dim = op.arg(2, "dim")
     elif op.name in ("flip", "roll"):
-        dims = op.arg(1 if op.name == "flip" else 2, "dims")
+        if op.name == "flip" and "dims" not in op.node.kwargs and len(op.node.args) > 2:
+            dims = list(op.node.args[1:])  # x.flip(2, 1): the dims as separate arguments
+        else:
+            dims = op.arg(1 if op.name == "flip" else 2, "dims")
         dims = [dims] if isinstance(dims, int) else list(dims or [])
         if dims == [] or any(d % ndim == p.dim for d in dims):
             return replicate_all(op, f"{op.name} along the sharded dim")
@@ -212,9 +216,14 @@ def along_other_dim(op: OpView, src: fx.Node, p: Shard, others: dict) -> Decisio
 
 
 def embedding(op: OpView) -> Decision | None:
-    idx = op.node.args[0]
+    """``F.embedding(indices, weight)``, or ``torch.embedding(weight, indices)``: the output
+    is sharded like the indices (the table stays whole)."""
+    if op.node.op == "call_function" and op.node.target is F.embedding:
+        idx = op.arg(0, "input")
+    else:
+        idx = op.arg(1, "indices")
     p = op.pl(idx)
-    params = {x: REPLICATE for x in op.tensor_inputs()[1:] if not isinstance(op.pl(x), Replicate)}
+    params = {x: REPLICATE for x in op.tensor_inputs() if x is not idx and not isinstance(op.pl(x), Replicate)}
     if isinstance(p, (Replicate, Shard)):
         return Decision(p, params)
     return None

@@ -94,8 +94,14 @@ def linear(op: OpView) -> Decision | None:
     d = einsum_rule(op, spec, [x, w])
     if d is None or d.out is PARTIAL:
         return None
-    if isinstance(b, fx.Node) and not isinstance(op.pl(b), Replicate):
-        d.needs[b] = REPLICATE
+    if isinstance(b, fx.Node):
+        # The bias is added along the output features: sharded like them when the weight's
+        # rows are sharded (out S(last)), whole otherwise.
+        want: Placement = REPLICATE
+        if isinstance(d.out, Shard) and d.out.dim == nd - 1:
+            want = d.out.with_dim(len(shape(b)) - 1)
+        if op.pl(b) != want:
+            d.needs[b] = want
     return d
 
 

@@ -7,7 +7,9 @@
 
 from __future__ import annotations
 
+import torch
 import torch.fx as fx
+import torch.nn.functional as F
 
 from ..graph import shape
 from ..placements import PARTIAL, REPLICATE, Partial, Placement, Replicate, Shard
@@ -28,16 +30,49 @@ BINARY = [
     "pow", "maximum", "minimum", "fmax", "fmin", "atan2", "lt", "le", "gt", "ge", "eq", "ne",
     "logical_and", "logical_or", "logical_xor", "and_", "or_", "xor", "bitwise_and", "bitwise_or",
     "bitwise_xor", "where", "masked_fill", "lerp", "addcmul", "addcdiv", "hypot", "copysign",
-    "type_as", "expand_as_unused",
+    "type_as",
 ]
-INPLACE = [name + "_" for name in UNARY + BINARY if not name.endswith("_")] + [
+# In-place variants that torch has (a method, or a torch / torch.nn.functional function):
+# names Dynamo can put in a graph.
+INPLACE = [name + "_" for name in UNARY + BINARY if not name.endswith("_") and (
+    hasattr(torch.Tensor, name + "_") or hasattr(torch, name + "_") or hasattr(F, name + "_"))] + [
     "iadd", "isub", "imul", "itruediv",
 ]
 
-# Ops whose output is linear in a Partial input (so the sum can stay unreduced).
+# Ops whose output is linear in a Partial input (so the sum can stay unreduced). A Partial
+# may only go through ops linear in it: anything else (rounding, integer casts, a constant
+# added once per rank) must see the reduced value, so the propagation reduces it first.
 _LINEAR_IN_PARTIAL = {"add", "sub", "neg", "to", "float", "double", "half", "bfloat16", "contiguous",
                       "clone", "detach", "iadd", "isub"}
+_SUMS = {"add", "sub", "iadd", "isub"}
+_CASTS = {"to", "float", "double", "half", "bfloat16"}
 _SCALES_PARTIAL = {"mul", "truediv", "div", "imul", "itruediv"}
+
+
+def _operands(op: OpView) -> list[object]:
+    """The two operands of a binary op, positional or by keyword (``other=``)."""
+    return [op.arg(0, "input"), op.arg(1, "other")]
+
+
+def _partial_stays(op: OpView, partial: list[fx.Node], pls: list[Placement]) -> bool:
+    """Whether the op is linear in its Partial inputs, so that its output is Partial too."""
+    if op.name in _LINEAR_IN_PARTIAL and all(isinstance(p, Partial) for p in pls):
+        if op.name in _SUMS:
+            # x + 1 would add the constant once per rank: every operand must be a Partial.
+            return all(isinstance(x, fx.Node) and isinstance(op.pl(x), Partial) for x in _operands(op))
+        if op.name in _CASTS:
+            # A cast to an integer or bool dtype rounds each summand: not linear.
+            out = op.out_value
+            return out.dtype.is_floating_point or out.dtype.is_complex
+        return True
+    if op.name in _SCALES_PARTIAL and len(partial) == 1:
+        if op.node.kwargs.get("rounding_mode") is not None:
+            return False  # floor / trunc division rounds each summand
+        a, b = _operands(op)
+        if op.name in ("mul", "imul"):
+            return partial[0] in (a, b)
+        return a is partial[0] and b is not partial[0]  # P / c is linear, c / P is not
+    return False
 
 
 def _data_inputs(op: OpView) -> list[fx.Node]:
@@ -56,17 +91,8 @@ def pointwise(op: OpView) -> Decision | None:
     if all(isinstance(p, Replicate) for p in pls):
         return Decision(REPLICATE, extra)
     partial = [x for x, p in zip(inputs, pls) if isinstance(p, Partial)]
-    if partial and not any(isinstance(p, Shard) for p in pls):
-        # A constant operand (x + 1) would be added once per rank: only sums of partials.
-        scalars = [a for a in op.node.args if not isinstance(a, fx.Node) and isinstance(a, (int, float, bool))]
-        if op.name in _LINEAR_IN_PARTIAL and all(isinstance(p, Partial) for p in pls) and (
-            not scalars or op.name not in ("add", "sub", "iadd", "isub")
-        ):
-            return Decision(PARTIAL, extra)
-        if op.name in _SCALES_PARTIAL and len(partial) == 1 and (
-            op.name in ("mul", "imul") or inputs.index(partial[0]) == 0
-        ):
-            return Decision(PARTIAL, extra)
+    if partial and not any(isinstance(p, Shard) for p in pls) and _partial_stays(op, partial, pls):
+        return Decision(PARTIAL, extra)
     out_ndim = op.out_ndim
     # Candidate output shards, largest input first: each input's shard mapped to output dims.
     candidates = []

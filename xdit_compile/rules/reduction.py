@@ -26,6 +26,8 @@ def _dim_index(name: str) -> int:
 
 def _reduced_dims(op: OpView, ndim: int) -> list[int] | None:
     dim = op.arg(_dim_index(op.name), "dim")
+    if isinstance(dim, bool):  # std(x, unbiased) / var(x, unbiased): over every dim
+        dim = None
     if dim is None or dim == ():
         return None if op.name in ("sum", "mean") and dim is None else list(range(ndim))
     if isinstance(dim, int):
@@ -34,7 +36,9 @@ def _reduced_dims(op: OpView, ndim: int) -> list[int] | None:
 
 
 def _keepdim(op: OpView) -> bool:
-    return bool(op.arg(_dim_index(op.name) + 1, "keepdim", False))
+    # std(x, dim, unbiased, keepdim) and var(...) put ``unbiased`` before ``keepdim``.
+    index = 3 if op.name in ("std", "var") else _dim_index(op.name) + 1
+    return bool(op.arg(index, "keepdim", False))
 
 
 def _mean_as_partial(graph: fx.Graph, node: fx.Node, ctx: Any) -> None:

@@ -101,6 +101,10 @@ def reshape_rule(op: OpView) -> Decision | None:
     src = op.node.args[0]
     p = op.pl(src)
     if isinstance(p, Replicate):
+        other = op.node.args[1] if op.name in ("view_as", "reshape_as") and len(op.node.args) > 1 else None
+        if isinstance(other, fx.Node) and not isinstance(op.pl(other), Replicate):
+            # view_as(other) would read the local shape of a sharded other: spell the shape out.
+            return Decision(REPLICATE, rewrite=_local_reshape)
         return Decision(REPLICATE)
     if not isinstance(p, Shard):
         return None
@@ -160,9 +164,13 @@ def expand_rule(op: OpView, src: fx.Node, p: Shard, needs: dict) -> Decision | N
 
 @on_first_shard
 def repeat_rule(op: OpView, src: fx.Node, p: Shard, others: dict) -> Decision | None:
-    sizes = op.node.args[1:]
+    sizes = list(op.node.args[1:])
     if len(sizes) == 1 and isinstance(sizes[0], (list, tuple)):
-        sizes = sizes[0]
+        sizes = list(sizes[0])
+    if "dims" in op.node.kwargs or "repeats" in op.node.kwargs:
+        sizes = list(op.node.kwargs.get("dims", op.node.kwargs.get("repeats")))
+    # tile pads missing leading repeats with 1 (repeat refuses fewer sizes than dims).
+    sizes = [1] * (len(shape(src)) - len(sizes)) + sizes
     d = p.dim + len(sizes) - len(shape(src))
     if sizes[d] != 1:
         return None
