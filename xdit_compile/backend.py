@@ -29,7 +29,7 @@ from . import plan as plan_mod
 from .runtime.agreement import checked
 from .axis import Axis
 from .errors import PassError, PlanError, XditError
-from .gradients import guard_backward, needs_guard, undifferentiable_ops
+from .gradients import guard_backward, mark_for_autograd, needs_guard, traced_for_autograd, undifferentiable_ops
 from .graph import arg, input_label, is_tensor, is_user_input, op_name, shape, value
 from .passes.choose_seeds import choose_seeds
 from .passes.lower import lower
@@ -228,6 +228,8 @@ def _guarded(plan: ParallelPlan, example_inputs: Sequence[Any], build: Callable[
     if gm is None:
         why = ("PipeFusion's stage transfers and stale K/V have no gradient rules" if plan.degree("pp") > 1
                else "its inserted ops have no gradient rules")
+    elif not traced_for_autograd(gm):
+        why = "it was lowered without its gradient rules (an internal inconsistency: please report it)"
     else:
         missing = undifferentiable_ops(gm)
         if not missing:
@@ -279,6 +281,7 @@ def xdit_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: dic
             report.axes.clear()
             log.warning("xdit: %s; every batch group pipelines the whole batch", e)
         return _guarded(plan, example_inputs, lambda: pipefusion_backend(gm, example_inputs, plan, report, _inner))
+    mark_for_autograd(gm, example_inputs)  # the lowering adds gradient rules to a graph traced for autograd
     state = State(plan, example_inputs, rank, mesh_axes(plan, rank), report)
     passes: list[tuple[str, PassFn]] = [("recognise", _recognise), ("annotations", _annotations)]
     for i, axis in enumerate(state.axes):

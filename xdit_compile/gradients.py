@@ -60,8 +60,20 @@ def needs_guard(example_inputs: Sequence[Any]) -> bool:
         isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs)
 
 
+# gm.meta key: whether the graph is lowered for autograd (set by the backend from the real example
+# inputs; fake-tensor refreshes between axes do not keep ``requires_grad`` on example values).
+AUTOGRAD = "xdit_autograd"
+
+
+def mark_for_autograd(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> None:
+    """Record in ``gm.meta`` whether the lowering must add the gradient plumbing (``needs_guard``)."""
+    gm.meta[AUTOGRAD] = needs_guard(example_inputs)
+
+
 def traced_for_autograd(gm: fx.GraphModule) -> bool:
-    """``needs_guard`` read off the placeholders' example values (what the passes have)."""
+    """Whether ``gm`` is lowered for autograd: the backend's mark, else the placeholders' example values."""
+    if AUTOGRAD in gm.meta:
+        return bool(gm.meta[AUTOGRAD])
     return torch.is_grad_enabled() and any(
         isinstance(value(n), torch.Tensor) and value(n).requires_grad
         for n in gm.graph.nodes if n.op == "placeholder")
@@ -143,9 +155,10 @@ def guard_backward(fn: Callable[..., Any], what: str, why: str | None = None) ->
     message = (
         f"backward through a graph that the xdit backend rewrote for {what} is not supported: "
         f"{why or 'its inserted ops have no gradient rules'}, so the gradients would be wrong. Run "
-        "the compiled model under torch.no_grad() (inference), or train with a plan whose ops all "
-        "have gradient rules (Ulysses, Ring, USP, CFG / data parallel: see the README), or of "
-        "degree 1 (torch.compile without backend='xdit', or on one rank)."
+        "the compiled model under torch.no_grad() (inference); to train, keep those parts replicated "
+        "(xdit_compile.replicate(x) on their input) or use a plan without them (graphs lowered only "
+        "to Ulysses, Ring, USP and CFG / data parallel differentiate exactly: see the README), or "
+        "train without backend='xdit' (or on one rank)."
     )
 
     def run(*args: Any) -> Any:

@@ -163,7 +163,9 @@ def toy_results(plans: dict[str, dict]) -> list[Result]:
 
 # ---------------------------------------------------------------- gradients
 def gradient_results(plans: dict[str, dict]) -> list[Result]:
-    """Forward under grad mode is exact; backward raises GradientError (never wrong gradients)."""
+    """Forward under grad mode is exact; backward gives one rank's gradients, or raises GradientError
+    where the plan has no gradient rules (PipeFusion): never wrong gradients."""
+    import xdit_compile
     from tests.adversarial.toy import make_toy
 
     out = []
@@ -171,15 +173,28 @@ def gradient_results(plans: dict[str, dict]) -> list[Result]:
         model, inputs = make_toy(local_writes=True)
         inputs["x"].requires_grad_(True)
         ref = model(**inputs)
+        ref.square().sum().backward()
+        ref_grads = {"x": inputs["x"].grad.clone(), **{n: p.grad.clone() for n, p in model.named_parameters()}}
+        model.zero_grad(set_to_none=True)
+        inputs["x"].grad = None
+        xdit_compile.clear_reports()
         got = _compiled(model, options)(**inputs)
         err, scale = _err(got, ref)
+        grad_err = float("nan")
         try:
             got.square().sum().backward()
             raised = "no error"
+            grads = {"x": inputs["x"].grad, **dict(model.named_parameters())}
+            floor = 1e-3 * max(float(g.abs().max()) for g in ref_grads.values())
+            grad_err = 0.0
+            for name, r in ref_grads.items():
+                g = grads[name] if name == "x" else grads[name].grad
+                g = torch.zeros_like(r) if g is None else g
+                grad_err = max(grad_err, float((g - r).abs().max()) / max(float(r.abs().max()), floor))
         except Exception as e:  # noqa: BLE001 - the type is what the test checks
             raised = f"{type(e).__name__}: {e}"
         out.append({"case": f"backward/{plan}", "err": err, "scale": scale, "raised": raised,
-                    "report": _last_report()})
+                    "grad_err": grad_err, "report": _last_report()})
     return out
 
 

@@ -146,7 +146,7 @@ def _reduce_scatter(x: torch.Tensor, dim: int, sizes: Sequence[int], group: Grou
                 part = torch.cat([part, part.new_zeros((longest - s, *part.shape[1:]))])
             parts.append(part)
         moved = torch.cat(parts)
-    out = funcol.reduce_scatter_tensor(moved.contiguous(), "sum", 0, group)
+    out = funcol.reduce_scatter_single(moved.contiguous(), "sum", 0, group)
     if isinstance(out, funcol.AsyncCollectiveTensor):
         out = out.wait()
     return out.narrow(0, 0, sizes[me]).movedim(0, dim)
