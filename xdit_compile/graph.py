@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import operator
 from typing import Any
@@ -110,6 +111,16 @@ _NOT_MUTATING = frozenset({"requires_grad_", "and_", "or_", "xor_", "not_", "is_
 _AUGMENTED = frozenset({"setitem", "iadd", "isub", "imul", "itruediv"})
 
 
+@functools.lru_cache(maxsize=None)
+def _inplace_position(target: Any) -> int | None:
+    """Where a Python function takes ``inplace`` positionally (``None``: it has no such parameter)."""
+    try:
+        params = list(inspect.signature(target).parameters)
+    except (TypeError, ValueError):
+        return None
+    return params.index("inplace") if "inplace" in params else None
+
+
 def _inplace_flag(node: fx.Node) -> bool:
     """``inplace=True`` given by keyword or by position (``F.relu(x, True)``)."""
     if node.kwargs.get("inplace") is True:
@@ -117,13 +128,10 @@ def _inplace_flag(node: fx.Node) -> bool:
     if node.op != "call_function" or len(node.args) < 2:
         return False
     try:
-        params = list(inspect.signature(node.target).parameters)
-    except (TypeError, ValueError):
+        i = _inplace_position(node.target)
+    except TypeError:  # an unhashable target
         return False
-    if "inplace" not in params:
-        return False
-    i = params.index("inplace")
-    return i < len(node.args) and node.args[i] is True
+    return i is not None and i < len(node.args) and node.args[i] is True
 
 
 def _schema_writes(node: fx.Node) -> list[fx.Node]:
