@@ -119,3 +119,20 @@ def test_ranks_that_disagree_raise_on_every_rank() -> None:
                 assert "the traced graphs differ: rank 1 has" in msg and "3.0" in msg and "2.0" in msg, msg
             if name == "no_plan":
                 assert "rank 1 could not build its plan" in msg and "ulysses=3" in msg, msg
+
+
+def test_weights_freed_on_some_ranks_do_not_disagree() -> None:
+    """PipeFusion frees the other stages' weights: a missing checksum is no difference, another value is."""
+    from xdit_compile.runtime.agreement import Fingerprint, explain
+
+    def fp(weights: list[list[Any]]) -> Fingerprint:
+        return Fingerprint({"ulysses": "2"}, "ulysses=2", "", [["L['x']", "(2, 4)", "torch.float32"]], "{}",
+                           ["placeholder x"], weights)
+
+    stage0 = fp([["a.weight", "(4,) torch.float32", 1.5], ["b.weight", "(4,) torch.float32", None]])
+    stage1 = fp([["a.weight", "(4,) torch.float32", None], ["b.weight", "(4,) torch.float32", -2.0]])
+    assert stage0.digest() != stage1.digest()
+    assert explain([([0], stage0), ([1], stage1)]) is None
+    other = fp([["a.weight", "(4,) torch.float32", 1.25], ["b.weight", "(4,) torch.float32", -2.0]])
+    message = explain([([0], stage0), ([1, 2], other)])
+    assert message is not None and "ranks [1, 2]'s checksum of a.weight is 1.25 but rank 0's is 1.5" in message

@@ -16,6 +16,8 @@ Nothing here runs inside a compiled graph. ``checked`` wraps the backend (``back
    aborts with "Received data size doesn't match expected size"). Each rank reads back only
    the others' digests; when they differ, every rank reads the differing fingerprints and
    raises the same ``RankMismatchError``. A rank whose options make no plan tells the others.
+   A weight whose storage a rank freed (PipeFusion keeps its stage's) has no checksum there
+   and is compared on the ranks that hold it.
 
 2. **Inputs, once per call.** ``Guarded`` runs one all-gather of two float64 sums per user
    input (the total, and the sum weighted by position along dim 0, so that swapped CFG halves
@@ -262,7 +264,9 @@ def _exchange(fp: Fingerprint, wait_s: float) -> None:
         _wait(store, [f"{prefix}details/{r}" for r in reps.values()], wait_s, start, rank, prefix)
         prints = {d: Fingerprint(**_fields(summaries[d]), **json.loads(store.get(f"{prefix}details/{r}")))
                   for d, r in reps.items()}
-    raise RankMismatchError(explain([(ranks, prints[d]) for d, ranks in groups.items()]))
+    message = explain([(ranks, prints[d]) for d, ranks in groups.items()])
+    if message is not None:  # None: only weights freed on some ranks (PipeFusion's other stages) differ
+        raise RankMismatchError(message)
 
 
 def _fields(summary: dict[str, Any]) -> dict[str, Any]:
@@ -283,11 +287,17 @@ def _wait(store: dist.Store, keys: list[str], wait_s: float, start: float, rank:
         ) from e
 
 
-def explain(groups: list[tuple[list[int], Fingerprint]]) -> str:
-    """The message for ranks holding different fingerprints; ``groups[0]`` holds rank 0."""
+def explain(groups: list[tuple[list[int], Fingerprint]]) -> str | None:
+    """The message for ranks holding different fingerprints (``groups[0]`` holds rank 0).
+
+    None when nothing differs that matters: a weight whose storage one rank freed (PipeFusion
+    keeps only its stage's weights) has no checksum there, so its digest differs harmlessly.
+    """
     (ref_ranks, ref), lines = groups[0], []
     for ranks, fp in groups[1:]:
         lines += _differences(_ranks(ranks), _ranks(ref_ranks), fp, ref)
+    if not lines:
+        return None
     return ("xdit: the ranks disagree about what they compile, so their collectives would not match (a hang or a "
             "wrong image); every rank must compile the same model, weights, options and input shapes:\n  - "
             + "\n  - ".join(lines))
@@ -326,7 +336,7 @@ def _differences(who: str, ref_who: str, fp: Fingerprint, ref: Fingerprint) -> l
                    "model code or its Python-level arguments differ between ranks)")
     if fp.weights != ref.weights:
         out += _weight_differences(who, ref_who, fp.weights, ref.weights)
-    return out or [f"{who} and {ref_who} hold different fingerprints ({fp.digest()[:8]} vs {ref.digest()[:8]})"]
+    return out
 
 
 def _weight_differences(who: str, ref_who: str, mine: list[list[Any]], ref: list[list[Any]]) -> list[str]:
