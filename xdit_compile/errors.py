@@ -24,7 +24,8 @@ class CollectiveError(XditError):
 
 
 class GradientError(XditError):
-    """Backward through a rewritten (multi-rank) graph, which has no gradient rules yet."""
+    """Backward through a rewritten (multi-rank) graph holding ops without gradient rules
+    (PipeFusion, halo exchanges, GroupNorm statistics); the message names them and the fix."""
 
 
 class RankMismatchError(XditError):
