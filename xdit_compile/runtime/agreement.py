@@ -350,6 +350,8 @@ def _weight_differences(who: str, ref_who: str, mine: list[list[Any]], ref: list
             diffs.append(f"{name} is {spec} on {who} but {other[1]} on {ref_who}")
         elif total is not None and other[2] is not None and not _same(total, other[2]):
             diffs.append(f"{who}'s checksum of {name} is {total!r} but {ref_who}'s is {other[2]!r}")
+    mine_names = {w[0] for w in mine}
+    diffs += [f"{name} ({spec}) exists on {ref_who} only" for name, spec, _ in ref if name not in mine_names]
     if not diffs:
         return []
     more = f" (and {len(diffs) - _MAX_LISTED} more)" if len(diffs) > _MAX_LISTED else ""
@@ -399,9 +401,10 @@ class Guarded:
 
     def check_inputs(self, args: Sequence[Any]) -> None:
         """Raise ``RankMismatchError`` unless every rank got the same user inputs (one all-gather)."""
-        rows = torch.cat([row_sums(args[i]) for i, _ in self.inputs])
+        per_input = [row_sums(args[i]) for i, _ in self.inputs]
+        rows = torch.cat([r.to(per_input[0].device) for r in per_input])  # inputs may sit on several devices
         if self.mix is None or self.mix.shape[1] != rows.numel() or self.mix.device != rows.device:
-            self.mix = _mixer([row_sums(args[i]).numel() for i, _ in self.inputs], rows.device)
+            self.mix = _mixer([r.numel() for r in per_input], rows.device)
         local = self.mix @ rows
         if self.host:
             local = local.cpu()
