@@ -27,6 +27,7 @@ parallel VAE, and any other runtime function without the ``_xdit_differentiable`
 
 from __future__ import annotations
 
+import operator
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -91,6 +92,15 @@ def _per_rank(p: Any) -> bool:
     return p is not None and not isinstance(p, Replicate)
 
 
+def _tensor_value(x: fx.Node) -> Any:
+    """The example value of ``x``; a ``get_attr`` (a parameter not lifted to a placeholder) without one
+    is read off the module."""
+    v = value(x)
+    if v is None and x.op == "get_attr" and x.graph.owning_module is not None:
+        v = operator.attrgetter(str(x.target))(x.graph.owning_module)
+    return v
+
+
 def insert_grad_syncs(graph: fx.Graph, actual: Mapping[fx.Node, Any], axis: Any) -> int:
     """Route replicated values read next to per-rank data through ``xdit_grad_sync``; return how many.
 
@@ -117,7 +127,7 @@ def insert_grad_syncs(graph: fx.Graph, actual: Mapping[fx.Node, Any], axis: Any)
         if not (_per_rank(out) or any(_per_rank(actual.get(x)) for x in inputs)):
             continue
         for x in inputs:
-            v = value(x)
+            v = _tensor_value(x)
             if _per_rank(actual.get(x)) or not isinstance(v, torch.Tensor) or not (
                     v.is_floating_point() or v.is_complex()):
                 continue
@@ -143,6 +153,8 @@ def undifferentiable_ops(gm: fx.GraphModule) -> list[str]:
         module = getattr(node.target, "__module__", "") or ""
         if module.startswith("xdit_compile.") and not is_differentiable(node.target):
             found[str(op_name(node))] = None
+        elif op_name(node) == "xdit_slice" and len(node.args) + len(node.kwargs) < 4:
+            found["xdit_slice (lowered without the group its backward gathers over)"] = None
     return list(found)
 
 
