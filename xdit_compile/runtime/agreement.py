@@ -69,12 +69,16 @@ def checked(backend: Callable[..., Callable]) -> Callable[..., Callable]:
     """Wrap the backend: agreement before it compiles, ``Guarded`` around what it returns.
 
     A graph with symbolic sizes is handed on unchecked: the backend compiles it once per
-    concrete shape by calling itself again, and that call is checked.
+    concrete shape by calling itself again, and that call is checked (a rank whose options
+    make no plan still tells the others, which would otherwise wait for it there).
     """
 
     @functools.wraps(backend)
     def run(gm: fx.GraphModule, example_inputs: Sequence[Any], options: dict | None = None, **kw: Any) -> Callable:
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1 or _symbolic(gm):
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return backend(gm, example_inputs, options, **kw)
+        if _symbolic(gm):
+            _plan_or_tell(gm, example_inputs, options)
             return backend(gm, example_inputs, options, **kw)
         from ..report import reports
 
@@ -145,18 +149,22 @@ def agree(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Mapping[st
     when a rank does not arrive in time, and this rank's own ``PlanError`` when its options
     make no plan (after telling the other ranks, which then raise ``RankMismatchError``).
     """
-    from ..backend import graph_facts
-
-    world = dist.get_world_size()
-    try:
-        plan = ParallelPlan.from_options(options).resolve(world, *graph_facts(gm))
-    except PlanError as e:
-        _publish(_fingerprint(gm, example_inputs, options, None, str(e)))  # the others stop waiting
-        raise
+    plan = _plan_or_tell(gm, example_inputs, options)
     fp = _fingerprint(gm, example_inputs, options, plan, "")
     wait = plan.timeout if plan.timeout is not None else _store().timeout.total_seconds()
     _exchange(fp, wait)
     return plan
+
+
+def _plan_or_tell(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Mapping[str, Any] | None) -> ParallelPlan:
+    """The resolved plan; on a ``PlanError``, publish it first so that the other ranks stop waiting."""
+    from ..backend import graph_facts
+
+    try:
+        return ParallelPlan.from_options(options).resolve(dist.get_world_size(), *graph_facts(gm))
+    except PlanError as e:
+        _publish(_fingerprint(gm, example_inputs, options, None, str(e)))
+        raise
 
 
 def _fingerprint(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Mapping[str, Any] | None,
