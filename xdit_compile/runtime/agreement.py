@@ -38,7 +38,6 @@ import hashlib
 import itertools
 import json
 import linecache
-import logging
 import re
 import time
 from dataclasses import asdict, dataclass, fields
@@ -55,8 +54,6 @@ from .. import plan as plan_mod
 from ..errors import CollectiveTimeoutError, PlanError, RankMismatchError, XditError
 from ..graph import input_label, is_user_input
 from ..plan import MESH_AXES, ParallelPlan
-
-log = logging.getLogger("xdit_compile")
 
 _SEQ = itertools.count()  # agreement rounds of this process; every rank counts the same ones
 _PREFIX = "xdit/agree"
