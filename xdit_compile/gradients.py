@@ -72,12 +72,9 @@ def mark_for_autograd(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> None
 
 
 def traced_for_autograd(gm: fx.GraphModule) -> bool:
-    """Whether ``gm`` is lowered for autograd: the backend's mark, else the placeholders' example values."""
-    if AUTOGRAD in gm.meta:
-        return bool(gm.meta[AUTOGRAD])
-    return torch.is_grad_enabled() and any(
-        isinstance(value(n), torch.Tensor) and value(n).requires_grad
-        for n in gm.graph.nodes if n.op == "placeholder")
+    """Whether ``gm`` is to be lowered for autograd: only where :func:`mark_for_autograd` said so
+    (not on the PipeFusion path, whose programs refuse backward, nor for direct callers of ``lower``)."""
+    return bool(gm.meta.get(AUTOGRAD, False))
 
 
 # ---------------------------------------------------------------------- grad syncs
