@@ -9,7 +9,8 @@ reference gradient, floored at 1e-3 of the largest over all parameters (a key bi
 gradient that is zero up to rounding, since softmax ignores a shift shared by every key).
 One inductor case (aot_autograd traces the gradient rules into the joint graph), a forward
 under grad mode that is never differentiated, and a convolution net whose halo exchanges have no
-gradient rules (backward raises ``GradientError``). One spawn per world size.
+gradient rules (backward raises ``GradientError``). One spawn per world size. In one process:
+the lowered graph of a block syncs each weight's gradient once, and only when marked for autograd.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn as nn
+import torch.fx as fx
 import torch.nn.functional as F
 
 import xdit_compile
@@ -202,3 +204,55 @@ def test_ops_without_gradient_rules_refuse_backward() -> None:
         assert r["split"] and r["out"] <= TOL, r
         assert r["raised"].startswith("GradientError: backward through a graph"), r["raised"]
         assert "xdit_halo" in r["raised"] and "xdit_group_norm" in r["raised"], r["raised"]
+
+
+# ---------------------------------------------------------------- single process: the lowered graph
+def _lowered(marked: bool) -> fx.GraphModule:
+    from xdit_compile.axis import Axis
+    from xdit_compile.gradients import mark_for_autograd
+    from xdit_compile.graph import is_user_input
+    from xdit_compile.passes.lower import lower
+    from xdit_compile.passes.propagate import propagate
+    from xdit_compile.placements import shard
+
+    graphs = []
+
+    def backend(gm: fx.GraphModule, example_inputs: list) -> Any:
+        graphs.append((gm, example_inputs))
+        return gm.forward
+
+    model, inputs = _make("block")
+    torch.compile(model, backend=backend, fullgraph=True)(**inputs)
+    gm, example_inputs = graphs[0]
+    x = next(n for n in gm.graph.nodes if n.op == "placeholder" and is_user_input(n))
+    prop = propagate(gm, 2, {x: shard(1, 16)})
+    prop.seeds = {x: shard(1, 16)}
+    if marked:
+        mark_for_autograd(gm, example_inputs)
+    lower(gm, prop, Axis("sp", 2, 0, "unused"))
+    return gm
+
+
+def test_lowering_for_autograd_syncs_each_weight_once() -> None:
+    from xdit_compile.gradients import undifferentiable_ops
+    from xdit_compile.graph import op_name
+
+    gm = _lowered(marked=True)
+    weights = [n for n in gm.graph.nodes if n.op == "placeholder" and isinstance(n.meta["example_value"], nn.Parameter)]
+    syncs = [n for n in gm.graph.nodes if op_name(n) == "xdit_grad_sync"]
+    # Every weight is read next to the token shard: one sync each, and nothing else is synced.
+    assert sorted(s.args[0].name for s in syncs) == sorted(w.name for w in weights)
+    assert all(len(w.users) == 1 for w in weights)
+    slices = [n for n in gm.graph.nodes if op_name(n) == "xdit_slice"]
+    assert slices and all(s.args[3] == "unused" for s in slices)  # the group its backward gathers over
+    assert undifferentiable_ops(gm) == []
+
+
+def test_lowering_for_inference_adds_no_gradient_plumbing() -> None:
+    from xdit_compile.gradients import undifferentiable_ops
+    from xdit_compile.graph import op_name
+
+    gm = _lowered(marked=False)
+    assert not [n for n in gm.graph.nodes if op_name(n) == "xdit_grad_sync"]
+    # Such a graph must not be differentiated: the guard would see its slice as having no rule.
+    assert undifferentiable_ops(gm) == ["xdit_slice (lowered without the group its backward gathers over)"]
