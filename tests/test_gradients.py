@@ -7,7 +7,8 @@ rank computes the single-rank reference gradients itself, eagerly, before compil
 gradient is compared with the reference within 1e-4 of its scale: the largest entry of the
 reference gradient, floored at 1e-3 of the largest over all parameters (a key bias has a
 gradient that is zero up to rounding, since softmax ignores a shift shared by every key).
-One inductor case (aot_autograd traces the gradient rules into the joint graph), a forward
+One inductor case (aot_autograd traces the gradient rules into the joint graph), a loss reduced
+over the sharded tokens inside the compiled function (partial sums and all-reduces), a forward
 under grad mode that is never differentiated, and a convolution net whose halo exchanges have no
 gradient rules (backward raises ``GradientError``). One spawn per world size. In one process:
 the lowered graph of a block syncs each weight's gradient once, and only when marked for autograd.
@@ -138,6 +139,7 @@ def gradient_job(models: tuple[str, ...], plans: dict[str, dict], extra: bool) -
         err = max((o.detach() - ref["out"]).abs().max().item() for o in outs) / ref["out"].abs().max().item()
         results.append({"case": "forward_only", "out": err, "requires_grad": all(o.requires_grad for o in outs)})
         results.append(_refused_case())
+        results.append(_loss_inside_case(*refs["flux"][:2]))
     return results
 
 
@@ -160,6 +162,32 @@ def _refused_case() -> dict[str, Any]:
             "raised": raised, **_split()}
 
 
+def _loss_inside_case(model: nn.Module, inputs: dict[str, Any]) -> dict[str, Any]:
+    """A training step's loss computed inside the compiled function: means and a std over the
+    sharded tokens become partial sums plus all-reduces, whose backward passes the gradient on."""
+    target = torch.randn(inputs["hidden_states"].shape, generator=torch.Generator().manual_seed(3))
+
+    def step(**kw: Any) -> torch.Tensor:
+        out = model(**kw, return_dict=False)[0]
+        return ((out - target) ** 2).mean() + out.std(dim=1).sum()
+
+    def grads(fn: Any) -> dict[str, Any]:
+        model.zero_grad(set_to_none=True)
+        inputs["hidden_states"].grad = None
+        loss = fn(**inputs)
+        loss.backward()
+        return {"out": loss.detach().reshape(1), "input": inputs["hidden_states"].grad.clone(),
+                "params": {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}}
+
+    ref = grads(step)
+    torch._dynamo.reset()
+    xdit_compile.clear_reports()
+    got = grads(torch.compile(step, backend="xdit", options={"inner": "eager", "ulysses_degree": 2}))
+    split = _split()
+    return {"case": "flux_loss_inside/ulysses2", **_compare(ref, got), **split,
+            "all_reduce": "all_reduce" in split["report"]}
+
+
 _cache: dict[int, list[list[dict[str, Any]]]] = {}
 
 
@@ -176,7 +204,7 @@ def _case(size: int, name: str) -> list[dict[str, Any]]:
 
 
 CASES = [(2, f"{m}/{p}") for m in MODELS2 for p in PLANS2] + [(4, f"{m}/{p}") for m in MODELS4 for p in PLANS4] + [
-    (2, "block/ulysses2_inductor")]
+    (2, "block/ulysses2_inductor"), (2, "flux_loss_inside/ulysses2")]
 
 
 @pytest.mark.parametrize("size,name", CASES, ids=[n for _, n in CASES])
@@ -192,6 +220,10 @@ def test_gradients_equal_one_rank(size: int, name: str) -> None:
         strategy = LOWERED[name.split("/")[1]]
         if strategy:
             assert any(low.startswith(strategy) for low in r["lowered"]), f"{where}: {r['lowered']}"
+
+
+def test_loss_reduced_inside_the_compiled_function() -> None:
+    assert all(r["all_reduce"] for r in _case(2, "flux_loss_inside/ulysses2"))  # P -> R was exercised
 
 
 def test_forward_under_grad_mode_without_backward() -> None:
