@@ -288,3 +288,26 @@ def test_lowering_for_inference_adds_no_gradient_plumbing() -> None:
     assert not [n for n in gm.graph.nodes if op_name(n) == "xdit_grad_sync"]
     # Such a graph must not be differentiated: the guard would see its slice as having no rule.
     assert undifferentiable_ops(gm) == ["xdit_slice (lowered without the group its backward gathers over)"]
+
+
+@pytest.mark.parametrize("gqa", [False, True])
+@pytest.mark.parametrize("block_rows", [None, 4])
+def test_attention_backward_equals_sdpa_autograd(gqa: bool, block_rows: int | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The written-out backward the sequence-parallel attention uses: SDPA's gradients, in float64,
+    with a bool mask hiding every key from one query (SDPA gives that row 0), in blocks of query rows."""
+    from xdit_compile.runtime import attention_grad
+
+    if block_rows is not None:
+        monkeypatch.setattr(attention_grad, "_BLOCK_ELEMENTS", 2 * 4 * 30 * block_rows)
+    g = torch.Generator().manual_seed(0)
+    heads_kv = 2 if gqa else 4
+    q = torch.randn(2, 4, 13, 8, dtype=torch.float64, generator=g, requires_grad=True)
+    k, v = (torch.randn(2, heads_kv, 30, 8, dtype=torch.float64, generator=g, requires_grad=True) for _ in range(2))
+    mask = torch.rand(2, 1, 13, 30, generator=g) > 0.3
+    mask[:, :, 0] = False
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa, scale=0.3)
+    grad = torch.randn(out.shape, dtype=torch.float64, generator=g)
+    want = torch.autograd.grad(out, (q, k, v), grad)
+    got = attention_grad.attention_backward(q.detach(), k.detach(), v.detach(), mask, 0.3, grad)
+    for w, x in zip(want, got):
+        torch.testing.assert_close(x, w, rtol=1e-12, atol=1e-12)

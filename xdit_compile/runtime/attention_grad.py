@@ -12,8 +12,9 @@ reverse its communication pattern; it recomputes what this rank's queries need:
 
 ``dQ`` is then the gradient of this rank's query shard, and ``dK``/``dV`` those of its key
 shards, as the gradient convention of ``runtime/autograd.py`` wants. Memory is not optimal: the
-backward holds the whole K/V and a [B, H, Sq_local, Sk] score block per rank (the forward of
-Ring and USP never holds either); a blockwise backward that reuses the ring would avoid both.
+backward holds the whole K/V (the forward of Ring and USP never does) and score blocks of
+[B, H, rows, Sk] in float32, the query rows taken in blocks of at most 2^26 elements; a
+blockwise backward that reuses the ring and the fused kernels would do better.
 A mask that requires grad is refused with ``GradientError`` at ``backward()``.
 """
 
@@ -91,6 +92,10 @@ class _SequenceAttention(torch.autograd.Function):
         return None, None, None, None, None, dq, dkv[0].to(k.dtype), dkv[1].to(v.dtype)
 
 
+# Elements of one [B, H, rows, Sk] score block the backward materialises at a time (256 MiB in float32).
+_BLOCK_ELEMENTS = 1 << 26
+
+
 def attention_backward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -99,34 +104,65 @@ def attention_backward(
     scale: float | None,
     grad_out: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients (dq, dk, dv) of non-causal SDPA, fully masked rows giving 0 (as SDPA's output)."""
+    """Gradients (dq, dk, dv) of non-causal SDPA, fully masked rows giving 0 (as SDPA's output).
+
+    Queries go in blocks of rows so that a score block stays under ``_BLOCK_ELEMENTS``; dk and dv
+    add up over the blocks. ``dk``/``dv`` come back in the compute dtype (float32 or float64).
+    """
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     scale = 1.0 / math.sqrt(q.size(-1)) if scale is None else float(scale)
     heads, kv_heads = q.size(1), k.size(1)
     repeat = heads // kv_heads
-    qc, kc, vc = q.to(compute), k.to(compute), v.to(compute)
+    kc, vc = k.to(compute), v.to(compute)
     if repeat > 1:
         kc, vc = kc.repeat_interleave(repeat, dim=1), vc.repeat_interleave(repeat, dim=1)
-    scores = torch.matmul(qc, kc.transpose(-1, -2)) * scale
+    rows = q.size(2)
+    step = max(1, min(rows, _BLOCK_ELEMENTS // max(1, q.size(0) * heads * k.size(2))))
+    dqs, dk, dv = [], None, None
+    for start in range(0, rows, step):
+        length = min(step, rows - start)
+        m = mask
+        if mask is not None and mask.dim() >= 2 and mask.size(-2) > 1:
+            m = mask.narrow(-2, start, length)
+        dq_b, dk_b, dv_b = _block_backward(q.narrow(2, start, length).to(compute), kc, vc, m, scale,
+                                           grad_out.narrow(2, start, length).to(compute))
+        dqs.append(dq_b)
+        dk = dk_b if dk is None else dk + dk_b
+        dv = dv_b if dv is None else dv + dv_b
+    if dk is None or dv is None:  # no query rows: nothing flows back
+        return torch.zeros_like(q), torch.zeros_like(k, dtype=compute), torch.zeros_like(v, dtype=compute)
+    if repeat > 1:
+        dk = dk.unflatten(1, (kv_heads, repeat)).sum(2)
+        dv = dv.unflatten(1, (kv_heads, repeat)).sum(2)
+    dq = dqs[0] if len(dqs) == 1 else torch.cat(dqs, dim=2)
+    return dq.to(q.dtype), dk, dv
+
+
+def _block_backward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+    go: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The softmax-attention backward of one block of query rows, written out (k, v have q's heads)."""
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
     if mask is not None:
         if mask.dtype == torch.bool:
             scores = scores.masked_fill(~mask, float("-inf"))
         else:
-            scores = scores + mask.to(compute)
+            scores = scores + mask.to(scores.dtype)
     lse = torch.logsumexp(scores, dim=-1, keepdim=True)
     lse = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
     probs = torch.exp(scores - lse)  # a row with no visible key is all 0
-    go = grad_out.to(compute)
-    out = torch.matmul(probs, vc)
+    out = torch.matmul(probs, v)
     dv = torch.matmul(probs.transpose(-1, -2), go)
-    dprobs = torch.matmul(go, vc.transpose(-1, -2))
+    dprobs = torch.matmul(go, v.transpose(-1, -2))
     dscores = probs * (dprobs - (go * out).sum(-1, keepdim=True))
-    dq = torch.matmul(dscores, kc) * scale
-    dk = torch.matmul(dscores.transpose(-1, -2), qc) * scale
-    if repeat > 1:
-        dk = dk.unflatten(1, (kv_heads, repeat)).sum(2)
-        dv = dv.unflatten(1, (kv_heads, repeat)).sum(2)
-    return dq.to(q.dtype), dk, dv
+    dq = torch.matmul(dscores, k) * scale
+    dk = torch.matmul(dscores.transpose(-1, -2), q) * scale
+    return dq, dk, dv
 
 
 def _reduce_scatter(x: torch.Tensor, dim: int, sizes: Sequence[int], group: Group) -> torch.Tensor:
