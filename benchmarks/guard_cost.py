@@ -6,7 +6,7 @@
 On 2 CPU ranks (gloo, 1 thread each), Ulysses 2, each shape is compiled with backend "xdit"
 (``--inner``, eager by default) and called ``--calls`` times. Per call, the check is two float64
 sums per user input and one all-gather of those few floats over every rank, outside the graph
-(``runtime/agreement.py``). Reported, per shape, as medians over the calls (the largest over the
+(``runtime/guard.py``). Reported, per shape, as medians over the calls (the largest over the
 ranks): the compiled call with the check, the check alone (timed on the same arguments), their
 ratio, and the call with ``check_inputs=False`` for an end-to-end comparison (noisier: two
 separate runs on a shared 2-core machine).
@@ -63,16 +63,16 @@ def _measure(shapes: list[str], calls: dict[str, int], inner: str) -> list[dict[
     """Run on every rank: per shape, call times with and without the check, and the check alone."""
     import torch.distributed as dist
 
-    from xdit_compile.runtime import agreement
+    from xdit_compile.runtime import guard as guard_mod
 
     guards: list[Any] = []
-    init = agreement.Guarded.__init__
+    init = guard_mod.Guarded.__init__
 
     def keep(self: Any, *args: Any, **kw: Any) -> None:  # the benchmark times the guard it creates
         init(self, *args, **kw)
         guards.append(self)
 
-    agreement.Guarded.__init__ = keep  # type: ignore[method-assign]
+    guard_mod.Guarded.__init__ = keep  # type: ignore[method-assign]
     rows = []
     with torch.no_grad():
         for shape in shapes:
@@ -103,7 +103,7 @@ def _measure(shapes: list[str], calls: dict[str, int], inner: str) -> list[dict[
                             statistics.median(alone))
             rows.append({"shape": what, "calls": calls[shape], "call_ms": on * 1e3, "unchecked_ms": off * 1e3, "check_ms": chk * 1e3,
                          "inputs": len(guard.inputs)})
-    agreement.Guarded.__init__ = init  # type: ignore[method-assign]
+    guard_mod.Guarded.__init__ = init  # type: ignore[method-assign]
     return rows
 
 

@@ -26,7 +26,7 @@ import torch.distributed as dist
 import torch.fx as fx
 
 from . import plan as plan_mod
-from .runtime.agreement import checked
+from .runtime.guard import checked
 from .axis import Axis
 from .errors import PassError, PlanError, XditError
 from .gradients import guard_backward, mark_for_autograd, needs_guard, traced_for_autograd, undifferentiable_ops

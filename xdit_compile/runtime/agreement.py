@@ -1,101 +1,50 @@
-"""Ranks that disagree and ranks that are stuck: named before they give a wrong image or a hang.
+"""Ranks that disagree: named once per compiled graph, before the first collective.
 
-Nothing here runs inside a compiled graph. ``checked`` wraps the backend (``backend.py``):
+Every rank writes a fingerprint of what it is about to compile into the default group's
+store, then waits (bounded by the plan's ``timeout``, else the default group's timeout) for
+every other rank's:
 
-1. **Agreement, once per compiled graph, before the first collective.** Every rank writes a
-   fingerprint of what it is about to compile into the default group's store, then waits
-   (bounded by the plan's ``timeout``, else the default group's timeout) for every other rank's:
+    plan      the resolved ParallelPlan (degrees, patches, warmup, inner, timeout, check_inputs)
+    graph     one line per traced node (op, target, arguments), compared through a hash
+    inputs    each user input's label, shape and dtype
+    weights   a float64 sum of every parameter and buffer
 
-       plan      the resolved ParallelPlan (degrees, patches, warmup, inner, timeout, check_inputs)
-       graph     one line per traced node (op, target, arguments), compared through a hash
-       inputs    each user input's label, shape and dtype
-       weights   a float64 sum of every parameter and buffer
+The store, not a collective: ranks that disagree about the plan would create different
+process groups (``dist.new_group`` deadlocks) or post collectives of different sizes (gloo
+aborts with "Received data size doesn't match expected size"). Each rank reads back only the
+others' digests; when they differ, every rank reads the differing fingerprints and raises the
+same ``RankMismatchError``. A rank whose options make no plan tells the others. A weight whose
+storage a rank freed (PipeFusion keeps its stage's) has no checksum there and is compared on
+the ranks that hold it.
 
-   The store, not a collective: ranks that disagree about the plan would create different
-   process groups (``dist.new_group`` deadlocks) or post collectives of different sizes (gloo
-   aborts with "Received data size doesn't match expected size"). Each rank reads back only
-   the others' digests; when they differ, every rank reads the differing fingerprints and
-   raises the same ``RankMismatchError``. A rank whose options make no plan tells the others.
-   A weight whose storage a rank freed (PipeFusion keeps its stage's) has no checksum there
-   and is compared on the ranks that hold it.
-
-2. **Inputs, once per call.** ``Guarded`` runs one all-gather of two float64 sums per user
-   input (the total, and the sum weighted by position along dim 0, so that swapped CFG halves
-   differ) before the compiled program: ranks called with different inputs raise
-   ``RankMismatchError`` naming the inputs and ranks. ``check_inputs=False`` skips it.
-
-3. **Stuck peers.** A collective that outlives its group's timeout raises gloo's bare
-   "Timed out waiting 20000ms for recv operation": ``Guarded`` re-raises it as
-   ``CollectiveTimeoutError`` naming this rank, the collective, the group and its ranks, and
-   the graph node, all read off the traceback (the fx frame under ``inner="eager"``,
-   inductor's generated code under ``"inductor"``), so the compiled program runs unchanged.
+``guard.checked`` runs ``agree`` before the backend compiles; ``guard.Guarded`` checks the
+inputs of every call and ``timeouts.name_timeout`` names a stuck peer.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import itertools
 import json
-import linecache
 import re
 import time
 from dataclasses import asdict, dataclass, fields
 from datetime import timedelta
-from types import FrameType, TracebackType
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
 import torch.fx as fx
 
-from .. import plan as plan_mod
-from ..errors import CollectiveTimeoutError, PlanError, RankMismatchError, XditError
+from ..errors import CollectiveTimeoutError, PlanError, RankMismatchError
 from ..graph import input_label, is_user_input
 from ..plan import MESH_AXES, ParallelPlan
 
 _SEQ = itertools.count()  # agreement rounds of this process; every rank counts the same ones
 _PREFIX = "xdit/agree"
-_MAX_LISTED = 4  # differences listed per kind before "and N more"
+MAX_LISTED = 4  # differences listed per kind before "and N more"
 _ADDRESS = re.compile(r" at 0x[0-9a-f]+")
-
-
-# ---------------------------------------------------------------------- the backend wrapper
-def checked(backend: Callable[..., Callable]) -> Callable[..., Callable]:
-    """Wrap the backend: agreement before it compiles, ``Guarded`` around what it returns.
-
-    A graph with symbolic sizes is handed on unchecked: the backend compiles it once per
-    concrete shape by calling itself again, and that call is checked (a rank whose options
-    make no plan still tells the others, which would otherwise wait for it there).
-    """
-
-    @functools.wraps(backend)
-    def run(gm: fx.GraphModule, example_inputs: Sequence[Any], options: dict | None = None, **kw: Any) -> Callable:
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-            return backend(gm, example_inputs, options, **kw)
-        if _symbolic(gm):
-            _plan_or_tell(gm, example_inputs, options)
-            return backend(gm, example_inputs, options, **kw)
-        from ..report import reports
-
-        graph = f"graph {len(reports())}"
-        inputs = user_inputs(gm, example_inputs)
-        plan = agree(gm, example_inputs, options)
-        fn = backend(gm, example_inputs, options, **kw)
-        return Guarded(fn, plan, inputs, graph)
-
-    return run
-
-
-def _symbolic(gm: fx.GraphModule) -> bool:
-    for n in gm.graph.nodes:
-        if n.op != "placeholder":
-            continue
-        v = n.meta.get("example_value", n.meta.get("val"))
-        if isinstance(v, torch.SymInt) or (isinstance(v, torch.Tensor) and not all(isinstance(s, int) for s in v.shape)):
-            return True
-    return False
 
 
 def user_inputs(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> list[tuple[int, str]]:
@@ -146,14 +95,14 @@ def agree(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Mapping[st
     when a rank does not arrive in time, and this rank's own ``PlanError`` when its options
     make no plan (after telling the other ranks, which then raise ``RankMismatchError``).
     """
-    plan = _plan_or_tell(gm, example_inputs, options)
+    plan = plan_or_tell(gm, example_inputs, options)
     fp = _fingerprint(gm, example_inputs, options, plan, "")
     wait = plan.timeout if plan.timeout is not None else _store().timeout.total_seconds()
     _exchange(fp, wait)
     return plan
 
 
-def _plan_or_tell(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Mapping[str, Any] | None) -> ParallelPlan:
+def plan_or_tell(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Mapping[str, Any] | None) -> ParallelPlan:
     """The resolved plan; on a ``PlanError``, publish it first so that the other ranks stop waiting."""
     from ..backend import graph_facts
 
@@ -300,7 +249,7 @@ def explain(groups: list[tuple[list[int], Fingerprint]]) -> str | None:
     """
     (ref_ranks, ref), lines = groups[0], []
     for ranks, fp in groups[1:]:
-        lines += _differences(_ranks(ranks), _ranks(ref_ranks), fp, ref)
+        lines += _differences(list_ranks(ranks), list_ranks(ref_ranks), fp, ref)
     if not lines:
         return None
     return ("xdit: the ranks disagree about what they compile, so their collectives would not match (a hang or a "
@@ -308,7 +257,7 @@ def explain(groups: list[tuple[list[int], Fingerprint]]) -> str | None:
             + "\n  - ".join(lines))
 
 
-def _ranks(ranks: list[int]) -> str:
+def list_ranks(ranks: list[int]) -> str:
     return f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks}"
 
 
@@ -353,219 +302,16 @@ def _weight_differences(who: str, ref_who: str, mine: list[list[Any]], ref: list
             diffs.append(f"{name} ({spec}) exists on {who} only")
         elif other[1] != spec:
             diffs.append(f"{name} is {spec} on {who} but {other[1]} on {ref_who}")
-        elif total is not None and other[2] is not None and not _same(total, other[2]):
+        elif total is not None and other[2] is not None and not same(total, other[2]):
             diffs.append(f"{who}'s checksum of {name} is {total!r} but {ref_who}'s is {other[2]!r}")
     mine_names = {w[0] for w in mine}
     diffs += [f"{name} ({spec}) exists on {ref_who} only" for name, spec, _ in ref if name not in mine_names]
     if not diffs:
         return []
-    more = f" (and {len(diffs) - _MAX_LISTED} more)" if len(diffs) > _MAX_LISTED else ""
-    return [f"parameters differ: {'; '.join(diffs[:_MAX_LISTED])}{more}; load the same weights on every rank "
+    more = f" (and {len(diffs) - MAX_LISTED} more)" if len(diffs) > MAX_LISTED else ""
+    return [f"parameters differ: {'; '.join(diffs[:MAX_LISTED])}{more}; load the same weights on every rank "
             "(the same seed before building the model, or the same checkpoint)"]
 
 
-def _same(a: float, b: float) -> bool:
+def same(a: float, b: float) -> bool:
     return a == b or (a != a and b != b)  # NaN equals NaN here: both ranks got the same NaN
-
-
-# ---------------------------------------------------------------------- 2. per call, 3. timeouts
-class Guarded:
-    """The compiled per-rank program, behind the per-call input check and timeout naming."""
-
-    def __init__(self, fn: Callable[..., Any], plan: ParallelPlan, inputs: list[tuple[int, str]], graph: str):
-        self.fn, self.plan, self.inputs, self.graph = fn, plan, inputs, graph
-        self.calls = 0
-        self.mix: torch.Tensor | None = None  # [2 per input, rows of all inputs]: row sums -> the checksums
-        self.check = plan.check_inputs and bool(inputs)
-        self.group = plan_mod.world_group(plan) if self.check else None  # every rank creates it now, in order
-        self.world, self.rank = dist.get_world_size(), dist.get_rank()
-        backend = dist.get_backend(self.group) if self.group is not None else "gloo"
-        self.host = str(backend) == "gloo"
-
-    def __getattr__(self, name: str) -> Any:
-        # What callers read off the compiled program (a PipeFusion driver's timings, ...).
-        # Private names and dunders stay unanswered: Dynamo probes e.g. __wrapped__ (and would
-        # unwrap the guard) or _boxed_call (and would change the calling convention).
-        if name == "fn" or name.startswith("_"):
-            raise AttributeError(name)
-        return getattr(self.fn, name)
-
-    def __call__(self, *args: Any) -> Any:
-        self.calls += 1
-        try:
-            if self.check:
-                self.check_inputs(args)
-            return self.fn(*args)
-        except XditError:
-            raise
-        except RuntimeError as e:
-            named = name_timeout(e, self.plan, self.graph, self.rank)
-            if named is None:
-                raise
-            raise named from e
-
-    def check_inputs(self, args: Sequence[Any]) -> None:
-        """Raise ``RankMismatchError`` unless every rank got the same user inputs (one all-gather)."""
-        per_input = [row_sums(args[i]) for i, _ in self.inputs]
-        rows = torch.cat([r.to(per_input[0].device) for r in per_input])  # inputs may sit on several devices
-        if self.mix is None or self.mix.shape[1] != rows.numel() or self.mix.device != rows.device:
-            self.mix = _mixer([r.numel() for r in per_input], rows.device)
-        local = self.mix @ rows
-        if self.host:
-            local = local.cpu()
-        gathered = torch.empty(self.world * local.numel(), dtype=local.dtype, device=local.device)
-        try:
-            dist.all_gather_into_tensor(gathered, local, group=self.group)
-        except RuntimeError as e:
-            if not _TIMEOUT_TEXT.search(str(e)):
-                raise
-            waited = f"{self.plan.timeout:g} s" if self.plan.timeout is not None else "the default group's timeout"
-            raise CollectiveTimeoutError(
-                f"xdit: rank {self.rank} timed out after {waited} in the per-call input check (an all_gather over "
-                f"every rank, {list(range(self.world))}) before call {self.calls} of {self.graph} (plan "
-                f"{self.plan.describe()}): some rank did not call the compiled model; it is stuck, died, or "
-                "took another path. Its own traceback shows where it is; raise the option timeout if it "
-                f"legitimately needs longer. The backend said: {str(e).strip().splitlines()[0][:300]}"
-            ) from e
-        rows = gathered.view(self.world, -1).tolist()
-        if all(all(map(_same, rows[0], row)) for row in rows[1:]):
-            return
-        lines = []
-        for k, (_, label) in enumerate(self.inputs):
-            pair = lambda r: (rows[r][2 * k], rows[r][2 * k + 1])  # noqa: E731
-            odd = [r for r in range(1, self.world) if not all(map(_same, pair(0), pair(r)))]
-            if odd:
-                sums = "; ".join(f"rank {r}: sum {pair(r)[0]!r}, weighted by batch row {pair(r)[1]!r}"
-                                 for r in [0, *odd[:_MAX_LISTED]])
-                lines.append(f"input {label}: {_ranks(odd)} got different values than rank 0 ({sums})")
-        raise RankMismatchError(
-            f"xdit: call {self.calls} of {self.graph} (plan {self.plan.describe()}): the ranks were called with "
-            "different inputs, which would give a wrong result on every rank:\n  - " + "\n  - ".join(lines)
-            + "\nEvery rank must pass the same inputs: seed every rank's generator alike (torch.manual_seed(s) or "
-            "generator=torch.Generator().manual_seed(s) on every rank) or broadcast the inputs from rank 0. The "
-            "option check_inputs=False turns this check off."
-        )
-
-
-def row_sums(x: torch.Tensor) -> torch.Tensor:
-    """float64 sums of ``x`` along everything but dim 0 (one per batch row; a scalar is one row)."""
-    x = x.detach()
-    if x.is_complex():
-        x = torch.view_as_real(x)
-    rows = x.reshape(x.shape[0], -1) if x.dim() >= 1 and x.shape[0] else x.reshape(1, -1)
-    return torch.sum(rows, dim=1, dtype=torch.float64)
-
-
-def _mixer(counts: list[int], device: torch.device) -> torch.Tensor:
-    """Matrix turning concatenated row sums into (sum, sum weighted by row position) per input.
-
-    Equal inputs give equal checksums on every rank; the weighted one tells apart inputs whose
-    rows were swapped (the CFG halves), which the plain sum cannot.
-    """
-    mix = torch.zeros(2 * len(counts), sum(counts), dtype=torch.float64)
-    start = 0
-    for k, n in enumerate(counts):
-        mix[2 * k, start:start + n] = 1
-        mix[2 * k + 1, start:start + n] = torch.arange(1, n + 1, dtype=torch.float64)
-        start += n
-    return mix.to(device)
-
-
-_TIMEOUT_TEXT = re.compile(r"timed out|timeout", re.IGNORECASE)
-_COLLECTIVE_CALL = re.compile(r"_c10d_functional\.(\w+)\.default\((.*)\)")
-_SOURCE_NODES = re.compile(r"#\s*(?:Topologically Sorted )?Source Nodes?: \[([^\]]*)\]")
-_FX_ASSIGN = re.compile(r"^\s*(\w+) = ")
-
-
-def name_timeout(error: BaseException, plan: ParallelPlan, graph: str, rank: int) -> CollectiveTimeoutError | None:
-    """A ``CollectiveTimeoutError`` naming what ``error`` (a raw backend timeout) waited for; else None."""
-    text = str(error)
-    if not _TIMEOUT_TEXT.search(text):
-        return None
-    frames = list(_frames(error.__traceback__))
-    kind, group, node = _from_runtime(frames)
-    if kind is None:
-        kind, group, node = _from_inductor(frames)
-    if node is None:
-        node = _from_fx(frames)
-    where = f"graph node {node!r} of {graph}" if node else f"{graph} (graph node not found in the traceback)"
-    if group is not None:
-        ranks = plan_mod.group_ranks(group)
-        axis = _axis_of(plan, group)
-        peers = f"the {axis} group, ranks {ranks}" if axis else f"ranks {ranks}"
-    else:
-        peers = "a group of plan " + plan.describe()
-    waited = f"{plan.timeout:g} s" if plan.timeout is not None else "the default group's timeout"
-    return CollectiveTimeoutError(
-        f"xdit: rank {rank} timed out after {waited} in {kind or 'a collective'} over {peers}, at {where} (plan "
-        f"{plan.describe()}): a rank of that group is stuck, died, or called the model differently; its own "
-        "traceback shows where it is. Raise the option timeout if a rank legitimately needs longer (a first "
-        f"compile). The backend said: {text.strip().splitlines()[0][:300]}"
-    )
-
-
-def _frames(tb: TracebackType | None) -> Iterator[tuple[FrameType, int]]:
-    while tb is not None:
-        yield tb.tb_frame, tb.tb_lineno
-        tb = tb.tb_next
-
-
-def _from_runtime(frames: list[tuple[FrameType, int]]) -> tuple[str | None, Any, str | None]:
-    """The innermost runtime function that holds a ``group`` (its name is the collective's)."""
-    for frame, _ in reversed(frames):
-        code, path = frame.f_code, frame.f_code.co_filename.replace("\\", "/")
-        if "xdit_compile/runtime/" in path and not path.endswith("agreement.py") and "group" in frame.f_locals:
-            return code.co_name, frame.f_locals["group"], None
-    return None, None, None
-
-
-def _from_fx(frames: list[tuple[FrameType, int]]) -> str | None:
-    """The node an fx ``GraphModule`` frame was running (its generated line assigns the node's name)."""
-    for frame, line in reversed(frames):
-        if frame.f_code.co_filename.startswith("<eval_with_key>"):
-            m = _FX_ASSIGN.match(linecache.getline(frame.f_code.co_filename, line))
-            if m:
-                return m.group(1)
-    return None
-
-
-def _from_inductor(frames: list[tuple[FrameType, int]]) -> tuple[str | None, Any, str | None]:
-    """The collective and source nodes of inductor's generated code around the failing line."""
-    for frame, line in reversed(frames):
-        path = frame.f_code.co_filename
-        if "torchinductor" not in path and "async_compile" not in frame.f_globals:
-            continue
-        lines = linecache.getlines(path)
-        kind = group = node = None
-        waited = re.search(r"wait_tensor\.default\((\w+)\)", lines[line - 1]) if line <= len(lines) else None
-        for text in reversed(lines[:line]):
-            call = _COLLECTIVE_CALL.search(text)
-            if kind is None and call and call.group(1) != "wait_tensor" and (
-                    waited is None or text.strip().startswith(f"{waited.group(1)} =")):
-                kind = call.group(1)
-                names = re.findall(r"'([^']+)'", call.group(2))
-                group = next((n for n in reversed(names) if _is_group(n)), None)
-            src = _SOURCE_NODES.search(text)
-            if src and node is None:
-                node = src.group(1)
-            if kind is not None and node is not None:
-                break
-        return kind, group, node
-    return None, None, None
-
-
-def _is_group(name: str) -> bool:
-    try:
-        c10d._resolve_process_group(name)
-        return True
-    except Exception:  # noqa: BLE001 - not a group name
-        return False
-
-
-def _axis_of(plan: ParallelPlan, group: Any) -> str | None:
-    name = group if isinstance(group, str) else getattr(group, "group_name", None)
-    try:
-        groups = plan_mod.process_groups(plan)
-    except Exception:  # noqa: BLE001 - only for the message
-        return None
-    return next((axis for axis, g in groups.items() if getattr(g, "group_name", None) == name), None)
