@@ -264,7 +264,9 @@ def _decide(node: fx.Node, name: str | None, pl: dict[fx.Node, Any], n: int, for
         return Decision(_replicated(v))
     view = OpView(node, pl, n, name or str(node.target))
     if has_symbolic_shape(node) or any(has_symbolic_shape(x) for x in inputs):
-        return replicate_all(view, "symbolic shapes are not sharded by this version")
+        # Static graphs keep symbolic sizes only where they depend on data (nonzero, item): the
+        # backend specialises every other symbolic size to the call's shapes (specialize.py).
+        return replicate_all(view, "symbolic shapes (data-dependent sizes) are not sharded")
     rule = RULES.get(name or "")
     d = rule(view) if rule is not None else None
     partial = [x for x in inputs if isinstance(pl.get(x), Partial)]
