@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from xdit_compile import ParallelPlan, PlanError
-from xdit_compile.testing.harness import SpmdError, run_spmd
+from xdit_compile import ParallelPlan
+from xdit_compile.testing.harness import run_spmd
 from xdit_compile.testing.parity import parity_many
 
 

@@ -703,7 +703,7 @@ def _resample(name: str, n: int) -> list[Sample]:
 
 def samples_for(name: str, n: int) -> list[Sample]:
     """Every sample of op ``name`` for a world of ``n`` ranks (an empty list if it has none)."""
-    from ..rules import cat_split, complex, conv, factory, linear, norm, pointwise, reduction, resample, view
+    from ..rules import cat_split, conv, factory, linear, norm, pointwise, reduction, resample, view
 
     if name in ("polar", "complex", "view_as_complex", "view_as_real"):
         return _complex(name, n)
