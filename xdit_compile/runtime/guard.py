@@ -22,6 +22,8 @@ import torch.fx as fx
 from .. import plan as plan_mod
 from ..errors import CollectiveTimeoutError, RankMismatchError, XditError
 from ..plan import ParallelPlan
+from ..report import reports
+from ..specialize import symbolic_inputs
 from .agreement import MAX_LISTED, agree, list_ranks, plan_or_tell, same, user_inputs
 from .timeouts import TIMEOUT_TEXT, name_timeout
 
@@ -39,11 +41,9 @@ def checked(backend: Callable[..., Callable]) -> Callable[..., Callable]:
     def run(gm: fx.GraphModule, example_inputs: Sequence[Any], options: dict | None = None, **kw: Any) -> Callable:
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return backend(gm, example_inputs, options, **kw)
-        if _symbolic(gm):
+        if symbolic_inputs(gm):
             plan_or_tell(gm, example_inputs, options)
             return backend(gm, example_inputs, options, **kw)
-        from ..report import reports
-
         graph = f"graph {len(reports())}"
         inputs = user_inputs(gm, example_inputs)
         plan = agree(gm, example_inputs, options)
@@ -51,16 +51,6 @@ def checked(backend: Callable[..., Callable]) -> Callable[..., Callable]:
         return Guarded(fn, plan, inputs, graph)
 
     return run
-
-
-def _symbolic(gm: fx.GraphModule) -> bool:
-    for n in gm.graph.nodes:
-        if n.op != "placeholder":
-            continue
-        v = n.meta.get("example_value", n.meta.get("val"))
-        if isinstance(v, torch.SymInt) or (isinstance(v, torch.Tensor) and not all(isinstance(s, int) for s in v.shape)):
-            return True
-    return False
 
 
 class Guarded:
