@@ -3,6 +3,7 @@
 ``torch.compile(model, backend="xdit", options={...})`` calls ``xdit_backend`` once per
 graph on every rank (SPMD). Passes, in order (``XDIT_DISABLE_PASSES=name,...`` skips some):
 
+    canonical_attention  rewrite attention spelled as matmul / einsum / baddbmm into SDPA
     recognise        tag attention (self/cross/joint), norms, patch embeddings, RoPE tables
     annotations      read xdit_compile.shard/replicate marks          (forced placements)
     plan:<axis>      choose seeds and propagate placements           (per axis: batch, sp)
@@ -31,6 +32,7 @@ from .axis import Axis
 from .errors import PassError, PlanError, XditError
 from .gradients import guard_backward, mark_for_autograd, needs_guard, traced_for_autograd, undifferentiable_ops
 from .graph import arg, input_label, is_tensor, is_user_input, op_name, shape, value
+from .passes.canonical_attention import canonical_attention
 from .passes.choose_seeds import choose_seeds
 from .passes.lower import lower
 from .passes.propagate import WholeGraphFallback
@@ -123,8 +125,14 @@ def _annotations(gm: fx.GraphModule, state: State) -> bool:
     return False
 
 
+def _canonical_attention(gm: fx.GraphModule, state: State) -> bool:
+    found = canonical_attention(gm)
+    state.report.recognised.update(found)
+    return bool(found)
+
+
 def _recognise(gm: fx.GraphModule, state: State) -> bool:
-    state.report.recognised = recognise(gm)
+    state.report.recognised.update(recognise(gm))
     return False
 
 
@@ -274,7 +282,8 @@ def xdit_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: dic
         original = _copy(gm)
         try:
             run_passes(gm, State(plan, example_inputs, rank, batch_axes, report),
-                       [("recognise", _recognise), ("annotations", _annotations),
+                       [("canonical_attention", _canonical_attention), ("recognise", _recognise),
+                        ("annotations", _annotations),
                         *[p for a in batch_axes for p in _axis_passes(a)]])
         except WholeGraphFallback as e:
             gm = original
@@ -283,7 +292,8 @@ def xdit_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: dic
         return _guarded(plan, example_inputs, lambda: pipefusion_backend(gm, example_inputs, plan, report, _inner))
     mark_for_autograd(gm, example_inputs)  # the lowering adds gradient rules to a graph traced for autograd
     state = State(plan, example_inputs, rank, mesh_axes(plan, rank), report)
-    passes: list[tuple[str, PassFn]] = [("recognise", _recognise), ("annotations", _annotations)]
+    passes: list[tuple[str, PassFn]] = [("canonical_attention", _canonical_attention), ("recognise", _recognise),
+                                        ("annotations", _annotations)]
     for i, axis in enumerate(state.axes):
         passes += _axis_passes(axis)
         if i == len(state.axes) - 1 and plan.inner == "eager":
