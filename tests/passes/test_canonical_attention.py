@@ -103,6 +103,11 @@ def inplace_fill(q, k, v, keep):
     return s.softmax(-1) @ v
 
 
+def moderate_fill(q, k, v, keep):
+    # -1e9 does not swallow the scores in float32, so a fully masked row would differ: left alone
+    return (q @ k.transpose(-2, -1)).masked_fill(~keep, -1e9).softmax(-1) @ v
+
+
 def scale_after_mask(q, k, v, mask):
     return ((q @ k.transpose(-2, -1) + mask) * SCALE).softmax(-1) @ v
 
@@ -118,11 +123,13 @@ def _inputs() -> tuple[torch.Tensor, ...]:
 
 def test_forms_become_one_sdpa() -> None:
     q, k, v, mask, keep = _inputs()
+    keep_dead_row = keep.clone()
+    keep_dead_row[0, 1, 3] = False  # a huge finite fill gives uniform weights there, as written
     cases = [
         (matmul_scale_after, (q, k, v), "attention:matmul"),
         (matmul_scale_before_float_softmax, (q, k, v, mask), "attention:matmul"),
         (einsum_additive, (q, k, v, mask), "attention:einsum"),
-        (einsum_3d_masked_fill, (q, k, v, keep), "attention:einsum"),
+        (einsum_3d_masked_fill, (q, k, v, keep_dead_row), "attention:einsum"),
         (baddbmm_form, (q, k, v, keep), "attention:baddbmm"),
         (baddbmm_bias, (q, k, v, mask), "attention:baddbmm"),
         (pretransposed_k, (q, k, v), "attention:matmul"),
@@ -145,6 +152,7 @@ def test_forms_left_alone() -> None:
         (causal_from_scores, (q, k, v)),
         (probabilities_returned, (q, k, v)),
         (inplace_fill, (q, k, v, keep)),
+        (moderate_fill, (q, k, v, keep)),
         (scale_after_mask, (q, k, v, mask)),
     ]
     for fn, args in cases:
