@@ -32,7 +32,6 @@ e.g. ``"matmul"``) on each new SDPA node; returns the count per ``"attention:<fo
 from __future__ import annotations
 
 import math
-import operator
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
