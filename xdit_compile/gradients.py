@@ -38,7 +38,7 @@ from .errors import GradientError
 from .graph import op_name, value
 from .placements import Replicate
 from .runtime import redistribute as rt
-from .runtime.autograd import is_differentiable
+from .runtime.autograd import is_differentiable, recording
 
 
 class _NoBackward(torch.autograd.Function):
@@ -57,8 +57,7 @@ class _NoBackward(torch.autograd.Function):
 
 def needs_guard(example_inputs: Sequence[Any]) -> bool:
     """Whether a graph was traced for autograd (grad mode on and an input requires grad)."""
-    return torch.is_grad_enabled() and any(
-        isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs)
+    return recording(*example_inputs)
 
 
 # gm.meta key: whether the graph is lowered for autograd (set by the backend from the real example
@@ -171,11 +170,9 @@ def guard_backward(fn: Callable[..., Any], what: str, why: str | None = None) ->
     )
 
     def run(*args: Any) -> Any:
-        if not torch.is_grad_enabled():
+        if not recording(*args):
             return fn(*args)
         grads_from = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
-        if not grads_from:
-            return fn(*args)
         with torch.no_grad():
             out = fn(*args)
         leaves, spec = tree_flatten(out)
@@ -187,5 +184,4 @@ def guard_backward(fn: Callable[..., Any], what: str, why: str | None = None) ->
             leaves[i] = t
         return tree_unflatten(leaves, spec)
 
-    run._xdit_inner = fn  # type: ignore[attr-defined]
     return run

@@ -199,9 +199,7 @@ class ParallelPlan:
             new = world_size // rest
             if new == self.degree(axis) or (axis == "cfg" and new not in (1, 2)):
                 continue
-            trial = {a: self.degree(a) for a in MESH_AXES} | {axis: new}
-            if math.prod(trial.values()) == world_size:
-                out.append(_spell(axis, new))
+            out.append(_spell(axis, new))  # rest x new == world_size, as world_size % rest == 0
             if len(out) == 2:
                 break
         return out

@@ -28,7 +28,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.fx as fx
 
-from .graph import has_side_effects, input_label
+from .graph import has_side_effects, input_label, value
 from .passes.refresh_meta import refresh_meta
 
 log = logging.getLogger("xdit_compile")
@@ -47,14 +47,10 @@ def _symbolic(v: Any) -> bool:
     return False
 
 
-def _val(node: fx.Node) -> Any:
-    return node.meta.get("val", node.meta.get("example_value"))
-
-
 def symbolic_inputs(gm: fx.GraphModule) -> list[int]:
     """Flat indices of the placeholders whose example value has a symbolic size (or is a SymInt)."""
     phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    return [i for i, n in enumerate(phs) if _symbolic(_val(n))]
+    return [i for i, n in enumerate(phs) if _symbolic(value(n))]
 
 
 def signature(args: Sequence[Any], indices: Sequence[int]) -> Signature:
