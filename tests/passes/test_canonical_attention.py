@@ -76,6 +76,20 @@ def pretransposed_k(q, k, v):
     return (q @ kt * SCALE).softmax(-1) @ v
 
 
+def inplace_fill_compvis(q, k, v, keep):
+    # CompVis LDM: the scaled scores are filled in place with the most negative finite value
+    qf, kf, vf = (t.flatten(0, 1) for t in (q, k, v))
+    sim = torch.einsum("b i d, b j d -> b i j", qf, kf) * SCALE
+    sim.masked_fill_(~keep.flatten(0, 1), -torch.finfo(sim.dtype).max)
+    return torch.einsum("b i j, b j d -> b i d", sim.softmax(dim=-1), vf)
+
+
+def inplace_fill_inf(q, k, v, keep):
+    s = q @ k.transpose(-2, -1)
+    s.masked_fill_(~keep, float("-inf"))
+    return (s * SCALE).softmax(-1) @ v
+
+
 # ---------------------------------------------------------------- forms left alone
 def scores_used_elsewhere(q, k, v):
     s = q @ k.transpose(-2, -1) * SCALE
@@ -99,8 +113,21 @@ def probabilities_returned(q, k, v):
 
 def inplace_fill(q, k, v, keep):
     s = q @ k.transpose(-2, -1)
-    s.masked_fill_(~keep, -1e9)
+    s.masked_fill_(~keep, -1e9)  # too moderate a fill, as below
     return s.softmax(-1) @ v
+
+
+def inplace_fill_after_read(q, k, v, keep):
+    s = q @ k.transpose(-2, -1) * SCALE
+    p = s.softmax(-1)
+    s.masked_fill_(~keep, float("-inf"))  # after the softmax read: not a mask of this attention
+    return p @ v
+
+
+def inplace_fill_before_scale(q, k, v, keep):
+    s = q @ k.transpose(-2, -1)
+    s.masked_fill_(~keep, -3e38)  # a finite fill the scale would change
+    return (s * SCALE).softmax(-1) @ v
 
 
 def moderate_fill(q, k, v, keep):
@@ -133,6 +160,8 @@ def test_forms_become_one_sdpa() -> None:
         (baddbmm_form, (q, k, v, keep), "attention:baddbmm"),
         (baddbmm_bias, (q, k, v, mask), "attention:baddbmm"),
         (pretransposed_k, (q, k, v), "attention:matmul"),
+        (inplace_fill_compvis, (q, k, v, keep_dead_row), "attention:einsum"),
+        (inplace_fill_inf, (q, k, v, keep), "attention:matmul"),
     ]
     for fn, args, form in cases:
         gm, ex = capture(fn, *args)
@@ -152,6 +181,8 @@ def test_forms_left_alone() -> None:
         (causal_from_scores, (q, k, v)),
         (probabilities_returned, (q, k, v)),
         (inplace_fill, (q, k, v, keep)),
+        (inplace_fill_after_read, (q, k, v, keep)),
+        (inplace_fill_before_scale, (q, k, v, keep)),
         (moderate_fill, (q, k, v, keep)),
         (scale_after_mask, (q, k, v, mask)),
     ]

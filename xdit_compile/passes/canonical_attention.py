@@ -12,15 +12,16 @@ attention rule, ``lower``) only knows ``F.scaled_dot_product_attention``. Before
 Handled: scores from ``q @ kt`` / ``torch.matmul`` / ``bmm`` (``kt`` a transpose of k, or any
 [.., D, Sk] tensor, transposed back), ``einsum("..id,..jd->..ij")`` (k also as ``..dj``) and
 ``baddbmm(x, q, kt, beta=0 or 1, alpha=a)`` (beta 1: ``x`` is an additive mask); then scalar
-``*``/``/`` scales, then at most one mask (``+ m`` with a float mask of the query's dtype, or an
-out-of-place ``masked_fill(c, v)`` with ``v`` = -inf (a boolean mask ``~c``) or ``v <= -1e30``
-(an additive mask holding ``v``, which absorbs the scores as the fill did)), casts anywhere,
+``*``/``/`` scales, then at most one mask (``+ m`` with a float mask of the query's dtype, or a
+``masked_fill(c, v)`` -- out of place, or in place (``s.masked_fill_(c, v)``, CompVis) before the
+softmax reads ``s`` -- with ``v`` = -inf (a boolean mask ``~c``; a positive scale may follow it) or
+``v <= -1e30`` (an additive mask holding ``v``, which absorbs the scores as the fill did)), casts anywhere,
 ``softmax`` over the last dim (``dtype=`` too), eval-mode dropout, then ``p @ v`` /
 ``einsum("..ij,..jd->..id")`` / ``bmm``. A scale on q (or k) before the product stays where it
 is. 3-d ([B*H, S, D]) forms get a leading dim of 1 and lose it again after.
 
 Not rewritten (left exactly as written): scores or probabilities with another user (including
-an in-place write such as ``s.masked_fill_(...)``), a softmax over another dim, a scale after the
+any other in-place write, or a fill after the softmax read), a softmax over another dim, a scale after the
 mask, two masks, dtypes that differ between q, k, v, the mask and the output, a side-effecting
 node between the score product and the output product, symbolic shapes.
 
@@ -60,10 +61,46 @@ class _Match:
     scale: float = 1.0
     mask: Any = None  # fx.Node, or ("not", cond) / ("fill", cond, value)
     chain: list[fx.Node] = field(default_factory=list)  # scores .. output, in graph order
+    absorbed: list[fx.Node] = field(default_factory=list)  # in-place fills that became the mask
 
 
-def _only_user(node: fx.Node, user: fx.Node) -> bool:
-    return len(node.users) == 1 and user in node.users
+def _only_user(node: fx.Node, user: fx.Node, absorbed: list[fx.Node] | None = None) -> bool:
+    others = [u for u in node.users if u is not user and u not in (absorbed or ())]
+    return user in node.users and not others
+
+
+def _fill_mask(cond: Any, fill: Any) -> Any:
+    """The mask a ``masked_fill(cond, fill)`` of the scores stands for, or ``None``."""
+    if not (isinstance(cond, fx.Node) and isinstance(fill, (int, float)) and not isinstance(fill, bool)):
+        return None
+    if fill == float("-inf"):
+        return ("not", cond)
+    if fill <= _HUGE_NEGATIVE:
+        return ("fill", cond, float(fill))
+    return None
+
+
+def _scale_keeps(mask: Any, scale_after: float) -> bool:
+    """A scale applied after the mask leaves it as SDPA applies it: -inf stays -inf under a positive
+    scale; an additive or finite fill would be scaled too."""
+    return scale_after == 1.0 or (mask[0] == "not" and scale_after > 0)
+
+
+def _inplace_fill(x: fx.Node, user: fx.Node) -> fx.Node | None:
+    """``x.masked_fill_(c, v)`` whose result is unused, written after ``x`` is made and before
+    ``user`` (the only other reader) reads it: the scores ``user`` sees are the filled ones."""
+    fills = [u for u in x.users if u is not user]
+    if len(fills) != 1 or user not in x.users:
+        return None
+    f = fills[0]
+    if op_name(f) != "masked_fill_" or f.users or len(f.args) != 3 or f.args[0] is not x or f.kwargs:
+        return None
+    for node in f.graph.nodes:  # the fill must come first: a later one would not change what user read
+        if node is user:
+            return None
+        if node is f:
+            return f
+    return None
 
 
 def _scalar(x: Any) -> bool:
@@ -218,7 +255,14 @@ def _match(out: fx.Node) -> _Match | None:
     # Then, backwards: casts, at most one mask, scalar scales, the score product.
     seen_mask = False
     while isinstance(x, fx.Node):
-        if not _only_user(x, chain[-1]):
+        fill = _inplace_fill(x, chain[-1])
+        if fill is not None:
+            mask = _fill_mask(fill.args[1], fill.args[2])
+            if mask is None or seen_mask or not _scale_keeps(mask, m.scale):
+                return None
+            m.mask, seen_mask = mask, True
+            m.absorbed.append(fill)
+        if not _only_user(x, chain[-1], m.absorbed):
             return None
         name = op_name(x)
         if name in _CASTS:
@@ -243,15 +287,10 @@ def _match(out: fx.Node) -> _Match | None:
             chain.append(x)
             x = a
             continue
-        elif name == "masked_fill" and len(x.args) == 3 and not seen_mask and m.scale == 1.0:
+        elif name == "masked_fill" and len(x.args) == 3 and not seen_mask:
             s, cond, fill = x.args
-            if not (isinstance(cond, fx.Node) and isinstance(fill, (int, float))):
-                return None
-            if fill == float("-inf"):
-                m.mask = ("not", cond)
-            elif fill <= _HUGE_NEGATIVE:
-                m.mask = ("fill", cond, float(fill))
-            else:
+            m.mask = _fill_mask(cond, fill)
+            if m.mask is None or not _scale_keeps(m.mask, m.scale):
                 return None
             seen_mask = True
             chain.append(x)
@@ -313,7 +352,7 @@ def _valid(m: _Match) -> bool:
             inside = True
         elif node is last:
             break
-        elif inside and has_side_effects(node):
+        elif inside and has_side_effects(node) and node not in m.absorbed:
             return False
     return True
 
@@ -380,6 +419,8 @@ def _rewrite(gm: fx.GraphModule, m: _Match) -> None:
         if three_d:
             o = _call(g, torch.squeeze, (o, 0))
     out.replace_all_uses_with(o)
+    for node in m.absorbed:
+        g.erase_node(node)
     for node in reversed(m.chain):
         if not node.users:
             g.erase_node(node)
