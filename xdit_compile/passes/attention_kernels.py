@@ -96,11 +96,13 @@ _REGISTRY: dict[str, _Entry] = {}
 def _key(target: Any) -> str | None:
     """``"namespace::op"`` for torch ops (any spelling), ``"module.qualname"`` for Python functions."""
     if isinstance(target, str):
-        s = target.removeprefix("torch.ops.")
-        if "::" in s:
-            ns, _, name = s.partition("::")
+        if target.startswith("torch.ops."):  # torch.ops.ns.op[.overload]
+            ns, _, name = target.removeprefix("torch.ops.").partition(".")
             return f"{ns}::{name.split('.')[0]}"
-        return s
+        if "::" in target:
+            ns, _, name = target.partition("::")
+            return f"{ns}::{name.split('.')[0]}"
+        return target
     if isinstance(target, torch._ops.OpOverload):
         return target._schema.name
     if isinstance(target, torch._ops.OpOverloadPacket):

@@ -5,7 +5,9 @@ call signatures the real packages use (flash-attn >= 2.6: ``flash_attn::_flash_a
 ``flash_attn::_flash_attn_varlen_forward``; xformers' flash path: ``xformers_flash::flash_fwd``;
 xformers' CUTLASS path calls ATen's ``aten::_efficient_attention_forward``, which has no CPU
 kernel, so one is registered for it), each computing attention with SDPA, with fake (meta)
-implementations and FLOP formulas. It also builds importable modules ``flash_attn`` and
+implementations. No FLOP formulas: like SDPA's CPU kernel, whose FLOPs torch's counter does
+not count, the stand-ins count nothing, so a single-rank reference and a per-rank program that
+runs SDPA are measured alike (linears and convolutions). It also builds importable modules ``flash_attn`` and
 ``xformers.ops`` whose public functions wrap those ops the way the real ones do (an
 ``autograd.Function`` around the op, padding of odd head dims, the BMHK layout).
 
@@ -25,7 +27,6 @@ from typing import Any, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
-from torch.utils.flop_counter import register_flop_formula, sdpa_flop_count
 
 _REGISTERED = False
 _LIBS: list[torch.library.Library] = []
@@ -132,31 +133,6 @@ def _register() -> None:
             return out, lse, z, z, query.shape[1], key.shape[1]
 
         lib.impl("_efficient_attention_forward", _efficient, "CPU")
-
-    def _bshd_flops(q_shape: Any, k_shape: Any, v_shape: Any) -> int:
-        b, s, h, d = q_shape
-        return sdpa_flop_count((b, h, s, d), (k_shape[0], k_shape[2], k_shape[1], k_shape[3]),
-                               (v_shape[0], v_shape[2], v_shape[1], v_shape[3]))
-
-    @register_flop_formula(torch.ops.flash_attn._flash_attn_forward)
-    def _(q_shape, k_shape, v_shape, *args, **kwargs) -> int:  # type: ignore[no-untyped-def]
-        return _bshd_flops(q_shape, k_shape, v_shape)
-
-    @register_flop_formula(torch.ops.flash_attn._flash_attn_varlen_forward, get_raw=True)
-    def _(q, k, v, cu_seqlens_q, cu_seqlens_k, *args, **kwargs) -> int:  # type: ignore[no-untyped-def]
-        lens_q = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).tolist()
-        lens_k = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).tolist()
-        h, d = q.shape[1:]
-        return sum(_bshd_flops((1, a, h, d), (1, c, h, d), (1, c, h, v.shape[-1])) for a, c in zip(lens_q, lens_k))
-
-    @register_flop_formula(torch.ops.xformers_flash.flash_fwd, get_raw=True)
-    def _(query, key, value, cu_seqlens_q, cu_seqlens_k, *args, **kwargs) -> int:  # type: ignore[no-untyped-def]
-        if cu_seqlens_q is None:
-            return _bshd_flops(query.shape, key.shape, value.shape)
-        lens_q = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).tolist()
-        lens_k = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).tolist()
-        h, d = query.shape[1:]
-        return sum(_bshd_flops((1, a, h, d), (1, c, h, d), (1, c, h, value.shape[-1])) for a, c in zip(lens_q, lens_k))
 
 
 # ------------------------------------------------------------------ the fake packages
