@@ -35,8 +35,12 @@ _MODULE_NAMES = ("flash_attn", "flash_attn.flash_attn_interface", "xformers", "x
 
 def _sdpa_bshd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool,
                bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention on [B, S, H, D] tensors; also the log-sum-exp [B, H, S] the kernels return."""
+    """Attention on [B, S, H, D] tensors; also the log-sum-exp [B, H, S] the kernels return.
+    Fewer K/V heads (GQA) are repeated as flash-attn groups them; ``causal`` is SDPA's top-left
+    mask (flash-attn aligns it bottom-right when Sq != Sk: not reproduced)."""
     qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))
+    if kh.shape[1] != qh.shape[1]:
+        kh, vh = (t.repeat_interleave(qh.shape[1] // t.shape[1], 1) for t in (kh, vh))
     out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=bias, is_causal=causal, scale=scale)
     scores = (qh.float() @ kh.float().transpose(-2, -1)) * scale
     if bias is not None:
