@@ -14,6 +14,8 @@ differs:
     flash_attn         flash_attn_func on [B, S, H, D]; cross-attention too
     flash_attn_varlen  flash_attn_varlen_func on packed [B*S, H, D] tokens with cu_seqlens built
                        in the graph (one sequence per sample)
+    flash_attn_varlen_ragged  the packed self-attention holds two sequences of different lengths
+                       (cannot be sharded: runs replicated, with the reason in the report)
     xformers           memory_efficient_attention on [B, S, H, D]; cross-attention with a tensor
                        attn_bias [B, H, S, T] built from the text mask
 
@@ -34,7 +36,7 @@ import torch.nn.functional as F
 from xdit_compile.testing import kernel_standins
 
 DIM, HEADS, TEXT, TEXT_DIM, PATCH, CH, SIDE = 64, 4, 8, 32, 2, 4, 16
-NAMES = ["mha_batch_first", "mha_seq_first", "flash_attn", "flash_attn_varlen", "xformers"]
+NAMES = ["mha_batch_first", "mha_seq_first", "flash_attn", "flash_attn_varlen", "xformers", "flash_attn_varlen_ragged"]
 
 
 class _MHA(nn.Module):
@@ -88,6 +90,12 @@ class _Kernel(nn.Module):
         if self.kind == "flash_attn":
             a = self.fns["flash_attn_func"](q, k, v)
             c = self.fns["flash_attn_func"](cq, ck, cv, softmax_scale=0.3)
+        elif self.kind == "flash_attn_varlen_ragged":  # two packed sequences of different lengths
+            cu = torch.tensor([0, s // 2, b * s], dtype=torch.int32, device=h.device)
+            a = self.fns["flash_attn_varlen_func"](q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu, cu,
+                                                   b * s - s // 2, b * s - s // 2)
+            a = a.view(b, s, HEADS, DIM // HEADS)
+            c = self.fns["flash_attn_func"](cq, ck, cv)
         elif self.kind == "flash_attn_varlen":
             cu = torch.arange(0, (b + 1) * s, s, dtype=torch.int32, device=h.device)
             cu_t = torch.arange(0, (b + 1) * TEXT, TEXT, dtype=torch.int32, device=h.device)

@@ -1,7 +1,8 @@
 """DiT blocks whose attention is one opaque call (``tests/adversarial/kernel_models.py``):
 nn.MultiheadAttention batch-first and sequence-first, flash_attn_func, flash_attn_varlen_func
 (one sequence per sample) and xformers memory_efficient_attention (CPU stand-ins under the real
-op names). Two spawns in all: Ulysses 2 and Ring 2 on 2 ranks in one, USP 2x2 on 4 ranks in the
+op names); and a varlen call over sequences of different lengths, which must stay replicated,
+exact, with its reason in the report. Two spawns in all: Ulysses 2 and Ring 2 on 2 ranks in one, USP 2x2 on 4 ranks in the
 other. Every model must match one rank (exact: within 1e-4 of the output's scale on every rank),
 lower its self-attention to the plan's sequence-parallel attention, name the form it found, and
 split the work: per-rank FLOPs at most 0.55 of one rank's on 2 ranks, 0.30 on 4.
@@ -22,7 +23,8 @@ FACTORY = "tests.adversarial.kernel_models:make"
 FORMS = {"mha_batch_first": "attention:mha", "mha_seq_first": "attention:mha_separate_proj",
          "flash_attn": "attention:flash_attn", "flash_attn_varlen": "attention:flash_attn_varlen",
          "xformers": "attention:xformers_flash"}
-MODELS = list(FORMS)
+RAGGED = "flash_attn_varlen_ragged"  # left as written: exact and replicated, with the reason reported
+MODELS = list(FORMS) + [RAGGED]
 TOL = 1e-4
 PLANS = {  # plan -> (options, world size, how self-attention is lowered, max per-rank FLOPs)
     "ulysses2": ({"ulysses_degree": 2, "inner": "eager"}, 2, "-> ulysses", 0.55),
@@ -46,7 +48,7 @@ def _results(world: int) -> list[dict[str, list[ParityResult]]]:
 
 
 @pytest.mark.parametrize("plan", list(PLANS))
-@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("model", list(FORMS))
 def test_kernel_model_parallel_and_exact(model: str, plan: str) -> None:
     _, world, lowered, max_flops = PLANS[plan]
     for per_rank in _results(world):
@@ -58,3 +60,11 @@ def test_kernel_model_parallel_and_exact(model: str, plan: str) -> None:
         assert lowered in r.report, f"{where}: self-attention not lowered ({lowered})\n{r.report}"
         assert r.flops <= max_flops * r.ref_flops, (
             f"{where}: {r.flops} FLOPs per rank vs {r.ref_flops} on one rank (max {max_flops})\n{r.report}")
+
+
+def test_ragged_varlen_runs_replicated_with_a_reason() -> None:
+    why = "left:flash_attn_varlen (sequences of different lengths"
+    for per_rank in _results(2):
+        r = per_rank["ulysses2"][MODELS.index(RAGGED)]
+        assert r.fallback is None and r.rel_err < TOL, f"rank {r.rank}: {r.max_abs_err} / {r.scale}\n{r.report}"
+        assert why in r.report and "attention kernel flash_attn_varlen left as written" in r.report, r.report
