@@ -19,7 +19,8 @@ from .plan import ParallelPlan, check_plan
 from .report import PlanReport, clear_reports, reports
 
 __all__ = [
-    "CollectiveTimeoutError", "KernelCall", "RankMismatchError", "register_attention_kernel", "check_plan", "unwrap", "unwrap_errors",
+    "CollectiveTimeoutError", "RankMismatchError", "check_plan", "unwrap", "unwrap_errors",
+    "KernelCall", "register_attention_kernel",
     "CollectiveError", "GradientError", "ParallelPlan", "Partial", "PassError", "PlanError", "PlanReport", "Replicate",
     "Shard", "ShardingError", "XditError", "clear_reports", "replicate", "reports", "shard", "xdit_backend",
 ]
