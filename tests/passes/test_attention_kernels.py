@@ -5,6 +5,7 @@ multi-process runs are in tests/models/test_kernel_models.py)."""
 
 from __future__ import annotations
 
+import functools
 import sys
 from typing import Any, Callable, Iterator
 
@@ -152,3 +153,13 @@ def test_user_registered_kernel() -> None:
     assert counts == {"attention:head_first": 1}
     assert _sdpa(gm)[0].kwargs["scale"] == 0.5
     assert "xdit_test::head_first_attention" in registered_attention_kernels()
+
+
+def test_python_function_kept_whole_in_the_graph(kernels: dict) -> None:
+    """``allow_in_graph(flash_attn_func)`` keeps the Python function as the node's target."""
+    whole = torch._dynamo.allow_in_graph(functools.wraps(kernels["flash"])(lambda *a, **k: kernels["flash"](*a, **k)))
+    gm, _ = capture(lambda q, k, v: whole(q, k, v, softmax_scale=0.2), *_qkv())
+    assert [n.target for n in gm.graph.nodes if n.op == "call_function"] == [whole], gm.code
+    counts, gm = _run(lambda q, k, v: whole(q, k, v, softmax_scale=0.2), *_qkv())
+    assert counts == {"attention:flash_attn": 1}
+    assert _sdpa(gm)[0].kwargs["scale"] == 0.2

@@ -212,6 +212,10 @@ def memory_efficient_attention(query, key, value, attn_bias=None, p=0.0, scale=N
     return out.reshape([*query.shape[:-1], value.shape[-1]])
 
 
+# Named as flash-attn names them, so registry entries for the Python functions match the stand-ins.
+flash_attn_func.__module__ = flash_attn_varlen_func.__module__ = "flash_attn.flash_attn_interface"
+
+
 def _modules() -> dict[str, types.ModuleType]:
     fa = types.ModuleType("flash_attn")
     fai = types.ModuleType("flash_attn.flash_attn_interface")
