@@ -39,7 +39,6 @@ count per ``"attention:<form>"`` and ``"left:<form> (<reason>)"``.
 from __future__ import annotations
 
 import inspect
-import operator
 from dataclasses import dataclass
 from typing import Any, Callable, Union
 

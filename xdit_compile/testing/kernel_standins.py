@@ -23,7 +23,7 @@ import importlib.util
 import math
 import sys
 import types
-from typing import Any, Iterator, Optional
+from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
