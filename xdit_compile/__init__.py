@@ -13,12 +13,14 @@ from .annotate import replicate, shard
 from .backend import xdit_backend
 from .errors import (CollectiveError, CollectiveTimeoutError, GradientError, PassError, PlanError,
                      RankMismatchError, ShardingError, XditError, unwrap, unwrap_errors)
+from .passes.attention_kernels import KernelCall, register_attention_kernel
 from .placements import Partial, Replicate, Shard
 from .plan import ParallelPlan, check_plan
 from .report import PlanReport, clear_reports, reports
 
 __all__ = [
     "CollectiveTimeoutError", "RankMismatchError", "check_plan", "unwrap", "unwrap_errors",
+    "KernelCall", "register_attention_kernel",
     "CollectiveError", "GradientError", "ParallelPlan", "Partial", "PassError", "PlanError", "PlanReport", "Replicate",
     "Shard", "ShardingError", "XditError", "clear_reports", "replicate", "reports", "shard", "xdit_backend",
 ]

@@ -4,6 +4,8 @@
 graph on every rank (SPMD). Passes, in order (``XDIT_DISABLE_PASSES=name,...`` skips some):
 
     canonical_attention  rewrite attention spelled as matmul / einsum / baddbmm into SDPA
+    canonical_mha    decompose multi_head_attention_forward into linears and SDPA
+    attention_kernels  rewrite registered attention kernels (flash-attn, xformers) into SDPA
     recognise        tag attention (self/cross/joint), norms, patch embeddings, RoPE tables
     annotations      read xdit_compile.shard/replicate marks          (forced placements)
     plan:<axis>      choose seeds and propagate placements           (per axis: batch, sp)
@@ -32,7 +34,9 @@ from .axis import Axis
 from .errors import PassError, PlanError, XditError
 from .gradients import guard_backward, mark_for_autograd, needs_guard, traced_for_autograd, undifferentiable_ops
 from .graph import arg, input_label, is_tensor, is_user_input, op_name, shape, value
+from .passes.attention_kernels import attention_kernels
 from .passes.canonical_attention import canonical_attention
+from .passes.canonical_mha import canonical_mha
 from .passes.choose_seeds import choose_seeds
 from .passes.lower import lower
 from .passes.propagate import WholeGraphFallback
@@ -129,6 +133,18 @@ def _canonical_attention(gm: fx.GraphModule, state: State) -> bool:
     found = canonical_attention(gm)
     state.report.recognised.update(found)
     return bool(found)
+
+
+def _canonical_mha(gm: fx.GraphModule, state: State) -> bool:
+    found = canonical_mha(gm)
+    state.report.recognised.update(found)
+    return any(k.startswith("attention:") for k in found)
+
+
+def _attention_kernels(gm: fx.GraphModule, state: State) -> bool:
+    found = attention_kernels(gm)
+    state.report.recognised.update(found)
+    return any(k.startswith("attention:") for k in found)
 
 
 def _recognise(gm: fx.GraphModule, state: State) -> bool:
@@ -282,7 +298,8 @@ def xdit_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: dic
         original = _copy(gm)
         try:
             run_passes(gm, State(plan, example_inputs, rank, batch_axes, report),
-                       [("canonical_attention", _canonical_attention), ("recognise", _recognise),
+                       [("canonical_attention", _canonical_attention), ("canonical_mha", _canonical_mha),
+                        ("attention_kernels", _attention_kernels), ("recognise", _recognise),
                         ("annotations", _annotations),
                         *[p for a in batch_axes for p in _axis_passes(a)]])
         except WholeGraphFallback as e:
@@ -292,7 +309,8 @@ def xdit_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: dic
         return _guarded(plan, example_inputs, lambda: pipefusion_backend(gm, example_inputs, plan, report, _inner))
     mark_for_autograd(gm, example_inputs)  # the lowering adds gradient rules to a graph traced for autograd
     state = State(plan, example_inputs, rank, mesh_axes(plan, rank), report)
-    passes: list[tuple[str, PassFn]] = [("canonical_attention", _canonical_attention), ("recognise", _recognise),
+    passes: list[tuple[str, PassFn]] = [("canonical_attention", _canonical_attention), ("canonical_mha", _canonical_mha),
+                                        ("attention_kernels", _attention_kernels), ("recognise", _recognise),
                                         ("annotations", _annotations)]
     for i, axis in enumerate(state.axes):
         passes += _axis_passes(axis)

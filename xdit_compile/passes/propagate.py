@@ -277,8 +277,8 @@ def _decide(node: fx.Node, name: str | None, pl: dict[fx.Node, Any], n: int, for
         if d is not None:
             d.needs = {**{x: REPLICATE for x in partial}, **d.needs}
     if d is None:
-        reason = f"no sharding rule for op {name!r}" if rule is None else (
-            f"{name} has no rule for inputs " + ", ".join(f"{x.name}: {fmt(pl.get(x))}" for x in inputs))
+        reason = node.meta.get("xdit", {}).get("why_replicated") or (f"no sharding rule for op {name!r}" if rule is None else (
+            f"{name} has no rule for inputs " + ", ".join(f"{x.name}: {fmt(pl.get(x))}" for x in inputs)))
         d = replicate_all(view, reason)
     return d
 
