@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import flop_registry
+from torch.utils.flop_counter import flop_registry, sdpa_flop_count
 
 from .harness import run_spmd
 
@@ -53,6 +53,9 @@ def _first_tensor(out: Any) -> torch.Tensor:
     raise TypeError(f"no tensor in model output of type {type(out).__name__}")
 
 
+_CPU_SDPA = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+
+
 class _CountFlops(TorchDispatchMode):
     """FLOPs of the aten ops that run (FlopCounterMode's formulas, without its module hooks,
     which make torch.compile fall back to the uncompiled module)."""
@@ -64,6 +67,11 @@ class _CountFlops(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
+        if func._overloadpacket is _CPU_SDPA:
+            # No formula in torch for the CPU flash kernel: count it as the CUDA kernels are
+            # counted, or per-rank attention would vanish from the totals.
+            self.total += int(sdpa_flop_count(args[0].shape, args[1].shape, args[2].shape))
+            return out
         formula = flop_registry.get(func._overloadpacket)
         if formula is not None:
             self.total += int(formula(*args, **kwargs, out_val=out))
