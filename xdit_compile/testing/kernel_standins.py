@@ -5,9 +5,9 @@ call signatures the real packages use (flash-attn >= 2.6: ``flash_attn::_flash_a
 ``flash_attn::_flash_attn_varlen_forward``; xformers' flash path: ``xformers_flash::flash_fwd``;
 xformers' CUTLASS path calls ATen's ``aten::_efficient_attention_forward``, which has no CPU
 kernel, so one is registered for it), each computing attention with SDPA, with fake (meta)
-implementations. No FLOP formulas: like SDPA's CPU kernel, whose FLOPs torch's counter does
-not count, the stand-ins count nothing, so a single-rank reference and a per-rank program that
-runs SDPA are measured alike (linears and convolutions). It also builds importable modules ``flash_attn`` and
+implementations and FLOP formulas like torch's for its attention kernels (the parity FLOP counter
+counts SDPA's CPU kernel the same way), so a single-rank reference that calls a stand-in and a
+per-rank program that runs SDPA are measured alike, attention included. It also builds importable modules ``flash_attn`` and
 ``xformers.ops`` whose public functions wrap those ops the way the real ones do (an
 ``autograd.Function`` around the op, padding of odd head dims, the BMHK layout).
 
@@ -23,10 +23,11 @@ import importlib.util
 import math
 import sys
 import types
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import flop_registry
 
 _REGISTERED = False
 _LIBS: list[torch.library.Library] = []
@@ -137,6 +138,27 @@ def _register() -> None:
             return out, lse, z, z, query.shape[1], key.shape[1]
 
         lib.impl("_efficient_attention_forward", _efficient, "CPU")
+
+    # FLOP formulas as torch has for its own attention kernels, so FLOP counts of a model that
+    # calls a stand-in include its attention, as they do once it is rewritten to SDPA.
+    flop_registry[torch.ops.flash_attn._flash_attn_forward] = _bshd_flops
+    flop_registry[torch.ops.flash_attn._flash_attn_varlen_forward] = _thd_flops
+    flop_registry[torch.ops.xformers_flash.flash_fwd] = _thd_flops
+
+
+def _bshd_flops(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *_: Any, **__: Any) -> int:
+    b, s_q, h, d = q.shape
+    return 4 * b * h * s_q * k.shape[1] * d
+
+
+def _thd_flops(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: Any = None, cu_k: Any = None,
+               *_: Any, **__: Any) -> int:
+    if q.dim() == 4:  # xformers' padded [B, S, H, D] form
+        return _bshd_flops(q, k, v)
+    if cu_q is None or cu_k is None:
+        return 4 * q.shape[1] * q.shape[0] * k.shape[0] * q.shape[2]
+    lq, lk = cu_q.diff().tolist(), cu_k.diff().tolist()
+    return sum(4 * q.shape[1] * a * b * q.shape[2] for a, b in zip(lq, lk))
 
 
 # ------------------------------------------------------------------ the fake packages
