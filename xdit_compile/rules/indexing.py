@@ -243,7 +243,7 @@ TABLE = [
     (["getitem"], getitem),
     (["setitem"], setitem),
     (["narrow"], narrow),
-    (["index_select", "select", "repeat_interleave", "flip", "roll"], along_other_dim),
+    (["index_select", "select", "repeat_interleave", "flip"], along_other_dim),  # roll: rules/roll.py
     (["embedding"], embedding),
     (["pad"], pad),
 ]

@@ -624,10 +624,6 @@ def _indexing(name: str, n: int) -> list[Sample]:
         return [S(name, "flip", (X, 2, 1), (x,)), S(name, "flip", (X, 1), (x,)), S(name, torch.flip, (X, [0, 2]), (x,)),
                 S(name, torch.flip, (X,), (x,), {"dims": (1,)}), S(name, "flip", (X, -1), (x,)), S(name, "flip", (X, (1, 2)), (x,)),
                 S(name, "flip", (X, 0, 2), (x,))]
-    if name == "roll":
-        return [S(name, torch.roll, (X, 1, 1), (x,)), S(name, "roll", (X, (1, 2), (0, 2)), (x,)),
-                S(name, "roll", (X,), (x,), {"shifts": 2, "dims": -1}), S(name, "roll", (X, 3), (x,)),
-                S(name, torch.roll, (X, (1, 1), (2, 1)), (x,))]
     if name == "embedding":
         idx, w = gen.ints(2, L, low=0, high=10), gen.randn(10, E)
         return [S(name, F.embedding, (X, Y), (idx, w), partial=False), S(name, torch.embedding, (Y, X), (idx, w), partial=False),
@@ -637,6 +633,26 @@ def _indexing(name: str, n: int) -> list[Sample]:
                 S(name, F.pad, (X, [1, 1]), (x,), {"mode": "reflect"}), S(name, F.pad, (X,), (x,), {"pad": (1, 1), "value": 2.0}),
                 S(name, F.pad, (X, (1, 1, 0, 0, 1, 0)), (x,))]
     raise KeyError(name)
+
+
+def _roll(name: str, n: int) -> list[Sample]:
+    """Shifts smaller and larger than a shard, negative, past the length, on one or two dims."""
+    gen = _Gen(name)
+    L, E = 3 * n + 1, 2 * n + 2
+    x = gen.randn(2, L, E)
+    grid = gen.randn(2, 2 * n + 2, 2 * n, 3)  # (B, H, W, C): Swin's shifted windows
+    S = Sample
+    if name == "xdit_roll":
+        return [S(name, halo.roll_exchange, (X, 1, 2, [L], OtherGroup()), (x,)),
+                S(name, halo.roll_exchange, (X, 2, -1, [E], OtherGroup()), (x,))]
+    return [S(name, torch.roll, (X, 1, 1), (x,)), S(name, "roll", (X, (1, 2), (0, 2)), (x,)),
+            S(name, "roll", (X,), (x,), {"shifts": 2, "dims": -1}), S(name, "roll", (X, 3), (x,)),
+            S(name, torch.roll, (X, (1, 1), (2, 1)), (x,)), S(name, torch.roll, (X, -2, 1), (x,)),
+            S(name, "roll", (X, 2 * n + 1, 1), (x,)), S(name, "roll", (X, -(4 * n + 3), -2), (x,)),
+            S(name, "roll", (X, L, 1), (x,)), S(name, torch.roll, (X,), (x,), {"shifts": (3, -1), "dims": (1, 1)}),
+            S(name, torch.roll, (X, (-1, -1), (1, 2)), (grid,)), S(name, "roll", (X, (n + 1, 1), (1, 2)), (grid,)),
+            S(name, "roll", (X, 2 * n + 1, 1), (gen.randn(2, 4 * n, 3),),
+              candidates={0: [Shard(1, (2 * n,), 2), Shard(1, (n, 3 * n), 1)]})]
 
 
 # --------------------------------------------------------------------------------- factories, runtime ops, resampling
@@ -732,7 +748,9 @@ def samples_for(name: str, n: int) -> list[Sample]:
         return _conv(name, n)
     if name == "scaled_dot_product_attention":
         return _attention(name, n)
-    if name in ("getitem", "setitem", "narrow", "index_select", "select", "repeat_interleave", "flip", "roll",
+    if name in ("roll", "xdit_roll"):
+        return _roll(name, n)
+    if name in ("getitem", "setitem", "narrow", "index_select", "select", "repeat_interleave", "flip",
                 "embedding", "pad"):
         return _indexing(name, n)
     if name in factory.LIKE or name in ("new_zeros", "new_ones", "new_empty", "new_full", "new_tensor", "tensor", "as_tensor"):
