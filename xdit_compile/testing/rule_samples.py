@@ -533,6 +533,8 @@ def _conv(name: str, n: int) -> list[Sample]:
     H, W = 3 * n + 1, 2 * n + 2
     x2, w2, b = gen.randn(2, 3, H, W, scale=1.0), gen.randn(4, 3, 3, 3, scale=1.0), gen.randn(4, scale=1.0)
     xe = gen.randn(2, 3, 4 * n, W, scale=1.0)  # even rows: strided convolutions
+    xo = gen.randn(2, 3, 4 * n + 2, W, scale=1.0)  # 2n+1 pairs of rows: uneven in whole strides
+    odd = {0: [Shard(2, (2 * n + 1,), 2), Shard(2, (4 * n + 2,), 1), Shard(2, (n + 1, n), 2)]}
     S = Sample
     v0 = (0,)
     if name == "conv1d":
@@ -546,7 +548,10 @@ def _conv(name: str, n: int) -> list[Sample]:
                 S(name, F.conv2d, (X, Y), (xe, gen.randn(4, 3, 2, 2, scale=1.0)), {"stride": 2}, vary=v0),
                 S(name, F.conv2d, (X, Y), (x2, gen.randn(4, 3, 1, 1, scale=1.0)), vary=v0),
                 S(name, F.conv2d, (X, Y), (x2, w2), {"padding": (1, 0)}, vary=v0),
-                S(name, F.conv2d, (X, Y, Z), (x2, w2, b), {"padding": 1}, vary=(1, 2))]
+                S(name, F.conv2d, (X, Y, Z), (x2, w2, b), {"padding": 1}, vary=(1, 2)),
+                # An odd patch grid: 2n+1 patch rows of 2 latent rows, split in whole patches.
+                S(name, F.conv2d, (X, Y), (xo, gen.randn(4, 3, 2, 2, scale=1.0)), {"stride": 2}, vary=v0, candidates=odd),
+                S(name, F.conv2d, (X, Y, Z, 2, 1), (xo, w2, b), vary=v0, candidates=odd)]
     if name == "conv3d":
         x3, w3 = gen.randn(2, 2, H, 4, 4, scale=1.0), gen.randn(3, 2, 3, 3, 3, scale=1.0)
         return [S(name, F.conv3d, (X, Y), (x3, w3), {"padding": 1}, vary=v0)]
