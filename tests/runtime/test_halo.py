@@ -93,6 +93,9 @@ def _cases() -> dict[str, Any]:
     for shift in (1, 2, -1, -3, 5, 7, 16, 0):
         got = roll_exchange(_mine(x, 2, n, rank), 2, shift, sizes, group)
         out[f"roll {shift}"] = float((got - _mine(torch.roll(x, shift, 2), 2, n, rank)).abs().max())
+    small = _full(2, 2)  # 2 rows on 3 ranks: rank 2 holds none and still takes part
+    got = roll_exchange(_mine(small, 2, n, rank), 2, 1, [1, 1, 0], group)
+    out["roll empty rank"] = 0.0 if torch.equal(got, _mine(torch.roll(small, 1, 2), 2, n, rank)) else 1.0
     w = _full(7, 2).sin()
     mine = _mine(x, 2, n, rank).clone().requires_grad_(True)
     (roll_exchange(mine, 2, 3, sizes, group) * _mine(w, 2, n, rank)).sum().backward()

@@ -193,7 +193,10 @@ def roll_exchange(x: torch.Tensor, dim: int, shift: int, sizes: Sequence[int], g
 def _roll_rows(x: torch.Tensor, dim: int, shift: int, sizes: tuple[int, ...], group: Group) -> torch.Tensor:
     size, me = group_size(group), group_rank(group)
     plan = roll_plan(sizes, shift)
-    row_numel = x.numel() // max(x.size(dim), 1)
+    row_numel = 1  # from the shape, not numel // rows: a rank may hold no rows
+    for i, extent in enumerate(x.shape):
+        if i != dim:
+            row_numel *= extent
     # What this rank sends to each peer: its pieces of that peer's range, in the peer's order.
     send_parts, input_splits = [], [0] * size
     for dst in range(size):

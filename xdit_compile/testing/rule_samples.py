@@ -656,6 +656,7 @@ def _roll(name: str, n: int) -> list[Sample]:
             S(name, "roll", (X, 2 * n + 1, 1), (x,)), S(name, "roll", (X, -(4 * n + 3), -2), (x,)),
             S(name, "roll", (X, L, 1), (x,)), S(name, torch.roll, (X,), (x,), {"shifts": (3, -1), "dims": (1, 1)}),
             S(name, torch.roll, (X, (-1, -1), (1, 2)), (grid,)), S(name, "roll", (X, (n + 1, 1), (1, 2)), (grid,)),
+            S(name, "roll", (X, 1, 1), (gen.randn(2, max(n - 1, 1), 3),)),  # a rank with no rows
             S(name, "roll", (X, 2 * n + 1, 1), (gen.randn(2, 4 * n, 3),),
               candidates={0: [Shard(1, (2 * n,), 2), Shard(1, (n, 3 * n), 1)]})]
 
