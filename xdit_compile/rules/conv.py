@@ -118,7 +118,8 @@ def conv(op: OpView, x: fx.Node, p: Shard, params: dict) -> Decision | None:
             out = Shard(p.dim, p.segments, p.inner // s)
             sizes = local_sizes(p, op.n)
         elif q is None or not is_even(q, op.n) or (q.length // op.n) % s or out_len * s != in_len:
-            return replicate_all(op, "shard rows are not a multiple of the convolution stride")
+            return replicate_all(op, f"shard {p} cuts rows inside a stride of {s} (a shard in whole strides, "
+                                     f"units of {s} rows, would keep the convolution sharded)")
         else:
             out = Shard(p.dim, (out_len,), 1)
             sizes = local_sizes(q, op.n)
