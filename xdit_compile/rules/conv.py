@@ -112,17 +112,17 @@ def conv(op: OpView, x: fx.Node, p: Shard, params: dict) -> Decision | None:
         sizes = local_sizes(p, op.n)
     else:
         q = regroup(p, 1, op.n)
-        if p.inner % s == 0 and out_len * s == in_len:
+        if q is not None and is_even(q, op.n) and (q.length // op.n) % s == 0 and out_len * s == in_len:
+            out = Shard(p.dim, (out_len,), 1)
+            sizes = local_sizes(q, op.n)
+        elif p.inner % s == 0 and out_len * s == in_len:
             # Units of whole strides (patch rows): every rank's rows start and end on a stride,
             # even when the units do not split evenly (15 patch rows on 2 ranks: 8 + 7).
             out = Shard(p.dim, p.segments, p.inner // s)
             sizes = local_sizes(p, op.n)
-        elif q is None or not is_even(q, op.n) or (q.length // op.n) % s or out_len * s != in_len:
+        else:
             return replicate_all(op, f"shard {p} cuts rows inside a stride of {s} (a shard in whole strides, "
                                      f"units of {s} rows, would keep the convolution sharded)")
-        else:
-            out = Shard(p.dim, (out_len,), 1)
-            sizes = local_sizes(q, op.n)
         after = max(0, span - pad_before - s + 1)
         if any((rows + before + after - span - 1) // s + 1 != rows // s for rows in sizes if rows):
             return replicate_all(op, "convolution window does not tile the shards")
