@@ -2,7 +2,8 @@
 
 Exact checks: a rank's haloed shard must equal the matching rows of the zero-padded full
 tensor; GroupNorm on shards, gathered, must equal ``F.group_norm`` of the full tensor (float32
-sums: within 1e-5). All cases run in one 3-rank spawn with uneven shards (rows 3, 2, 2), plus
+sums: within 1e-5); a rank's shard of a sharded roll must equal its rows of ``torch.roll`` of
+the full tensor (also its gradient). All cases run in one 3-rank spawn with uneven shards (rows 3, 2, 2), plus
 one 2-rank subgroup case; one case is compiled with ``fullgraph=True`` to prove traceability.
 """
 
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 from xdit_compile.errors import CollectiveError
 from xdit_compile.placements import chunk_bounds
 from xdit_compile.runtime.collectives import record_collectives
-from xdit_compile.runtime.halo import group_norm, halo_exchange
+from xdit_compile.runtime.halo import group_norm, halo_exchange, roll_exchange
 from xdit_compile.testing import run_spmd
 
 WORLD = 3
@@ -86,6 +87,24 @@ def _cases() -> dict[str, Any]:
 
     compiled = torch.compile(both, backend="aot_eager", fullgraph=True)
     out["compiled"] = float((compiled(_mine(x, 2, n, rank)) - both(_mine(x, 2, n, rank))).abs().max())
+    # Roll along the sharded dim (7 rows: 3 + 2 + 2): any shift, forward and backward, and traced.
+    x = _full(7, 2)
+    sizes = [len(range(*chunk_bounds(7, n, r))) for r in range(n)]
+    for shift in (1, 2, -1, -3, 5, 7, 16, 0):
+        got = roll_exchange(_mine(x, 2, n, rank), 2, shift, sizes, group)
+        out[f"roll {shift}"] = float((got - _mine(torch.roll(x, shift, 2), 2, n, rank)).abs().max())
+    small = _full(2, 2)  # 2 rows on 3 ranks: rank 2 holds none and still takes part
+    got = roll_exchange(_mine(small, 2, n, rank), 2, 1, [1, 1, 0], group)
+    out["roll empty rank"] = 0.0 if torch.equal(got, _mine(torch.roll(small, 1, 2), 2, n, rank)) else 1.0
+    w = _full(7, 2).sin()
+    mine = _mine(x, 2, n, rank).clone().requires_grad_(True)
+    (roll_exchange(mine, 2, 3, sizes, group) * _mine(w, 2, n, rank)).sum().backward()
+    out["roll grad"] = float((mine.grad - _mine(torch.roll(w, -3, 2), 2, n, rank)).abs().max())
+    rolled = torch.compile(lambda t: roll_exchange(t, 2, -2, sizes, group) * 2, backend="aot_eager", fullgraph=True)
+    out["roll compiled"] = float((rolled(_mine(x, 2, n, rank)) - 2 * _mine(torch.roll(x, -2, 2), 2, n, rank)).abs().max())
+    with record_collectives() as log:
+        roll_exchange(_mine(x, 2, n, rank), 2, 1, sizes, group)
+    out["roll records"] = [(r.kind, r.nbytes) for r in log]
     # Errors name the problem.
     try:
         halo_exchange(_mine(_full(3, 2), 2, n, rank), 2, 2, 2, group)
@@ -126,3 +145,13 @@ def test_halo_and_group_norm_trace_fullgraph(results: list[dict[str, Any]]) -> N
 
 def test_too_deep_halo_is_a_clear_error(results: list[dict[str, Any]]) -> None:
     assert "halo needs 2" in results[1]["too deep"]
+
+
+def test_roll_exchange_equals_roll_of_the_full_tensor(results: list[dict[str, Any]]) -> None:
+    for rank, r in enumerate(results):
+        for key, err in r.items():
+            if key.startswith("roll ") and key != "roll records":
+                assert err == 0.0, f"rank {rank} {key}: error {err}"
+    # Shift 1: each rank sends only its last row to the next rank.
+    row = 2 * 3 * 4 * 4
+    assert [r["roll records"] for r in results] == [[("roll", row)]] * WORLD

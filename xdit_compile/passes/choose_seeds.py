@@ -13,8 +13,8 @@ from typing import Mapping
 
 import torch.fx as fx
 
-from ..graph import input_label, is_tensor, is_user_input, shape
-from ..placements import Placement, shard
+from ..graph import arg, input_label, is_tensor, is_user_input, op_name, shape
+from ..placements import Placement, Shard, pieces, same_layout, shard
 from .propagate import Propagation, WholeGraphFallback, propagate
 
 log = logging.getLogger("xdit_compile.seeds")
@@ -25,9 +25,11 @@ def candidates(gm: fx.GraphModule, n: int, batch_axis: bool, batch: int | None =
 
     The batch axis splits dim 0. The sequence axis never splits a batch dim (dim 0 of a
     tensor of rank >= 3, or of size ``batch``): that would be data parallelism in disguise,
-    and the batch may already belong to the batch axis.
+    and the batch may already belong to the batch axis. Where the graph cuts a dim into units
+    (patches) that the plain split would cut through, it also proposes the shard in whole units.
     """
     out = []
+    units = set() if batch_axis else _unit_hints(gm)
     for node in gm.graph.nodes:
         if node.op != "placeholder" or not is_tensor(node) or not is_user_input(node):
             continue
@@ -42,7 +44,47 @@ def candidates(gm: fx.GraphModule, n: int, batch_axis: bool, batch: int | None =
         for d in dims:
             if s[d] >= n:
                 out.append((node, shard(d, s[d])))
+                if not batch_axis:
+                    out.extend((node, p) for p in _unit_shards(s[d], d, n, units))
     return out
+
+
+_CONVS = ("conv1d", "conv2d", "conv3d", "convolution", "_convolution")
+
+
+def _unit_hints(gm: fx.GraphModule) -> set[int]:
+    """Unit sizes the graph cuts dims into: the strides of strided convolutions (patch embeddings)
+    and the inner factor of views that split a user input's dim (``(B, C, H/p, p, W/p, p)``)."""
+    units: set[int] = set()
+    for node in gm.graph.nodes:
+        name = op_name(node)
+        if name in _CONVS:
+            stride = arg(node, 3, "stride", 1)
+            units.update(int(v) for v in ([stride] if isinstance(stride, int) else stride) if int(v) > 1)
+        elif name in ("view", "reshape", "unflatten") and node.args and isinstance(node.args[0], fx.Node) \
+                and node.args[0].op == "placeholder" and is_tensor(node) and is_tensor(node.args[0]):
+            sizes_in, sizes_out = set(shape(node.args[0])), shape(node)
+            units.update(int(b) for a, b in zip(sizes_out, sizes_out[1:])
+                         if isinstance(a, int) and isinstance(b, int) and b > 1 and a * b in sizes_in)
+    return units
+
+
+def _unit_shards(length: int, dim: int, n: int, units: set[int]) -> list[Placement]:
+    """Shards of ``length`` rows in whole units where the plain split would cut inside a unit.
+
+    30 latent rows under a stride-2 patch embedding on 2 ranks: the plain split (15 + 15) cuts a
+    patch, so the convolution would gather; ``S(dim:15x2)`` gives whole patch rows, 16 + 14.
+    """
+    plain = shard(dim, length)
+    cuts = [start for r in range(n) for start, _ in pieces(plain, n, r)]
+    out: list[Shard] = []
+    for u in sorted(units):
+        if length % u or length // u < n or not any(c % u for c in cuts):
+            continue
+        p = Shard(dim, (length // u,), u)
+        if not any(same_layout(p, q, n) for q in [plain, *out]):
+            out.append(p)
+    return list(out)
 
 
 def choose_seeds(

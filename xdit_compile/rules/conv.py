@@ -9,13 +9,16 @@ no padding on the sharded dim:
     conv2d(x: S(2)[B, C, H, W], k=3, s=1, p=1)  -> S(2)[B, D, H, W]      halo 1 + 1 rows
     conv2d(x: S(2), k=1)                        -> S(2)                  no halo
     conv2d(x: S(2)[.., H, ..], k=s=2, p=0)      -> S(2)[.., H/2, ..]     patch embedding, no halo
+    conv2d(x: S(2:15x2)[.., 30, ..], k=s=2)     -> S(2)[.., 15, ..]      whole patch rows, 8 + 7
     conv2d(x: S(2), k=3, s=2, p=1)              -> S(2)[.., H/2, ..]     halo 1 + 0 rows
     conv*(x: S(0))                              -> S(0)                  batch
     conv*(x: S(1)) or transposed                -> needs R               channels / not handled
 
 Stride 1 keeps any single-segment shard (uneven too) when the output has the input's length;
-stride > 1 needs even shards whose rows are a multiple of the stride. Every rank must hold at
-least as many rows as the halo is deep.
+stride > 1 needs every rank's rows to start and end on a stride: even shards whose rows are a
+multiple of the stride, or shards in units of whole strides, uneven too (``S(2:15x2)``: 30
+latent rows as 15 patch rows, 8 + 7 on 2 ranks, give ``S(2)`` of the 15 patch rows). Every
+rank must hold at least as many rows as the halo is deep.
 """
 
 from __future__ import annotations
@@ -109,14 +112,20 @@ def conv(op: OpView, x: fx.Node, p: Shard, params: dict) -> Decision | None:
         sizes = local_sizes(p, op.n)
     else:
         q = regroup(p, 1, op.n)
-        if q is None or not is_even(q, op.n) or (q.length // op.n) % s or out_len * s != in_len:
-            return replicate_all(op, "shard rows are not a multiple of the convolution stride")
-        rows = q.length // op.n
+        if q is not None and is_even(q, op.n) and (q.length // op.n) % s == 0 and out_len * s == in_len:
+            out = Shard(p.dim, (out_len,), 1)
+            sizes = local_sizes(q, op.n)
+        elif p.inner % s == 0 and out_len * s == in_len:
+            # Units of whole strides (patch rows): every rank's rows start and end on a stride,
+            # even when the units do not split evenly (15 patch rows on 2 ranks: 8 + 7).
+            out = Shard(p.dim, p.segments, p.inner // s)
+            sizes = local_sizes(p, op.n)
+        else:
+            return replicate_all(op, f"shard {p} cuts rows inside a stride of {s} (a shard in whole strides, "
+                                     f"units of {s} rows, would keep the convolution sharded)")
         after = max(0, span - pad_before - s + 1)
-        if (rows + before + after - span - 1) // s + 1 != rows // s:
+        if any((rows + before + after - span - 1) // s + 1 != rows // s for rows in sizes if rows):
             return replicate_all(op, "convolution window does not tile the shards")
-        out = Shard(p.dim, (out_len,), 1)
-        sizes = local_sizes(q, op.n)
     if after < 0 or min(sizes) < max(before, after, 1):
         return replicate_all(op, "a rank holds fewer rows than the convolution halo")
     if before == 0 and after == 0 and pad_before == 0:

@@ -190,15 +190,15 @@ def narrow(op: OpView, src: fx.Node, p: Shard, others: dict) -> Decision | None:
 
 @on_first_shard
 def along_other_dim(op: OpView, src: fx.Node, p: Shard, others: dict) -> Decision | None:
-    """index_select / select / repeat_interleave / flip / roll: fine off the sharded dim."""
+    """index_select / select / repeat_interleave / flip: fine off the sharded dim (roll: rules/roll.py)."""
     ndim = len(shape(src))
     if op.name == "repeat_interleave":
         dim = op.arg(2, "dim")
-    elif op.name in ("flip", "roll"):
-        if op.name == "flip" and "dims" not in op.node.kwargs and len(op.node.args) > 2:
+    elif op.name == "flip":
+        if "dims" not in op.node.kwargs and len(op.node.args) > 2:
             dims = list(op.node.args[1:])  # x.flip(2, 1): the dims as separate arguments
         else:
-            dims = op.arg(1 if op.name == "flip" else 2, "dims")
+            dims = op.arg(1, "dims")
         dims = [dims] if isinstance(dims, int) else list(dims or [])
         if dims == [] or any(d % ndim == p.dim for d in dims):
             return replicate_all(op, f"{op.name} along the sharded dim")
@@ -243,7 +243,7 @@ TABLE = [
     (["getitem"], getitem),
     (["setitem"], setitem),
     (["narrow"], narrow),
-    (["index_select", "select", "repeat_interleave", "flip", "roll"], along_other_dim),
+    (["index_select", "select", "repeat_interleave", "flip"], along_other_dim),
     (["embedding"], embedding),
     (["pad"], pad),
 ]

@@ -6,7 +6,7 @@ from typing import Callable
 
 from . import (
     attention, cat_split, complex, conv, factory, group_norm, indexing, linear, norm, pointwise, reduction,
-    resample, runtime_ops, view,
+    resample, roll, runtime_ops, view,
 )
 from .core import Decision, OpView
 
@@ -15,7 +15,7 @@ Rule = Callable[[OpView], "Decision | None"]
 RULES: dict[str, Rule] = {}
 for _family in (
     pointwise, view, linear, norm, group_norm, reduction, cat_split, conv, attention, indexing, factory, runtime_ops,
-    resample, complex,
+    resample, complex, roll,
 ):
     for _names, _rule in _family.TABLE:
         for _name in _names:

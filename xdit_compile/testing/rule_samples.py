@@ -533,6 +533,8 @@ def _conv(name: str, n: int) -> list[Sample]:
     H, W = 3 * n + 1, 2 * n + 2
     x2, w2, b = gen.randn(2, 3, H, W, scale=1.0), gen.randn(4, 3, 3, 3, scale=1.0), gen.randn(4, scale=1.0)
     xe = gen.randn(2, 3, 4 * n, W, scale=1.0)  # even rows: strided convolutions
+    xo = gen.randn(2, 3, 4 * n + 2, W, scale=1.0)  # 2n+1 pairs of rows: uneven in whole strides
+    odd = {0: [Shard(2, (2 * n + 1,), 2), Shard(2, (4 * n + 2,), 1), Shard(2, (n + 1, n), 2)]}
     S = Sample
     v0 = (0,)
     if name == "conv1d":
@@ -546,7 +548,10 @@ def _conv(name: str, n: int) -> list[Sample]:
                 S(name, F.conv2d, (X, Y), (xe, gen.randn(4, 3, 2, 2, scale=1.0)), {"stride": 2}, vary=v0),
                 S(name, F.conv2d, (X, Y), (x2, gen.randn(4, 3, 1, 1, scale=1.0)), vary=v0),
                 S(name, F.conv2d, (X, Y), (x2, w2), {"padding": (1, 0)}, vary=v0),
-                S(name, F.conv2d, (X, Y, Z), (x2, w2, b), {"padding": 1}, vary=(1, 2))]
+                S(name, F.conv2d, (X, Y, Z), (x2, w2, b), {"padding": 1}, vary=(1, 2)),
+                # An odd patch grid: 2n+1 patch rows of 2 latent rows, split in whole patches.
+                S(name, F.conv2d, (X, Y), (xo, gen.randn(4, 3, 2, 2, scale=1.0)), {"stride": 2}, vary=v0, candidates=odd),
+                S(name, F.conv2d, (X, Y, Z, 2, 1), (xo, w2, b), vary=v0, candidates=odd)]
     if name == "conv3d":
         x3, w3 = gen.randn(2, 2, H, 4, 4, scale=1.0), gen.randn(3, 2, 3, 3, 3, scale=1.0)
         return [S(name, F.conv3d, (X, Y), (x3, w3), {"padding": 1}, vary=v0)]
@@ -624,10 +629,6 @@ def _indexing(name: str, n: int) -> list[Sample]:
         return [S(name, "flip", (X, 2, 1), (x,)), S(name, "flip", (X, 1), (x,)), S(name, torch.flip, (X, [0, 2]), (x,)),
                 S(name, torch.flip, (X,), (x,), {"dims": (1,)}), S(name, "flip", (X, -1), (x,)), S(name, "flip", (X, (1, 2)), (x,)),
                 S(name, "flip", (X, 0, 2), (x,))]
-    if name == "roll":
-        return [S(name, torch.roll, (X, 1, 1), (x,)), S(name, "roll", (X, (1, 2), (0, 2)), (x,)),
-                S(name, "roll", (X,), (x,), {"shifts": 2, "dims": -1}), S(name, "roll", (X, 3), (x,)),
-                S(name, torch.roll, (X, (1, 1), (2, 1)), (x,))]
     if name == "embedding":
         idx, w = gen.ints(2, L, low=0, high=10), gen.randn(10, E)
         return [S(name, F.embedding, (X, Y), (idx, w), partial=False), S(name, torch.embedding, (Y, X), (idx, w), partial=False),
@@ -637,6 +638,27 @@ def _indexing(name: str, n: int) -> list[Sample]:
                 S(name, F.pad, (X, [1, 1]), (x,), {"mode": "reflect"}), S(name, F.pad, (X,), (x,), {"pad": (1, 1), "value": 2.0}),
                 S(name, F.pad, (X, (1, 1, 0, 0, 1, 0)), (x,))]
     raise KeyError(name)
+
+
+def _roll(name: str, n: int) -> list[Sample]:
+    """Shifts smaller and larger than a shard, negative, past the length, on one or two dims."""
+    gen = _Gen(name)
+    L, E = 3 * n + 1, 2 * n + 2
+    x = gen.randn(2, L, E)
+    grid = gen.randn(2, 2 * n + 2, 2 * n, 3)  # (B, H, W, C): Swin's shifted windows
+    S = Sample
+    if name == "xdit_roll":
+        return [S(name, halo.roll_exchange, (X, 1, 2, [L], OtherGroup()), (x,)),
+                S(name, halo.roll_exchange, (X, 2, -1, [E], OtherGroup()), (x,))]
+    return [S(name, torch.roll, (X, 1, 1), (x,)), S(name, "roll", (X, (1, 2), (0, 2)), (x,)),
+            S(name, "roll", (X,), (x,), {"shifts": 2, "dims": -1}), S(name, "roll", (X, 3), (x,)),
+            S(name, torch.roll, (X, (1, 1), (2, 1)), (x,)), S(name, torch.roll, (X, -2, 1), (x,)),
+            S(name, "roll", (X, 2 * n + 1, 1), (x,)), S(name, "roll", (X, -(4 * n + 3), -2), (x,)),
+            S(name, "roll", (X, L, 1), (x,)), S(name, torch.roll, (X,), (x,), {"shifts": (3, -1), "dims": (1, 1)}),
+            S(name, torch.roll, (X, (-1, -1), (1, 2)), (grid,)), S(name, "roll", (X, (n + 1, 1), (1, 2)), (grid,)),
+            S(name, "roll", (X, 1, 1), (gen.randn(2, max(n - 1, 1), 3),)),  # a rank with no rows
+            S(name, "roll", (X, 2 * n + 1, 1), (gen.randn(2, 4 * n, 3),),
+              candidates={0: [Shard(1, (2 * n,), 2), Shard(1, (n, 3 * n), 1)]})]
 
 
 # --------------------------------------------------------------------------------- factories, runtime ops, resampling
@@ -732,7 +754,9 @@ def samples_for(name: str, n: int) -> list[Sample]:
         return _conv(name, n)
     if name == "scaled_dot_product_attention":
         return _attention(name, n)
-    if name in ("getitem", "setitem", "narrow", "index_select", "select", "repeat_interleave", "flip", "roll",
+    if name in ("roll", "xdit_roll"):
+        return _roll(name, n)
+    if name in ("getitem", "setitem", "narrow", "index_select", "select", "repeat_interleave", "flip",
                 "embedding", "pad"):
         return _indexing(name, n)
     if name in factory.LIKE or name in ("new_zeros", "new_ones", "new_empty", "new_full", "new_tensor", "tensor", "as_tensor"):
