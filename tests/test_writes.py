@@ -88,6 +88,19 @@ def out_into_empty(x: torch.Tensor) -> torch.Tensor:
     return c.flip((1, 2))
 
 
+def out_into_fresh_buffer(x: torch.Tensor) -> torch.Tensor:
+    c = torch.empty(x.shape)
+    torch.add(x, 1.0, out=c)  # c's first use: each rank makes only its shard of it
+    return _attn(c)
+
+
+def out_into_read_buffer(x: torch.Tensor) -> torch.Tensor:
+    c = torch.ones(x.shape)
+    s = c[:, :1] * 3.0  # read before the write: c stays whole
+    torch.mul(x, 2.0, out=c)
+    return _attn(c) + s
+
+
 def _sim(world: SimWorld, fn: Callable, *args: torch.Tensor) -> tuple[dict[str, str], list[str], list[Any]]:
     """(seeds, replicated reasons, per-rank outputs) of ``fn`` planned on a simulated sp axis."""
     graphs: list[tuple[fx.GraphModule, list]] = []
@@ -119,6 +132,8 @@ SIM_CASES = {
     "copy_into_replicated_table": True,
     "rope_copy_into_sharded_view": True,
     "out_into_empty": True,
+    "out_into_fresh_buffer": True,
+    "out_into_read_buffer": False,  # exact; c is whole, and nothing after it is sharded
 }
 
 

@@ -162,6 +162,10 @@ class _Lowerer:
             self.actual[ph] = REPLICATE
             sliced = self.redistribute(ph, p, ph)
             ph.replace_all_uses_with(sliced, delete_user_cb=lambda u: u is not sliced)
+        for buf, p in self.prop.fresh.items():  # made whole, then sliced before anything writes it
+            self.actual[buf] = REPLICATE
+            sliced = self.redistribute(buf, p, buf)
+            buf.replace_all_uses_with(sliced, delete_user_cb=lambda u: u is not sliced)
         for node in nodes:
             d = self.prop.decisions.get(node)
             if d is None:

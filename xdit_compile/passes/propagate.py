@@ -11,6 +11,7 @@ the seed search scores. (Kept side-effect free so the search can run it many tim
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -21,6 +22,7 @@ from ..errors import ShardingError
 from ..graph import has_symbolic_shape, is_tensor, op_name, shape, value, written_inputs
 from ..placements import REPLICATE, Partial, Placement, Replicate, Shard, fmt, local_length
 from ..rules.core import Decision, OpView, replicate_all
+from ..rules.factory import FROM_SIZES, LIKE
 from ..rules.table import RULES
 
 # Ops whose result may share storage with their first argument (a write through one is seen
@@ -58,6 +60,9 @@ class Propagation:
     # graph order. The lowering redistributes such a member after the last write before its
     # reader, so the copy holds what the reader would see.
     group_writes: dict[fx.Node, list[fx.Node]] = field(default_factory=dict)
+    # Buffers made by a factory for an ``out=`` write that is their first use: each rank makes
+    # only its shard (the lowering slices them right where they are made, like seeds).
+    fresh: dict[fx.Node, Placement] = field(default_factory=dict)
 
     @property
     def cost(self) -> float:
@@ -163,6 +168,7 @@ def propagate(
             continue
         name = op_name(node)
         d = _decide(node, name, pl, n, forced)
+        d = _fresh_out_buffer(node, d, pl, decisions, result.fresh)
         d = _replicated_write(node, name, d, pl, n)
         w = _write_conflict(node, d, pl)
         if w is not None:
@@ -205,6 +211,30 @@ def _write_conflict(node: fx.Node, d: Decision, pl: dict[fx.Node, Any]) -> fx.No
         ):
             return w
     return None
+
+
+# Ops that make a tensor whose values an ``out=`` write replaces entirely.
+_FRESH = frozenset(FROM_SIZES + LIKE) - {"tensor", "as_tensor", "new_tensor"}
+
+
+def _fresh_out_buffer(node: fx.Node, d: Decision, pl: dict[fx.Node, Any], decisions: dict[fx.Node, Decision],
+                      fresh: dict[fx.Node, Placement]) -> Decision:
+    """An ``out=`` buffer made only to receive this op's result takes the result's shard.
+
+        c = torch.empty(2, 8, 8): R; torch.add(x: S(1), 1.0, out=c)   ->  c: S(1), each rank makes its rows
+
+    Only when nothing read the buffer before (this op is its first user) and the result has
+    its shape: the write replaces every value, so the buffer's own values never matter.
+    """
+    w = node.kwargs.get("out")
+    if not isinstance(w, fx.Node) or not isinstance(d.out, Shard) or d.needs.get(w) != d.out or d.rewrite:
+        return d
+    if op_name(w) not in _FRESH or not isinstance(pl.get(w), Replicate) or any(u in decisions for u in w.users):
+        return d
+    if not is_tensor(node) or shape(w) != shape(node):
+        return d
+    pl[w] = fresh[w] = d.out
+    return dataclasses.replace(d, needs={x: p for x, p in d.needs.items() if x is not w})
 
 
 def _replicated_write(node: fx.Node, name: str | None, d: Decision, pl: dict[fx.Node, Any], n: int) -> Decision:
