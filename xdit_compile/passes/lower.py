@@ -97,7 +97,7 @@ class _Lowerer:
         self.gm, self.graph, self.prop, self.axis = gm, gm.graph, prop, axis
         self.traced = traced  # traced for autograd: collectives get their backward arguments
         self.actual: dict[fx.Node, Any] = dict(prop.placements)
-        self.cache: dict[tuple[fx.Node, Any], fx.Node] = {}
+        self.cache: dict[tuple[fx.Node, Any, fx.Node], fx.Node] = {}  # (value, placement, anchor)
         self.out = Lowered()
         self.ctx = _Ctx(axis, self.actual)
         self.ctx.collectives = self.out.collectives

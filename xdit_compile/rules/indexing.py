@@ -4,6 +4,7 @@
     x: S(1:T+I)          x[:, :T]            -> S(1)   the local slice is rewritten
     x: S(1)              x[:, 0]             -> needs R (one token lives on one rank)
     (a, b): (S(1), R)    tuple[0]            -> S(1)
+    q: S(2)              q[..., :d].copy_(r: S(2)), q.narrow(-1, 0, d).fill_(0)   -> local writes
 """
 
 from __future__ import annotations
