@@ -25,6 +25,8 @@ from xdit_compile.axis import Axis
 from xdit_compile.graph import op_name, written_inputs
 from xdit_compile.passes.choose_seeds import choose_seeds
 from xdit_compile.passes.lower import lower
+from xdit_compile.passes.propagate import WholeGraphFallback, propagate
+from xdit_compile.placements import shard
 from xdit_compile.testing.harness import run_spmd
 from xdit_compile.testing.parity import ParityResult, parity_many
 from xdit_compile.testing.sim_ranks import SimWorld
@@ -208,3 +210,22 @@ def test_write_model_is_exact_and_split(size: int, plan: str, model: str) -> Non
         assert r.flops <= MAX_FLOPS[size] * r.ref_flops, (
             f"{model}/{plan} rank {r.rank}: {r.flops} FLOPs vs {r.ref_flops} on one rank "
             f"({r.flops / r.ref_flops:.3f})\n{r.report}")
+
+
+def copy_into_view_across_shards(x: torch.Tensor) -> torch.Tensor:
+    q = x * 1.0
+    q[:, 1:3].copy_(x[:, 1:3] * 2.0)  # tokens 1..2: not where a token shard of 8 on 2 ranks ends
+    return _attn(q)
+
+
+def test_write_into_a_view_across_shards_is_refused() -> None:
+    """A view cutting the sharded dim off shard boundaries is a gathered copy: writing it would miss q."""
+    graphs: list[fx.GraphModule] = []
+    torch._dynamo.reset()
+    torch.compile(copy_into_view_across_shards, backend=lambda gm, ex: graphs.append(gm) or gm.forward)(
+        torch.randn(2, 8, 8))
+    gm = graphs[0]
+    x = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    with pytest.raises(WholeGraphFallback, match="would view a redistributed copy .* of q, whose storage copy_"):
+        propagate(gm, 2, {x: shard(1, 8)})
+    propagate(gm, 2, {x: shard(2, 8)})  # the view keeps the hidden dim whole: a local write
