@@ -99,9 +99,16 @@ def add_out(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return _attn(c)
 
 
+def view_then_write(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    h = _attn(x) * 1.0
+    d = h.diagonal(0, 1, 2)  # a view that needs the whole h ...
+    h.add_(1.0)  # ... and sees this later write: sharding h would make d a stale copy
+    return d * 2.0
+
+
 INPLACE: list[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = [
     masked_fill_scores, copy_into_slice, silu_inplace_kw, relu_inplace_positional, leaky_relu_inplace, torch_relu_,
-    clamp_method, setitem_column, augmented_on_view, mul_on_view, fill_on_slice, add_out,
+    clamp_method, setitem_column, augmented_on_view, mul_on_view, fill_on_slice, add_out, view_then_write,
 ]
 
 

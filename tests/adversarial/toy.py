@@ -48,7 +48,7 @@ class _Block(nn.Module):
             bias = torch.zeros(b, 1, 1, ctx.shape[1], dtype=h.dtype).masked_fill(~ctx_keep[:, None, None, :], -1e4)
         else:
             # RoPE-like table written into a slice in place (k-diffusion / HDiT style): the
-            # table is made whole, so a token shard of it would be a copy taken before the write.
+            # table is made whole, so its token shard must be a copy taken after the write.
             table = torch.ones(n, hd, dtype=h.dtype)
             table[:, : hd // 2].copy_(cos)
             q = q * table
@@ -102,9 +102,9 @@ class ToyDiT(nn.Module):
 def make_toy(local_writes: bool = False, batch: int = 2, seed: int = 0, size: int = 16) -> tuple[ToyDiT, dict[str, torch.Tensor]]:
     """The model (eval mode) and inputs, the same on every rank for the same seed.
 
-    ``local_writes=False`` writes into tensors made whole (the plans must refuse to shard what
-    would make those writes miss, and say so); ``True`` writes only where each rank's write is
-    its own (the plans shard the model).
+    ``local_writes=False`` writes into tensors made whole (a table written in place, then read
+    by sharded tokens: its shard must be taken after the write); ``True`` writes only where
+    each rank's write is its own. The plans shard the model both ways.
     """
     torch.manual_seed(seed)
     model = ToyDiT(local_writes=local_writes).eval()

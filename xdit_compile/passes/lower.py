@@ -97,36 +97,40 @@ class _Lowerer:
         self.gm, self.graph, self.prop, self.axis = gm, gm.graph, prop, axis
         self.traced = traced  # traced for autograd: collectives get their backward arguments
         self.actual: dict[fx.Node, Any] = dict(prop.placements)
-        self.cache: dict[tuple[fx.Node, Any], fx.Node] = {}
+        self.cache: dict[tuple[fx.Node, Any, fx.Node], fx.Node] = {}  # (value, placement, anchor)
         self.out = Lowered()
         self.ctx = _Ctx(axis, self.actual)
         self.ctx.collectives = self.out.collectives
 
     # ------------------------------------------------------------------ redistribution
-    def redistribute(self, x: fx.Node, want: Placement, user: fx.Node) -> fx.Node:
+    def redistribute(self, x: fx.Node, want: Placement, user: fx.Node, at: fx.Node | None = None) -> fx.Node:
+        """``x`` turned into placement ``want`` for ``user``, by collectives inserted after ``at``
+        (default: right after ``x``; after the last write to ``x``'s storage before ``user``,
+        see ``_anchor``). Copies are shared between users that read the same anchor."""
         have = self.actual.get(x, REPLICATE)
         if have == want:
             return x
-        key = (x, want)
+        at = x if at is None else at
+        key = (x, want, at)
         if key in self.cache:
             return self.cache[key]
         a = self.axis
         v = value(x)
         if isinstance(have, Partial):
-            with _after(self.graph, x):
+            with _after(self.graph, at):
                 node = self.graph.call_function(rt.all_reduce, (x, a.group))
             self._new(node, x, REPLICATE)
             self.out.collectives.append(("all_reduce", x.name, _nbytes(v, REPLICATE, a.n, a.rank)))
             return self._finish(key, self.redistribute(node, want, user) if want != REPLICATE else node)
         if isinstance(have, Shard):
             sizes, order = _gather_layout(have, a.n)
-            with _after(self.graph, x):
+            with _after(self.graph, at):
                 node = self.graph.call_function(rt.gather, (x, have.dim, sizes, a.group, order))
             self._new(node, x, REPLICATE)
             self.out.collectives.append(("all_gather", x.name, _nbytes(v, have, a.n, a.rank)))
             return self._finish(key, self.redistribute(node, want, user) if want != REPLICATE else node)
         if isinstance(have, Replicate) and isinstance(want, Shard):
-            with _after(self.graph, x):
+            with _after(self.graph, at):
                 # A rank holding none of the dim gets an empty slice (shard_slice needs a range).
                 ranges = pieces(want, a.n, a.rank) or ((0, 0),)
                 args: tuple[Any, ...] = (x, want.dim, ranges)
@@ -146,17 +150,22 @@ class _Lowerer:
         if v is not None:
             node.meta["example_value"] = v  # global shape: rules only read global shapes
 
-    def _finish(self, key: tuple[fx.Node, Any], node: fx.Node) -> fx.Node:
+    def _finish(self, key: tuple[fx.Node, Any, fx.Node], node: fx.Node) -> fx.Node:
         self.cache[key] = node
         return node
 
     # ------------------------------------------------------------------ the walk
     def run(self) -> Lowered:
         nodes = list(self.graph.nodes)
+        self.pos = {n: i for i, n in enumerate(nodes)}
         for ph, p in self.prop.seeds.items():
             self.actual[ph] = REPLICATE
             sliced = self.redistribute(ph, p, ph)
             ph.replace_all_uses_with(sliced, delete_user_cb=lambda u: u is not sliced)
+        for buf, p in self.prop.fresh.items():  # made whole, then sliced before anything writes it
+            self.actual[buf] = REPLICATE
+            sliced = self.redistribute(buf, p, buf)
+            buf.replace_all_uses_with(sliced, delete_user_cb=lambda u: u is not sliced)
         for node in nodes:
             d = self.prop.decisions.get(node)
             if d is None:
@@ -165,7 +174,7 @@ class _Lowerer:
                 x_now = self._current(node, x)
                 if x_now is None:
                     continue
-                r = self.redistribute(x_now, want, node)
+                r = self.redistribute(x_now, want, node, self._anchor(x, x_now, node))
                 if r is not x_now:
                     node.replace_input_with(x_now, r)
             if node.op == "output":
@@ -184,6 +193,18 @@ class _Lowerer:
         for node in self.graph.nodes:
             node.meta.setdefault("xdit", {})[self.axis.name] = self.actual.get(node)
         return self.out
+
+    def _anchor(self, x: fx.Node, x_now: fx.Node, user: fx.Node) -> fx.Node:
+        """Where ``user``'s copy of ``x`` is made: after the last in-place write to ``x``'s alias
+        group that precedes ``user`` (so the copy holds what ``user`` reads in eager), else right
+        after ``x_now``. ``propagate`` refuses the plans where a later write would miss the copy.
+
+            h = attn(..): S(1); h.clamp_(..); return h     gather(h) after clamp_, not after attn
+        """
+        before = [w for w in self.prop.group_writes.get(x, ()) if self.pos[w] < self.pos[user]]
+        if before and self.pos[before[-1]] > self.pos[x]:
+            return before[-1]
+        return x_now
 
     def _current(self, user: fx.Node, x: fx.Node) -> fx.Node | None:
         """The node now feeding ``user`` in place of original input ``x``."""
@@ -262,6 +283,9 @@ class _Lowerer:
         for d in self.prop.decisions.values():  # users (the output too) still name the old node
             if node in d.needs:
                 d.needs[new] = d.needs.pop(node)
+        self.pos[new] = self.pos[node]  # its copies still go after writes to its storage
+        if node in self.prop.group_writes:
+            self.prop.group_writes[new] = self.prop.group_writes[node]
         kind = "joint" if len(pq.segments) > 1 or len(pk.segments) > 1 else "self"
         self.out.attention.append((node.name, kind, f"{strategy} ({why})"))
         qv = value(q)

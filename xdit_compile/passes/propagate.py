@@ -11,6 +11,7 @@ the seed search scores. (Kept side-effect free so the search can run it many tim
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -21,6 +22,7 @@ from ..errors import ShardingError
 from ..graph import has_symbolic_shape, is_tensor, op_name, shape, value, written_inputs
 from ..placements import REPLICATE, Partial, Placement, Replicate, Shard, fmt, local_length
 from ..rules.core import Decision, OpView, replicate_all
+from ..rules.factory import FROM_SIZES, LIKE
 from ..rules.table import RULES
 
 # Ops whose result may share storage with their first argument (a write through one is seen
@@ -54,6 +56,13 @@ class Propagation:
     comm_bytes: float = 0.0
     collectives: int = 0
     fallbacks: list[tuple[fx.Node, str]] = field(default_factory=list)
+    # Every member of an alias group that is written in place -> the writes to that group, in
+    # graph order. The lowering redistributes such a member after the last write before its
+    # reader, so the copy holds what the reader would see.
+    group_writes: dict[fx.Node, list[fx.Node]] = field(default_factory=dict)
+    # Buffers made by a factory for an ``out=`` write that is their first use: each rank makes
+    # only its shard (the lowering slices them right where they are made, like seeds).
+    fresh: dict[fx.Node, Placement] = field(default_factory=dict)
 
     @property
     def cost(self) -> float:
@@ -159,20 +168,16 @@ def propagate(
             continue
         name = op_name(node)
         d = _decide(node, name, pl, n, forced)
-        for w in written_inputs(node):
-            have = pl.get(w)
-            # A write into a shard must be a rule's local write of the placement the rule gives
-            # its result; anything else (a write into a gathered copy, at global offsets into a
-            # local shard, or an ``out=`` tensor placed unlike the result) is wrong.
-            moved = w in d.needs
-            if moved or (d.note is not None and not isinstance(have, Replicate)) or (
-                isinstance(d.out, (Replicate, Shard, Partial)) and d.out != have
-            ):
-                raise WholeGraphFallback(
-                    f"in-place op {name} on node {node.name} would write a redistributed copy or the wrong part of "
-                    f"{w.name} (placement {fmt(have)}"
-                    + (f" -> {fmt(d.needs[w])})" if moved else f", result {fmt(d.out)})")
-                )
+        d = _fresh_out_buffer(node, d, pl, decisions, result.fresh)
+        d = _replicated_write(node, name, d, pl, n)
+        w = _write_conflict(node, d, pl)
+        if w is not None:
+            have, moved = pl.get(w), w in d.needs
+            raise WholeGraphFallback(
+                f"in-place op {name} on node {node.name} would write a redistributed copy or the wrong part of "
+                f"{w.name} (placement {fmt(have)}"
+                + (f" -> {fmt(d.needs[w])})" if moved else f", result {fmt(d.out)})")
+            )
         pl[node] = d.out
         decisions[node] = d
         if d.note:
@@ -192,17 +197,75 @@ def propagate(
     return result
 
 
+def _write_conflict(node: fx.Node, d: Decision, pl: dict[fx.Node, Any]) -> fx.Node | None:
+    """The first input ``node`` writes that decision ``d`` would write wrongly, if any.
+
+    A write into a shard must be a rule's local write of the placement the rule gives its
+    result; anything else (a write into a gathered copy, at global offsets into a local
+    shard, or an ``out=`` tensor placed unlike the result) is wrong.
+    """
+    for w in written_inputs(node):
+        have = pl.get(w)
+        if w in d.needs or (d.note is not None and not isinstance(have, Replicate)) or (
+            isinstance(d.out, (Replicate, Shard, Partial)) and d.out != have
+        ):
+            return w
+    return None
+
+
+# Ops that make a tensor whose values an ``out=`` write replaces entirely.
+_FRESH = frozenset(FROM_SIZES + LIKE) - {"tensor", "as_tensor", "new_tensor"}
+
+
+def _fresh_out_buffer(node: fx.Node, d: Decision, pl: dict[fx.Node, Any], decisions: dict[fx.Node, Decision],
+                      fresh: dict[fx.Node, Placement]) -> Decision:
+    """An ``out=`` buffer made only to receive this op's result takes the result's shard.
+
+        c = torch.empty(2, 8, 8): R; torch.add(x: S(1), 1.0, out=c)   ->  c: S(1), each rank makes its rows
+
+    Only when nothing read the buffer before (this op is its first user) and the result has
+    its shape: the write replaces every value, so the buffer's own values never matter.
+    """
+    w = node.kwargs.get("out")
+    if not isinstance(w, fx.Node) or not isinstance(d.out, Shard) or d.needs.get(w) != d.out or d.rewrite:
+        return d
+    if op_name(w) not in _FRESH or not isinstance(pl.get(w), Replicate) or any(u in decisions for u in w.users):
+        return d
+    if not is_tensor(node) or shape(w) != shape(node):
+        return d
+    pl[w] = fresh[w] = d.out
+    return dataclasses.replace(d, needs={x: p for x, p in d.needs.items() if x is not w})
+
+
+def _replicated_write(node: fx.Node, name: str | None, d: Decision, pl: dict[fx.Node, Any], n: int) -> Decision:
+    """A write into replicated tensors that the rule would shard runs replicated instead.
+
+        c: R = empty(..); add(x: S(1), 1, out=c)   the rule says S(1), but c holds every row:
+                                                   x is gathered and every rank writes all of c
+        table: R; table[..., :4].copy_(x: S(1))    x is gathered, the write stays replicated
+
+    Always correct (each rank does what one rank does); only writes into non-replicated
+    tensors can conflict for real, and ``propagate`` refuses those.
+    """
+    written = written_inputs(node)
+    if not written or not all(isinstance(pl.get(w), Replicate) for w in written) or _write_conflict(node, d, pl) is None:
+        return d
+    view = OpView(node, pl, n, name or str(node.target))
+    return replicate_all(view, f"in-place {name} writes replicated {', '.join(w.name for w in written)}: "
+                               "its inputs are gathered and every rank writes the whole tensor")
+
+
 def _check_aliasing(gm: fx.GraphModule, result: Propagation) -> None:
     """Refuse plans where an in-place write and a redistribution copy disagree about aliasing.
 
-    A redistribution copies its input right after the input is made (the lowering inserts it
-    there). In eager, views share storage: a write through one alias is seen by every other.
-    In the per-rank program a redistributed alias is a copy, so a write is lost when
+    In eager, views share storage: a write through one alias is seen by every other. In the
+    per-rank program a redistributed alias is a copy. The lowering makes the copy of a member
+    of a written alias group after the last write to the group that comes before the reader
+    (``result.group_writes``), so a reader that only reads sees what eager would. A write is
+    still lost, and the plan refused, when
 
-    * a view (or a write) reads a redistributed member of an alias group that is written
-      after that member is made: the write lands in (or misses) the copy;
-    * an op reads a copy of a member and a write to the group happens between the member
-      and that op: the op sees stale values;
+    * a view reads a redistributed member of a written group, and the group is written after
+      that view is made: the later write lands in (or misses) the copy;
     * a sharded input (its local slice is a copy) belongs to a written group.
     """
     nodes = list(gm.graph.nodes)
@@ -229,8 +292,11 @@ def _check_aliasing(gm: fx.GraphModule, result: Propagation) -> None:
                 parent[a] = b
     written: dict[fx.Node, list[int]] = {}
     for w, targets in writes.items():
-        for t in targets:
-            written.setdefault(root(t), []).append(pos[w])
+        for t in dict.fromkeys(root(t) for t in targets):
+            written.setdefault(t, []).append(pos[w])
+    for x in nodes:
+        if (times := written.get(root(x))) is not None:
+            result.group_writes[x] = [nodes[t] for t in times]
     for ph, p in result.seeds.items():
         if root(ph) in written and not isinstance(p, Replicate):
             raise WholeGraphFallback(f"input {ph.name} is written in place but would be sharded (a copy)")
@@ -240,12 +306,12 @@ def _check_aliasing(gm: fx.GraphModule, result: Propagation) -> None:
             if not times or result.placements.get(x) == want:
                 continue
             alias_edge = aliases_arg0(user) and user.args[0] is x
-            if alias_edge and any(t > pos[x] for t in times):
+            later = [nodes[t].name for t in times if t > pos[user]]
+            if alias_edge and later:
                 raise WholeGraphFallback(
-                    f"{user.name} would view a redistributed copy of {x.name}, whose storage is written in place")
-            if not alias_edge and any(pos[x] < t < pos[user] for t in times):
-                raise WholeGraphFallback(
-                    f"{user.name} would read a copy of {x.name} taken before an in-place write to it")
+                    f"{user.name} would view a redistributed copy ({fmt(result.placements.get(x))} -> {fmt(want)}) "
+                    f"of {x.name}, whose storage {', '.join(later)} write(s) in place afterwards: the write would miss "
+                    "the copy; compute the view from a clone, or write before viewing")
 
 
 def _decide(node: fx.Node, name: str | None, pl: dict[fx.Node, Any], n: int, forced: Mapping[fx.Node, Placement]) -> Decision:

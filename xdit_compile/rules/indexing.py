@@ -4,6 +4,7 @@
     x: S(1:T+I)          x[:, :T]            -> S(1)   the local slice is rewritten
     x: S(1)              x[:, 0]             -> needs R (one token lives on one rank)
     (a, b): (S(1), R)    tuple[0]            -> S(1)
+    q: S(2)              q[..., :d].copy_(r: S(2)), q.narrow(-1, 0, d).fill_(0)   -> local writes
 """
 
 from __future__ import annotations
@@ -239,6 +240,32 @@ def pad(op: OpView, src: fx.Node, p: Shard, others: dict) -> Decision | None:
     return Decision(p)
 
 
+def copy_(op: OpView) -> Decision | None:
+    """``dst.copy_(src)`` (method or ``torch.Tensor.copy_``) writes ``dst`` in place.
+
+        dst: S(2) view of q, src: S(2)       -> local write (each rank copies its own tokens)
+        dst: S(2), src: R[.., 1, d]          -> src sliced (free) or broadcast, local write
+        dst: R, src: S(1)                    -> src gathered, replicated write
+        dst: P                               -> no rule: refused (the write cannot stay a sum)
+    """
+    dst, src = op.arg(0, "self"), op.arg(1, "src")
+    p = op.pl(dst)
+    if not isinstance(src, fx.Node) or not is_tensor(src):
+        return None
+    if isinstance(p, Replicate):
+        return Decision(REPLICATE, {} if isinstance(op.pl(src), Replicate) else {src: REPLICATE})
+    if not isinstance(p, Shard):
+        return None
+    needs = align_to(op, [src], p, len(shape(dst)))
+    return None if needs is None else Decision(p, needs)
+
+
+@on_first_shard
+def fill_(op: OpView, dst: fx.Node, p: Shard, others: dict) -> Decision | None:
+    """``x.fill_(v)`` / ``x.zero_()``: every element gets the same value, each rank fills its own shard."""
+    return Decision(p, others)
+
+
 TABLE = [
     (["getitem"], getitem),
     (["setitem"], setitem),
@@ -246,4 +273,6 @@ TABLE = [
     (["index_select", "select", "repeat_interleave", "flip"], along_other_dim),
     (["embedding"], embedding),
     (["pad"], pad),
+    (["copy_"], copy_),
+    (["fill_", "zero_"], fill_),
 ]

@@ -637,6 +637,19 @@ def _indexing(name: str, n: int) -> list[Sample]:
         return [S(name, F.pad, (X, (1, 1)), (x,)), S(name, F.pad, (X, (0, 0, 1, 2)), (x,)),
                 S(name, F.pad, (X, [1, 1]), (x,), {"mode": "reflect"}), S(name, F.pad, (X,), (x,), {"pad": (1, 1), "value": 2.0}),
                 S(name, F.pad, (X, (1, 1, 0, 0, 1, 0)), (x,))]
+    if name == "copy_":  # written in place: the graph feeds a clone of in0 (a view of q in RoPE code)
+        return [S(name, "copy_", (X, Y), (x, gen.randn(2, L, E)), inplace=True),
+                S(name, torch.Tensor.copy_, (X, Y), (x, gen.randn(L, E)), inplace=True),
+                S(name, "copy_", (X, Y), (x, gen.randn(2, 1, E)), inplace=True),
+                S(name, "copy_", (X, Y), (x, gen.randn(2, L, E, dtype=torch.float64)), inplace=True),
+                S(name, "copy_", (X, Y), (x, gen.randn(2, L, E)), {"non_blocking": False}, inplace=True),
+                S(name, "copy_", (X, Y), (gen.randn(L, E), gen.randn(E)), inplace=True)]
+    if name == "fill_":
+        return [S(name, "fill_", (X, 2.5), (x,), inplace=True),
+                S(name, torch.Tensor.fill_, (X, Y), (x, torch.tensor(1.5)), inplace=True),
+                S(name, torch.fill_, (X, -1.0), (x,), inplace=True)]
+    if name == "zero_":
+        return [S(name, "zero_", (X,), (x,), inplace=True), S(name, torch.zero_, (X,), (x,), inplace=True)]
     raise KeyError(name)
 
 
@@ -757,7 +770,7 @@ def samples_for(name: str, n: int) -> list[Sample]:
     if name in ("roll", "xdit_roll"):
         return _roll(name, n)
     if name in ("getitem", "setitem", "narrow", "index_select", "select", "repeat_interleave", "flip",
-                "embedding", "pad"):
+                "embedding", "pad", "copy_", "fill_", "zero_"):
         return _indexing(name, n)
     if name in factory.LIKE or name in ("new_zeros", "new_ones", "new_empty", "new_full", "new_tensor", "tensor", "as_tensor"):
         return _factory(name, n)
