@@ -6,6 +6,7 @@ graph on every rank (SPMD). Passes, in order (``XDIT_DISABLE_PASSES=name,...`` s
     canonical_attention  rewrite attention spelled as matmul / einsum / baddbmm into SDPA
     recognise        tag attention (self/cross/joint), norms, patch embeddings, RoPE tables
     annotations      read xdit_compile.shard/replicate marks          (forced placements)
+    settle_writes    a buffer filled in place gets a fresh node after its last write (shardable)
     plan:<axis>      choose seeds and propagate placements           (per axis: batch, sp)
     lower:<axis>     rewrite into this rank's program for that axis
     refresh:<axis>   recompute fake shapes for the next axis
@@ -38,6 +39,7 @@ from .passes.lower import lower
 from .passes.propagate import WholeGraphFallback
 from .passes.recognise import recognise
 from .passes.refresh_meta import refresh_meta
+from .passes.settle_writes import settle_writes
 from .placements import REPLICATE, Shard
 from .plan import ParallelPlan
 from .report import AxisReport, PlanReport, publish, reports
@@ -136,6 +138,10 @@ def _recognise(gm: fx.GraphModule, state: State) -> bool:
     return False
 
 
+def _settle_writes(gm: fx.GraphModule, state: State) -> bool:
+    return bool(settle_writes(gm))
+
+
 def _strip_marks(gm: fx.GraphModule, state: State) -> bool:
     changed = False
     for node in list(gm.graph.nodes):
@@ -161,7 +167,8 @@ def _axis_passes(axis: Axis) -> list[tuple[str, PassFn]]:
         prop = holder["prop"]
         lowered = lower(gm, prop, axis)
         ar = AxisReport(axis.name, axis.n)
-        ar.seeds = [(input_label(n), str(p)) for n, p in prop.seeds.items()]
+        ar.seeds = [(input_label(n) if n.op == "placeholder" else f"activation {n.name}", str(p))
+                    for n, p in prop.seeds.items()]
         ar.forced = [(input_label(m.args[0]), str(p)) for m, p in state.forced.get(axis.name, {}).items()]
         ar.replicated = [(n.name, str(op_name(n)), why) for n, why in prop.fallbacks]
         ar.attention = lowered.attention
@@ -293,7 +300,7 @@ def xdit_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: dic
     mark_for_autograd(gm, example_inputs)  # the lowering adds gradient rules to a graph traced for autograd
     state = State(plan, example_inputs, rank, mesh_axes(plan, rank), report)
     passes: list[tuple[str, PassFn]] = [("canonical_attention", _canonical_attention), ("recognise", _recognise),
-                                        ("annotations", _annotations)]
+                                        ("annotations", _annotations), ("settle_writes", _settle_writes)]
     for i, axis in enumerate(state.axes):
         passes += _axis_passes(axis)
         if i == len(state.axes) - 1 and plan.inner == "eager":

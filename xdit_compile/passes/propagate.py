@@ -175,6 +175,7 @@ def propagate(
                 )
         pl[node] = d.out
         decisions[node] = d
+        _seed_activation(node, d, seeds, result)
         if d.note:
             result.fallbacks.append((node, d.note))
         for x, want in d.needs.items():
@@ -232,7 +233,8 @@ def _check_aliasing(gm: fx.GraphModule, result: Propagation) -> None:
         for t in targets:
             written.setdefault(root(t), []).append(pos[w])
     for ph, p in result.seeds.items():
-        if root(ph) in written and not isinstance(p, Replicate):
+        # A seed's slice is a copy taken right after it: writes before it are in the copy.
+        if not isinstance(p, Replicate) and any(t > pos[ph] for t in written.get(root(ph), ())):
             raise WholeGraphFallback(f"input {ph.name} is written in place but would be sharded (a copy)")
     for user, d in result.decisions.items():
         for x, want in d.needs.items():
@@ -246,6 +248,18 @@ def _check_aliasing(gm: fx.GraphModule, result: Propagation) -> None:
             if not alias_edge and any(pos[x] < t < pos[user] for t in times):
                 raise WholeGraphFallback(
                     f"{user.name} would read a copy of {x.name} taken before an in-place write to it")
+
+
+def _seed_activation(node: fx.Node, d: Decision, seeds: Mapping[fx.Node, Placement], result: Propagation) -> None:
+    """A seed on a node made inside the graph: it is computed whole, then each rank keeps its
+    slice (the lowering slices it right after it, as it does a seeded input). Only a
+    replicated result can be sliced for free; a seed on anything else is dropped."""
+    if node not in seeds:
+        return
+    if isinstance(d.out, Replicate) and isinstance(seeds[node], Shard):
+        result.placements[node] = seeds[node]
+    else:
+        result.seeds.pop(node, None)
 
 
 def _decide(node: fx.Node, name: str | None, pl: dict[fx.Node, Any], n: int, forced: Mapping[fx.Node, Placement]) -> Decision:
