@@ -76,6 +76,11 @@ def _numel(v: Any) -> int:
     return 0
 
 
+def _size(d: Any) -> int:
+    """A size for cost estimates: data-dependent (unbacked) sizes get the same guess as ``_numel``."""
+    return d if isinstance(d, int) else 64
+
+
 def _elsize(v: Any) -> int:
     return v.element_size() if isinstance(v, torch.Tensor) else 4
 
@@ -96,7 +101,7 @@ def estimate_flops(node: fx.Node, name: str | None) -> float:
     n_out = _numel(out)
     try:
         if name == "linear":
-            return 2.0 * n_out * shape(node.args[1])[-1]
+            return 2.0 * n_out * _size(shape(node.args[1])[-1])
         if name in ("matmul", "bmm", "mm", "einsum"):
             operands = [a for a in node.args if isinstance(a, fx.Node)]
             k = max(1, (_numel(value(operands[0])) * _numel(value(operands[-1])) / max(n_out, 1)) ** 0.5)
@@ -104,10 +109,10 @@ def estimate_flops(node: fx.Node, name: str | None) -> float:
         if name == "scaled_dot_product_attention":
             q = node.args[0] if node.args else node.kwargs["query"]
             k = node.args[1] if len(node.args) > 1 else node.kwargs["key"]
-            return 4.0 * _numel(value(q)) * shape(k)[-2]
+            return 4.0 * _numel(value(q)) * _size(shape(k)[-2])
         if name and name.startswith("conv"):
             w = shape(node.args[1])
-            return 2.0 * n_out * _numel(value(node.args[1])) / max(w[0], 1)
+            return 2.0 * n_out * _numel(value(node.args[1])) / max(_size(w[0]), 1)
     except (IndexError, KeyError, TypeError, AttributeError):
         pass
     return float(n_out)
