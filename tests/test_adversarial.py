@@ -72,8 +72,11 @@ def test_toy_dit_with_inplace_writes(size: int, name: str) -> None:
         if name.startswith("toy_local"):
             assert "sharded inputs: L[" in r["report"], r["report"]  # really split, not replicated
         else:
-            # Sharding would make a write land in a copy: refused, and the report says why.
-            assert "input not sharded as" in r["report"] and "in-place write" in r["report"], r["report"]
+            # The tables are written whole before anything reads them: settle_writes reads them
+            # through a clone made after the last write, so the plan may split (exact, checked
+            # above); where sharding would still make a write land in a copy, the report says why.
+            rep = r["report"]
+            assert "sharded inputs: L[" in rep or ("input not sharded as" in rep and "in-place write" in rep), rep
 
 
 GRAD_CASES = [(2, f"backward/{p}") for p in [*PLANS2, *PP2]] + [(4, f"backward/{p}") for p in PLANS4]
