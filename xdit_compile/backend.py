@@ -8,6 +8,7 @@ graph on every rank (SPMD). Passes, in order (``XDIT_DISABLE_PASSES=name,...`` s
     attention_kernels  rewrite registered attention kernels (flash-attn, xformers) into SDPA
     recognise        tag attention (self/cross/joint), norms, patch embeddings, RoPE tables
     annotations      read xdit_compile.shard/replicate marks          (forced placements)
+    settle_writes    a buffer filled in place gets a fresh node after its last write (shardable)
     plan:<axis>      choose seeds and propagate placements           (per axis: batch, sp)
     lower:<axis>     rewrite into this rank's program for that axis
     refresh:<axis>   recompute fake shapes for the next axis
@@ -42,6 +43,7 @@ from .passes.lower import lower
 from .passes.propagate import WholeGraphFallback
 from .passes.recognise import recognise
 from .passes.refresh_meta import refresh_meta
+from .passes.settle_writes import settle_writes
 from .placements import REPLICATE, Shard
 from .plan import ParallelPlan
 from .report import AxisReport, PlanReport, publish, reports
@@ -152,6 +154,10 @@ def _recognise(gm: fx.GraphModule, state: State) -> bool:
     return False
 
 
+def _settle_writes(gm: fx.GraphModule, state: State) -> bool:
+    return bool(settle_writes(gm))
+
+
 def _strip_marks(gm: fx.GraphModule, state: State) -> bool:
     changed = False
     for node in list(gm.graph.nodes):
@@ -177,7 +183,8 @@ def _axis_passes(axis: Axis) -> list[tuple[str, PassFn]]:
         prop = holder["prop"]
         lowered = lower(gm, prop, axis)
         ar = AxisReport(axis.name, axis.n)
-        ar.seeds = [(input_label(n), str(p)) for n, p in prop.seeds.items()]
+        ar.seeds = [(input_label(n) if n.op == "placeholder" else f"activation {n.name}", str(p))
+                    for n, p in prop.seeds.items()]
         ar.forced = [(input_label(m.args[0]), str(p)) for m, p in state.forced.get(axis.name, {}).items()]
         ar.replicated = [(n.name, str(op_name(n)), why) for n, why in prop.fallbacks]
         ar.attention = lowered.attention
@@ -311,7 +318,7 @@ def xdit_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: dic
     state = State(plan, example_inputs, rank, mesh_axes(plan, rank), report)
     passes: list[tuple[str, PassFn]] = [("canonical_attention", _canonical_attention), ("canonical_mha", _canonical_mha),
                                         ("attention_kernels", _attention_kernels), ("recognise", _recognise),
-                                        ("annotations", _annotations)]
+                                        ("annotations", _annotations), ("settle_writes", _settle_writes)]
     for i, axis in enumerate(state.axes):
         passes += _axis_passes(axis)
         if i == len(state.axes) - 1 and plan.inner == "eager":

@@ -16,6 +16,10 @@ self/joint attention to Ulysses, and split the work (per-rank FLOPs well below o
     skyreels_v2    per-token modulation from per-frame timesteps, block-causal mask
     omnigen        one-token segments (an empty shard on a rank), graph breaks
     z_image        per-sample list inputs, pad_sequence, complex RoPE
+    mochi          graph breaks (nonzero in a loop: its main attention runs outside every graph,
+                   which these FLOPs, counted over the compiled graphs, do not include)
+    lumina2        graph breaks (.tolist()), tokens packed per sample into a fresh buffer at
+                   offsets from the mask: sharded as an activation after its last write
 """
 
 from __future__ import annotations
@@ -27,10 +31,11 @@ from xdit_compile.testing.parity import ParityResult, parity_many
 
 FACTORY = "examples.tiny_dits_more:make_more"
 MODELS = ["wan", "cogview4", "easyanimate", "hunyuan_video", "lumina_next", "qwenimage", "sana",
-          "skyreels_v2", "omnigen", "z_image"]
-NO_SDPA_SELF_ATTENTION = {"sana"}  # linear attention: matmuls, not SDPA
+          "skyreels_v2", "omnigen", "z_image", "mochi", "lumina2"]
+NO_SDPA_SELF_ATTENTION = {"sana", "mochi"}  # sana: linear attention (matmuls); mochi: outside every graph
 TOL = 1e-4
 MAX_FLOPS = 0.62  # per-rank FLOPs as a fraction of one rank's (ideal 0.5)
+MAX_FLOPS_OF = {"mochi": 0.60, "lumina2": 0.60}  # issue 10's bound for the models with graph breaks
 
 _cache: list[list[ParityResult]] = []
 
@@ -50,6 +55,6 @@ def test_unseen_model_matches_single_rank(model: str) -> None:
         assert r.rel_err < TOL, f"{model} rank {r.rank}: max abs err {r.max_abs_err} (scale {r.scale})\n{r.report}"
         if model not in NO_SDPA_SELF_ATTENTION:
             assert "-> ulysses" in r.report, f"{model}: no attention lowered to Ulysses\n{r.report}"
-        assert r.flops < MAX_FLOPS * r.ref_flops, (
+        assert r.flops < MAX_FLOPS_OF.get(model, MAX_FLOPS) * r.ref_flops, (
             f"{model} rank {r.rank}: {r.flops} FLOPs vs {r.ref_flops} on one rank\n{r.report}")
         assert "WHOLE GRAPH" not in r.report, r.report

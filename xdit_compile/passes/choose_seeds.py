@@ -15,6 +15,7 @@ import torch.fx as fx
 
 from ..graph import arg, input_label, is_tensor, is_user_input, op_name, shape
 from ..placements import Placement, Shard, pieces, same_layout, shard
+from .activation_seeds import add_activation_seeds
 from .propagate import Propagation, WholeGraphFallback, propagate
 
 log = logging.getLogger("xdit_compile.seeds")
@@ -124,6 +125,9 @@ def choose_seeds(
         seeds[node] = p
         best = prop
         pool = [c for c in pool if c[0] is not node]
+    # Work no input split reaches (a buffer packed inside the graph, a graph after a break
+    # whose inputs are small): try seeds on the activations themselves.
+    best = add_activation_seeds(gm, n, batch_axis, batch, seeds, best, forced)
     if not seeds:
         # Nothing was sharded: say which inputs could not be, and why, in the report.
         best.fallbacks.extend(refused.items())

@@ -85,6 +85,11 @@ def _numel(v: Any) -> int:
     return 0
 
 
+def _size(d: Any) -> int:
+    """A size for cost estimates: data-dependent (unbacked) sizes get the same guess as ``_numel``."""
+    return d if isinstance(d, int) else 64
+
+
 def _elsize(v: Any) -> int:
     return v.element_size() if isinstance(v, torch.Tensor) else 4
 
@@ -105,7 +110,7 @@ def estimate_flops(node: fx.Node, name: str | None) -> float:
     n_out = _numel(out)
     try:
         if name == "linear":
-            return 2.0 * n_out * shape(node.args[1])[-1]
+            return 2.0 * n_out * _size(shape(node.args[1])[-1])
         if name in ("matmul", "bmm", "mm", "einsum"):
             operands = [a for a in node.args if isinstance(a, fx.Node)]
             k = max(1, (_numel(value(operands[0])) * _numel(value(operands[-1])) / max(n_out, 1)) ** 0.5)
@@ -113,10 +118,10 @@ def estimate_flops(node: fx.Node, name: str | None) -> float:
         if name == "scaled_dot_product_attention":
             q = node.args[0] if node.args else node.kwargs["query"]
             k = node.args[1] if len(node.args) > 1 else node.kwargs["key"]
-            return 4.0 * _numel(value(q)) * shape(k)[-2]
+            return 4.0 * _numel(value(q)) * _size(shape(k)[-2])
         if name and name.startswith("conv"):
             w = shape(node.args[1])
-            return 2.0 * n_out * _numel(value(node.args[1])) / max(w[0], 1)
+            return 2.0 * n_out * _numel(value(node.args[1])) / max(_size(w[0]), 1)
     except (IndexError, KeyError, TypeError, AttributeError):
         pass
     return float(n_out)
@@ -180,6 +185,7 @@ def propagate(
             )
         pl[node] = d.out
         decisions[node] = d
+        _seed_activation(node, d, seeds, result)
         if d.note:
             result.fallbacks.append((node, d.note))
         for x, want in d.needs.items():
@@ -298,7 +304,8 @@ def _check_aliasing(gm: fx.GraphModule, result: Propagation) -> None:
         if (times := written.get(root(x))) is not None:
             result.group_writes[x] = [nodes[t] for t in times]
     for ph, p in result.seeds.items():
-        if root(ph) in written and not isinstance(p, Replicate):
+        # A seed's slice is a copy taken right after it: writes before it are in the copy.
+        if not isinstance(p, Replicate) and any(t > pos[ph] for t in written.get(root(ph), ())):
             raise WholeGraphFallback(f"input {ph.name} is written in place but would be sharded (a copy)")
     for user, d in result.decisions.items():
         for x, want in d.needs.items():
@@ -312,6 +319,18 @@ def _check_aliasing(gm: fx.GraphModule, result: Propagation) -> None:
                     f"{user.name} would view a redistributed copy ({fmt(result.placements.get(x))} -> {fmt(want)}) "
                     f"of {x.name}, whose storage {', '.join(later)} write(s) in place afterwards: the write would miss "
                     "the copy; compute the view from a clone, or write before viewing")
+
+
+def _seed_activation(node: fx.Node, d: Decision, seeds: Mapping[fx.Node, Placement], result: Propagation) -> None:
+    """A seed on a node made inside the graph: it is computed whole, then each rank keeps its
+    slice (the lowering slices it right after it, as it does a seeded input). Only a
+    replicated result can be sliced for free; a seed on anything else is dropped."""
+    if node not in seeds:
+        return
+    if isinstance(d.out, Replicate) and isinstance(seeds[node], Shard):
+        result.placements[node] = seeds[node]
+    else:
+        result.seeds.pop(node, None)
 
 
 def _decide(node: fx.Node, name: str | None, pl: dict[fx.Node, Any], n: int, forced: Mapping[fx.Node, Placement]) -> Decision:
