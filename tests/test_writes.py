@@ -135,7 +135,7 @@ SIM_CASES = {
     "rope_copy_into_sharded_view": True,
     "out_into_empty": True,
     "out_into_fresh_buffer": True,
-    "out_into_read_buffer": False,  # exact; c is whole, and nothing after it is sharded
+    "out_into_read_buffer": True,  # c stays whole; the seed search splits it after the write (activation seed)
 }
 
 
