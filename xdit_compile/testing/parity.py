@@ -3,7 +3,9 @@
 Models come from a factory named ``"module:function"`` returning ``(model, inputs)`` for
 ``(name, batch=, seed=)``, so this module names no model. Each rank builds the same model
 from the same seed, runs the single-rank eager reference itself, then the compiled model,
-and reports the error, FLOPs of both runs, and the plan report.
+and reports the error, FLOPs of both runs, and the plan report. Per-rank FLOPs count every
+run of each per-rank graph, plus the work between graph breaks, which runs eagerly on every
+rank (taken as one rank's: the reference minus what the model's graphs compute on one rank).
 """
 
 from __future__ import annotations
@@ -85,6 +87,49 @@ def _flops(fn: Callable[[], Any]) -> tuple[Any, int]:
     return out, counter.total
 
 
+class _Tally:
+    """A Dynamo backend wrapper that counts how often each compiled graph runs.
+
+    ``kept`` is the backend's list of (report, per-rank graph, example inputs), appended per
+    compile (``XDIT_KEEP_GRAPHS=1``); without it the Dynamo graph itself is what runs.
+    """
+
+    def __init__(self, backend: Callable[..., Callable], kept: list | None = None) -> None:
+        self.backend, self.kept = backend, kept
+        self.graphs: list[list[Any]] = []  # [graph that runs, its example inputs, calls]
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs: list[Any], **kwargs: Any) -> Callable:
+        start = len(self.kept) if self.kept is not None else 0
+        fn = self.backend(gm, example_inputs, **kwargs)
+        if self.kept is None:
+            entry = [gm, list(example_inputs), 0]
+        else:
+            new = self.kept[start:]
+            entry = [new[-1][1], new[-1][2], 0] if new else [None, [], 0]
+        self.graphs.append(entry)
+
+        def run(*args: Any) -> Any:
+            entry[2] += 1
+            return fn(*args)
+
+        return run
+
+    def reset(self) -> None:
+        for entry in self.graphs:
+            entry[2] = 0
+
+    def breaks(self) -> bool:
+        """Whether eager code may have run between graphs (more than one graph, or one run twice)."""
+        return sum(e[2] for e in self.graphs) > 1 or len([e for e in self.graphs if e[2]]) > 1
+
+    def flops(self) -> int:
+        total = 0
+        for gm, args, calls in self.graphs:
+            if calls and gm is not None and not any(isinstance(a, torch.SymInt) for a in args):
+                total += calls * _flops(lambda: gm(*args))[1]
+        return total
+
+
 def parity_job(factory: str, name: str, options: dict[str, Any], batch: int = 2, seed: int = 0) -> ParityResult:
     """Run on every rank (inside ``run_spmd``): reference, compiled run, comparison."""
     import torch.distributed as dist
@@ -94,7 +139,7 @@ def parity_job(factory: str, name: str, options: dict[str, Any], batch: int = 2,
 
     os.environ.setdefault("XDIT_STRICT", "1")
     os.environ["XDIT_KEEP_GRAPHS"] = "1"
-    from xdit_compile.backend import _GRAPHS, compiled_graphs
+    from xdit_compile.backend import _GRAPHS, xdit_backend
 
     xdit_compile.clear_reports()
     _GRAPHS.clear()
@@ -103,14 +148,26 @@ def parity_job(factory: str, name: str, options: dict[str, Any], batch: int = 2,
     model, inputs = load_factory(factory)(name, batch=batch, seed=seed)
     with torch.no_grad():
         ref, ref_flops = _flops(lambda: _first_tensor(model(**inputs, return_dict=False)))
-        compiled = torch.compile(model, backend="xdit", options=dict(options))
+        tally = _Tally(lambda gm, ex, **kw: xdit_backend(gm, ex, options=dict(options)), _GRAPHS)
+        compiled = torch.compile(model, backend=tally)
         compiled(**inputs, return_dict=False)  # compile once; measure the second call
+        tally.reset()
         with record_collectives() as log:
             out = _first_tensor(compiled(**inputs, return_dict=False))
-        # Dynamo runs no compiled frame under a dispatch mode: count the per-rank graphs.
-        # Graphs Dynamo recompiled with dynamic shapes hold SymInts, not values: not counted.
-        flops = sum(_flops(lambda: gm(*args))[1] for _, gm, args in compiled_graphs()
-                    if not any(isinstance(a, torch.SymInt) for a in args))
+        # Dynamo runs no compiled frame under a dispatch mode: count each per-rank graph as often
+        # as the measured call ran it. Graphs Dynamo recompiled with dynamic shapes hold
+        # SymInts, not values: not counted.
+        flops = tally.flops()
+        if tally.breaks():
+            # Code between graph breaks runs eagerly on every rank, outside the backend: count it
+            # as one rank's (the reference minus what one rank's graphs of the model compute).
+            torch._dynamo.reset()
+            whole = _Tally(lambda gm, ex, **kw: gm.forward)
+            eager = torch.compile(model, backend=whole)
+            eager(**inputs, return_dict=False)
+            whole.reset()
+            eager(**inputs, return_dict=False)
+            flops += max(0, ref_flops - whole.flops())
     reports = xdit_compile.reports()
     last = reports[-1] if reports else None
     fallbacks = [r.fallback for r in reports if r.fallback]
