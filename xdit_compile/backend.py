@@ -12,6 +12,7 @@ graph on every rank (SPMD). Passes, in order (``XDIT_DISABLE_PASSES=name,...`` s
     plan:<axis>      choose seeds and propagate placements           (per axis: batch, sp)
     lower:<axis>     rewrite into this rank's program for that axis
     refresh:<axis>   recompute fake shapes for the next axis
+    unsettle_writes  drop settle_writes' clones again (planning needed them, the program does not)
     strip_marks      drop the annotation nodes
 
 Then the per-rank graph goes to the inner compiler (inductor by default, or eager).
@@ -43,7 +44,7 @@ from .passes.lower import lower
 from .passes.propagate import WholeGraphFallback
 from .passes.recognise import recognise
 from .passes.refresh_meta import refresh_meta
-from .passes.settle_writes import settle_writes
+from .passes.settle_writes import settle_writes, unsettle
 from .placements import REPLICATE, Shard
 from .plan import ParallelPlan
 from .report import AxisReport, PlanReport, publish, reports
@@ -156,6 +157,10 @@ def _recognise(gm: fx.GraphModule, state: State) -> bool:
 
 def _settle_writes(gm: fx.GraphModule, state: State) -> bool:
     return bool(settle_writes(gm))
+
+
+def _unsettle(gm: fx.GraphModule, state: State) -> bool:
+    return bool(unsettle(gm))
 
 
 def _strip_marks(gm: fx.GraphModule, state: State) -> bool:
@@ -323,7 +328,7 @@ def xdit_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: dic
         passes += _axis_passes(axis)
         if i == len(state.axes) - 1 and plan.inner == "eager":
             passes.pop()  # the next axis reads fresh shapes; eager execution needs none
-    passes.append(("strip_marks", _strip_marks))
+    passes += [("unsettle_writes", _unsettle), ("strip_marks", _strip_marks)]
     original = _copy(gm)
     try:
         run_passes(gm, state, passes)

@@ -14,7 +14,12 @@ made, before the writes, so every plan that shards the blocks reading ``buf`` is
 
 Reads: the graph (in-place writes by ``graph.written_inputs``, views by ``_MAY_ALIAS``).
 Writes: the graph (one ``clone`` per member of a written alias group that is read after the
-group's last write; those reads are rewired to it; the graph's outputs are left alone).
+group's last write, marked ``meta["xdit_settled"]``; those reads are rewired to it; the graph's
+outputs are left alone).
+
+The clone is needed only while planning (a node of its own to seed or redistribute after the
+writes). ``unsettle`` removes it from the lowered program: nothing writes the group after it,
+so reading the buffer itself is the same, and no copy is left to pay for.
 """
 
 from __future__ import annotations
@@ -46,9 +51,26 @@ def settle_writes(gm: fx.GraphModule) -> int:
         with gm.graph.inserting_after(w):
             done = gm.graph.call_method("clone", (member,))
         done.meta["example_value"] = done.meta["val"] = member.meta.get("val", member.meta.get("example_value"))
+        done.meta["xdit_settled"] = True
         for u in late:
             u.replace_input_with(member, done)
         added += 1
     if added:
         gm.recompile()
     return added
+
+
+def unsettle(gm: fx.GraphModule) -> int:
+    """Replace every clone ``settle_writes`` made by the buffer it copied; returns how many.
+
+    Reads: ``node.meta["xdit_settled"]``. Writes: the graph (those clones removed).
+    """
+    removed = 0
+    for node in list(gm.graph.nodes):
+        if node.meta.get("xdit_settled") and node.op == "call_method" and node.target == "clone":
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+            removed += 1
+    if removed:
+        gm.recompile()
+    return removed
