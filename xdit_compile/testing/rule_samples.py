@@ -485,6 +485,7 @@ def _cat_split(name: str, n: int) -> list[Sample]:
                 S(name, fn, ((X, Y), 0), (a, a2)), S(name, fn, ([Y, X],), (a, t5), {"dim": 1}),
                 S(name, fn, ([X, Y, Z], 1), (a, t5, gen.randn(2, 0, E))),
                 S(name, fn, ([X, Y], 1), (gen.randn(2, 2 * n, E), gen.randn(2, 2 * n, E))),
+                S(name, fn, ([X, Y], -1), (a, gen.randn(2, L, 0))), S(name, fn, ([Y, X, Z], 1), (a, gen.randn(2, 0, 3), gen.randn(0))),
                 S(name, fn, ([X, Y],), (a, t5), {"axis": 1}) if name == "concatenate" else S(name, fn, ([X, Y], 2), (a, a2))]
     if name == "stack":
         return [S(name, torch.stack, ([X, Y], 0), (a, a2)), S(name, torch.stack, ([X, Y],), (a, a2), {"dim": -1}),
@@ -497,9 +498,14 @@ def _cat_split(name: str, n: int) -> list[Sample]:
     forms: list[tuple[tuple, dict]]
     if name == "split":
         forms = [((X, 3, 1), {}), ((X, [n + 1, 2 * n]), {"dim": 1}), ((X, [E // 2, E // 2]), {"dim": -1}),
-                 ((X, 2), {"dim": 2}), ((X, [3, L - 3], 1), {}), ((X, 1), {})]
+                 ((X, 2), {"dim": 2}), ((X, [3, L - 3], 1), {}), ((X, 1), {}), ((X, [0, L, 0], 1), {}),
+                 ((X, [E, 0]), {"dim": -1})]
     elif name == "split_with_sizes":
-        forms = [((X, [3, L - 3], 1), {}), ((X, [n + 1, 2 * n]), {"dim": 1}), ((X, [1, 1]), {})]
+        forms = [((X, [3, L - 3], 1), {}), ((X, [n + 1, 2 * n]), {"dim": 1}), ((X, [1, 1]), {}),
+                 ((X, [3, 0, L - 3], 1), {})]
+    elif name == "tensor_split":
+        forms = [((X, 3, 1), {}), ((X, [0, L], 1), {}), ((X, [2, 2]), {"dim": 1}), ((X, [1]), {}),
+                 ((X, 2 * L), {"dim": 1}), ((X, [3, -2], -1), {})]
     elif name == "chunk":
         forms = [((X, 2, 1), {}), ((X, 3), {"dim": 2}), ((X, 3, -2), {}), ((X, 2), {})]
     else:
