@@ -601,7 +601,8 @@ def _indexing(name: str, n: int) -> list[Sample]:
     if name == "getitem":
         idx = [(sl(None), sl(2, 5)), (sl(None), None), (Ellipsis, 0), (sl(None), 1), 0, (sl(None), sl(None, 3)),
                (sl(None), sl(None, None, 2)), (sl(1, None), sl(None), sl(None, 4)), (sl(None), sl(-3, None)),
-               (sl(None), None, Ellipsis, sl(2, None)), (sl(None), sl(None, n + 1))]
+               (sl(None), None, Ellipsis, sl(2, None)), (sl(None), sl(None, n + 1)),
+               (sl(None), sl(L, None)), (Ellipsis, sl(E, None)), (sl(None), sl(3, 3)), (sl(None), sl(1, -1))]
         out = [S(name, operator.getitem, (X, i), (x,)) for i in idx]
         out.append(S(name, operator.getitem, (X, (sl(None), Y)), (x, torch.tensor([0, 2, 1]))))
         out.append(S(name, operator.getitem, (X, Y), (x, gen.bools(2, L, E))))
@@ -747,7 +748,19 @@ def samples_for(name: str, n: int) -> list[Sample]:
         return _runtime(name, n)
     if name in resample.INTERPOLATE + resample.ATEN_NEAREST:
         return _resample(name, n)
+    if name == "diag_embed":
+        return _diag_embed(name, n)
     return []
+
+
+def _diag_embed(name: str, n: int) -> list[Sample]:
+    gen = _Gen(name)
+    L, E = 3 * n + 1, 2 * n + 2
+    x = gen.randn(2, L, E)
+    S = Sample
+    return [*_spellings(name, (X,), {}, (x,)), S(name, torch.diag_embed, (X, 1), (x,)),
+            S(name, torch.diag_embed, (X,), (x,), {"dim1": 0, "dim2": 2}),
+            S(name, torch.diag_embed, (X, -1, 1, 3), (x,)), S(name, "diag_embed", (X,), (gen.randn(L, E),))]
 
 
 __all__ = ["In", "OtherGroup", "Sample", "samples_for"]
