@@ -2,9 +2,10 @@
 
 The models (``tests/adversarial/stream_models.py``) run under Ulysses 2, Ring 2 and CFG 2 in ONE
 ``run_spmd`` call. Each must match single-rank eager (exact: relative error < 1e-4), run no graph
-wholly replicated, and split the work: per-rank FLOPs at most ``MAX_FLOPS`` of one rank's. On the
-sequence axis every self/joint attention of every model (both streams' own attentions included)
-is lowered to Ulysses or Ring, never run replicated.
+wholly replicated, run no op replicated (the report lists none), and split the work: per-rank FLOPs
+at most ``MAX_FLOPS`` of one rank's. On the sequence axis every self/joint attention of every model
+(both streams' own attentions included) is lowered to Ulysses or Ring, never run replicated; the
+misaligned prefix is sharded as ``S(1:7+64)`` (its slices are local).
 """
 
 from __future__ import annotations
@@ -61,9 +62,13 @@ def test_stream_model_exact_and_parallel(plan: str, model: str) -> None:
         assert isinstance(r, ParityResult), f"{model} under {plan} raised:\n{r}"
         assert r.fallback is None, f"{model} {plan} rank {r.rank} fell back: {r.fallback}\n{r.report}"
         assert "WHOLE GRAPH" not in r.report, r.report
+        # Empty pieces, cuts and diag_embed have rules now: nothing runs replicated.
+        assert "    replicated " not in r.report and "-> replicated" not in r.report, r.report
         assert r.rel_err < TOL, f"{model} {plan} rank {r.rank}: max abs err {r.max_abs_err} (scale {r.scale})\n{r.report}"
         assert r.flops <= MAX_FLOPS * r.ref_flops, (
             f"{model} {plan} rank {r.rank}: {r.flops} FLOPs vs {r.ref_flops} on one rank\n{r.report}")
+        if model == "prefix" and plan in LOWERED:
+            assert "S(1:7+64)" in r.report, r.report
         if plan in LOWERED:
             assert r.report.count(LOWERED[plan]) >= SELF_ATTENTION[model], (
                 f"{model} {plan}: {SELF_ATTENTION[model]} attentions should be lowered ({LOWERED[plan]})\n{r.report}")
