@@ -62,6 +62,7 @@ def choose_seeds(
     pool = [c for c in candidates(gm, n, batch_axis, batch) if c[0] not in seeds]
     refused: dict[fx.Node, str] = {}
     asked = not seeds and not any(getattr(fp, "dim", None) is not None for fp in (forced or {}).values())
+    last: list[tuple[Propagation, fx.Node, Placement]] = []  # the singles of the round that stopped the loop
     while pool:
         trials = []
         for node, p in pool:
@@ -75,6 +76,7 @@ def choose_seeds(
         if seeds or any(getattr(fp, "dim", None) is not None for fp in (forced or {}).values()):
             prop, node, p = min(trials, key=lambda t: t[0].cost)
             if prop.cost >= best.cost * 0.999:
+                last = trials
                 break
         else:
             # The caller asked for this axis: shard the input that splits the most work, even
@@ -87,7 +89,7 @@ def choose_seeds(
         best = prop
         pool = [c for c in pool if c[0] is not node]
     if seeds:
-        best = _more_seeds(gm, n, best, pool, forced, asked)
+        best = _more_seeds(gm, n, best, pool, forced, asked, last)
         best = _refine_at_cuts(gm, n, best, forced)
     if not seeds:
         # Nothing was sharded: say which inputs could not be, and why, in the report.
@@ -96,8 +98,9 @@ def choose_seeds(
 
 
 # Bounds of the searches after the greedy loop (each trial is one propagation, ~1-20 ms).
-PAIR_CANDIDATES = 6  # pairs among the best this many remaining single seeds: at most 15 trials
-REFINE_ROUNDS = 4
+PAIR_CANDIDATES = 4  # pairs among the cheapest remaining singles (+2 that shard attention): <= 15 trials
+EXTRA_ROUNDS = 2  # rounds of singles + pairs after the greedy loop
+REFINE_TRIALS = 6  # seeds re-segmented at the graph's cuts
 
 
 def _try(gm: fx.GraphModule, n: int, seeds: Mapping[fx.Node, Placement],
@@ -122,6 +125,7 @@ def _more_seeds(
     pool: list[tuple[fx.Node, Placement]],
     forced: Mapping[fx.Node, Placement] | None,
     asked: bool,
+    last: list[tuple[Propagation, fx.Node, Placement]],
 ) -> Propagation:
     """Seeds the one-at-a-time loop cannot find: two that only pay off together, and streams
     whose own attention still runs replicated.
@@ -132,11 +136,20 @@ def _more_seeds(
     attention and shares out more work is taken even when latency-aware costs of a tiny model
     do not favour it (a second stream's attention otherwise runs whole on every rank).
     """
-    while pool:
-        singles = [(prop, c) for c in pool if (prop := _try(gm, n, {**best.seeds, c[0]: c[1]}, forced)) is not None]
+    for _ in range(EXTRA_ROUNDS):
+        if not pool:
+            break
+        if last:  # the loop just tried these singles against the same seeds
+            singles = [(prop, (node, p)) for prop, node, p in last]
+            last = []
+        else:
+            singles = [(prop, c) for c in pool if (prop := _try(gm, n, {**best.seeds, c[0]: c[1]}, forced)) is not None]
         singles.sort(key=lambda t: t[0].cost)
         trials = [(prop, [c]) for prop, c in singles]
+        # Pairs of the cheapest singles, and of the singles that shard a replicated attention.
+        rep = _replicated_attention(best)
         top = [c for _, c in singles[:PAIR_CANDIDATES]]
+        top += [c for prop, c in singles if c not in top and _replicated_attention(prop) < rep][:PAIR_CANDIDATES // 2]
         for a, b in itertools.combinations(top, 2):
             if a[0] is not b[0]:
                 prop = _try(gm, n, {**best.seeds, a[0]: a[1], b[0]: b[1]}, forced)
@@ -148,7 +161,6 @@ def _more_seeds(
         if prop.cost >= best.cost * 0.999:
             if not asked:
                 return best
-            rep = _replicated_attention(best)
             better = [t for t in trials if _replicated_attention(t[0]) < rep and t[0].compute < best.compute * 0.99]
             if not better:
                 return best
@@ -179,7 +191,8 @@ def _refine_at_cuts(
     the slices are local. A cut on a tensor whose segments equal a seed's is mapped back to
     that seed (same units); kept when the plan gets cheaper.
     """
-    for _ in range(REFINE_ROUNDS):
+    tried: set[tuple[fx.Node, Shard]] = set()
+    while len(tried) < REFINE_TRIALS:
         improved = False
         for node, d in best.decisions.items():
             src = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
@@ -190,8 +203,9 @@ def _refine_at_cuts(
                 if not isinstance(s, Shard) or s.segments != q.segments:
                     continue
                 refined = _split_seed(s, _unit_cuts(node, src, q))
-                if refined is None or refined == s:
+                if refined is None or refined == s or (ph, refined) in tried or len(tried) >= REFINE_TRIALS:
                     continue
+                tried.add((ph, refined))
                 prop = _try(gm, n, {**best.seeds, ph: refined}, forced)
                 if prop is not None and prop.cost < best.cost * 0.999:
                     log.debug("seed %s refined to %s at cuts of %s", input_label(ph), refined, node.name)
