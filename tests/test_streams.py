@@ -18,7 +18,7 @@ from xdit_compile.testing.harness import run_spmd
 from xdit_compile.testing.parity import ParityResult, parity_job
 
 FACTORY = "tests.adversarial.stream_models:make"
-MODELS = ["empty_cat", "empty_split", "two_streams", "av_streams", "prefix", "diag_embed"]
+MODELS = ["empty_cat", "empty_split", "two_streams", "av_streams", "prefix", "cut_joint", "diag_embed"]
 PLANS = {
     "ulysses2": {"ulysses_degree": 2, "inner": "eager"},
     "ring2": {"ring_degree": 2, "inner": "eager"},
@@ -26,7 +26,8 @@ PLANS = {
 }
 LOWERED = {"ulysses2": "-> ulysses", "ring2": "-> ring"}
 # Self-attention calls per model (cross-attention to replicated text stays local).
-SELF_ATTENTION = {"empty_cat": 1, "empty_split": 1, "two_streams": 3, "av_streams": 3, "prefix": 2, "diag_embed": 1}
+SELF_ATTENTION = {"empty_cat": 1, "empty_split": 1, "two_streams": 3, "av_streams": 3, "prefix": 2, "cut_joint": 2,
+                  "diag_embed": 1}
 TOL = 1e-4
 MAX_FLOPS = 0.6
 

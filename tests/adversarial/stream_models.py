@@ -11,6 +11,8 @@ Written for issue 10, not copied from any codebase; each model isolates one cons
     av_streams     video + audio: each stream self-attends, then both attend jointly
     prefix         joint sequence [text 7, image 64] sharded as one input, the text prefix sliced
                    off at 7 (not a shard boundary), then per-part modulation and a joint attention
+    cut_joint      a joint sequence built in the graph, cut inside the text by ``x[:, 3:]`` and ``narrow``
+                   (no seed lines up: the cut tensor is gathered once and re-split evenly)
     diag_embed     per-token gates built with ``torch.diag_embed`` and applied by ``matmul``
 
 Hidden 64 = 4 heads x 16, batch 2. ``make(name, batch, seed)`` returns ``(model.eval(), kwargs)``;
@@ -181,6 +183,29 @@ class Prefix(nn.Module):
         return self.wrap(self.proj(x[:, t:]), return_dict)
 
 
+class CutJoint(nn.Module):
+    """A joint [text 8, image 64] sequence built in the graph, then cut inside the text (a dropped
+    register token) and again off the text: cuts no seed can line up with."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(16, DIM)
+        self.txt = nn.Linear(32, DIM)
+        self.attn1 = _Attn()
+        self.attn2 = _Attn()
+        self.proj = nn.Linear(DIM, 16)
+        self.wrap = _Out()
+
+    def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                return_dict: bool = True) -> Any:
+        img = self.embed(hidden_states)
+        x = torch.cat([self.txt(encoder_hidden_states), img], dim=1)
+        x = x + self.attn1(F.layer_norm(x, (DIM,)))
+        x = x[:, 3:]  # drop three register tokens: the cut falls inside a shard of the text
+        x = x + self.attn2(F.layer_norm(x, (DIM,)))
+        return self.wrap(self.proj(x.narrow(1, x.shape[1] - img.shape[1], img.shape[1])), return_dict)
+
+
 class DiagEmbed(nn.Module):
     """Per-token channel gates as diagonal matrices (``diag_embed``) applied by ``matmul``."""
 
@@ -219,6 +244,7 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], Callable[[int, torch.Generator]
     "av_streams": (lambda: TwoStreams(text_dim=24), lambda b, g: {"hidden_states": _img(b, g),
                                                                    "encoder_hidden_states": _txt(b, g, 48, 24)}),
     "prefix": (Prefix, lambda b, g: {"hidden_states": _img(b, g, tokens=71)}),
+    "cut_joint": (CutJoint, lambda b, g: {"hidden_states": _img(b, g), "encoder_hidden_states": _txt(b, g)}),
     "diag_embed": (DiagEmbed, lambda b, g: {"hidden_states": _img(b, g)}),
 }
 

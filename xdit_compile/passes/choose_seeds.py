@@ -175,6 +175,8 @@ def _more_seeds(
 def _cuts(node: fx.Node, src: fx.Node) -> list[int]:
     """Global offsets along the sharded dim where a slice or split ``node`` cuts ``src``."""
     name = op_name(node)
+    if name == "narrow" and len(node.args) >= 4 and all(isinstance(a, int) for a in node.args[2:4]):
+        return [node.args[2], node.args[2] + node.args[3]]
     if name != "getitem":
         return cut_offsets(node, name or "", src)
     index = indexing._basic(node.args[1]) if len(node.args) > 1 else None

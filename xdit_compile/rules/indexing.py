@@ -227,8 +227,23 @@ def narrow(op: OpView, src: fx.Node, p: Shard, others: dict) -> Decision | None:
         return None
     parts = split_segments(p, [start, start + length])
     if parts is None:
-        return replicate_all(op, "narrow of the sharded dim does not fall on segment boundaries")
+        return regathered_narrow(op, src, dim, start, length)
     return Decision(parts[0], rewrite=_local_narrow)
+
+
+def regathered_narrow(op: OpView, src: fx.Node, dim: int, start: int, length: int) -> Decision:
+    """``narrow`` cutting inside a shard: as :func:`regathered_slice` (gathered once, then an even
+    shard of the piece; an empty piece is replicated for free)."""
+    start = start + shape(src)[dim] if start < 0 else start
+    if length == 0:
+        return Decision(REPLICATE, rewrite=functools.partial(_chunk_narrow, start=0, length=0, whole=False))
+    return Decision(Shard(dim, (length,), 1), {src: REPLICATE},
+                    rewrite=functools.partial(_chunk_narrow, start=start, length=length, whole=True))
+
+
+def _chunk_narrow(graph: fx.Graph, node: fx.Node, ctx: Any, start: int, length: int, whole: bool) -> None:
+    a, b = chunk_bounds(length, ctx.n, ctx.rank) if whole else (0, 0)
+    node.args = (node.args[0], node.args[1], start + a, b - a)
 
 
 @on_first_shard

@@ -617,7 +617,8 @@ def _indexing(name: str, n: int) -> list[Sample]:
     if name == "narrow":
         return (_spellings(name, (X, 1, 2, 3), inputs=(x,)) + _spellings(name, (X, 2, 0, 3), inputs=(x,))
                 + [S(name, "narrow", (X, 1, 0, n + 1), (x,)), S(name, "narrow", (X, 1, -3, 2), (x,)),
-                   S(name, "narrow", (X, -2, n + 1, L - n - 1), (x,))])
+                   S(name, "narrow", (X, -2, n + 1, L - n - 1), (x,)), S(name, "narrow", (X, 1, 2, 0), (x,)),
+                   S(name, "narrow", (X, 1, 1, L - 2), (x,))])
     if name == "index_select":
         i3 = torch.tensor([0, 2, 1])
         return _spellings(name, (X, 1, Y), inputs=(x, i3)) + _spellings(name, (X, 2, Y), inputs=(x, i3))
