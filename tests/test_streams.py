@@ -73,3 +73,56 @@ def test_stream_model_exact_and_parallel(plan: str, model: str) -> None:
         if plan in LOWERED:
             assert r.report.count(LOWERED[plan]) >= SELF_ATTENTION[model], (
                 f"{model} {plan}: {SELF_ATTENTION[model]} attentions should be lowered ({LOWERED[plan]})\n{r.report}")
+
+
+# ------------------------------------------------------------------ the seed search, in one process
+
+def _plan(name: str) -> tuple[Any, float]:
+    """(propagation, search seconds) of model ``name``'s graph on a fake 2-rank sequence axis."""
+    import time
+
+    import torch
+
+    from tests.adversarial.stream_models import make
+    from xdit_compile.backend import graph_facts
+    from xdit_compile.passes.canonical_attention import canonical_attention
+    from xdit_compile.passes.choose_seeds import choose_seeds
+    from xdit_compile.passes.recognise import recognise
+
+    graphs = []
+
+    def backend(gm: Any, example_inputs: list) -> Any:
+        graphs.append(gm)
+        return gm.forward
+
+    model, kwargs = make(name)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(model, backend=backend, fullgraph=True)(**kwargs, return_dict=False)
+    gm = graphs[0]
+    canonical_attention(gm)
+    recognise(gm)
+    start = time.perf_counter()
+    prop = choose_seeds(gm, 2, False, graph_facts(gm)[0])
+    return prop, time.perf_counter() - start
+
+
+@pytest.mark.parametrize("model", ["two_streams", "av_streams"])
+def test_search_shards_both_streams(model: str) -> None:
+    from xdit_compile.graph import op_name
+
+    prop, seconds = _plan(model)
+    assert sorted(p.dim for p in prop.seeds.values()) == [1, 1], prop.seeds  # image and text tokens
+    sdpa = [n for n in prop.decisions if op_name(n) == "scaled_dot_product_attention"]
+    assert [prop.decisions[n].attention for n in sdpa] == ["sequence"] * 3
+    assert seconds < 2.0
+
+
+def test_search_cuts_the_seed_at_the_prefix() -> None:
+    from xdit_compile.graph import op_name
+    from xdit_compile.placements import Shard
+
+    prop, _ = _plan("prefix")
+    assert list(prop.seeds.values()) == [Shard(1, (7, 64), 1)]
+    slices = [d for n, d in prop.decisions.items() if op_name(n) == "getitem"]
+    assert slices and all(not d.needs for d in slices)  # every text/image slice is local
