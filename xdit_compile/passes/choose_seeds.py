@@ -98,7 +98,7 @@ def choose_seeds(
 
 
 # Bounds of the searches after the greedy loop (each trial is one propagation, ~1-20 ms).
-PAIR_CANDIDATES = 4  # pairs among the cheapest remaining singles (+2 that shard attention): <= 15 trials
+PAIR_CANDIDATES = 3  # pairs among the cheapest remaining singles (+2 that shard attention): <= 10 trials
 EXTRA_ROUNDS = 2  # rounds of singles + pairs after the greedy loop
 REFINE_TRIALS = 6  # seeds re-segmented at the graph's cuts
 
@@ -149,7 +149,7 @@ def _more_seeds(
         # Pairs of the cheapest singles, and of the singles that shard a replicated attention.
         rep = _replicated_attention(best)
         top = [c for _, c in singles[:PAIR_CANDIDATES]]
-        top += [c for prop, c in singles if c not in top and _replicated_attention(prop) < rep][:PAIR_CANDIDATES // 2]
+        top += [c for prop, c in singles if c not in top and _replicated_attention(prop) < rep][:2]
         for a, b in itertools.combinations(top, 2):
             if a[0] is not b[0]:
                 prop = _try(gm, n, {**best.seeds, a[0]: a[1], b[0]: b[1]}, forced)
