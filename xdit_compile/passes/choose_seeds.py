@@ -2,8 +2,10 @@
 
 Reads: placeholders' example values; user seeds (``ParallelPlan``-level input placements).
 Writes: nothing; returns the seeds. Greedy: take the (input, dim) that splits the most work, then add the
-one that lowers the estimated per-rank cost most, until nothing helps. Every candidate plan is
-correct (rules preserve meaning), so the search only trades speed.
+one that lowers the estimated per-rank cost most, until nothing helps. Then, bounded: pairs of seeds
+that only pay off together, seeds that shard a stream whose attention still runs replicated, and
+seeds re-segmented where the graph cuts them (``S(1)`` -> ``S(1:7+64)`` for ``x[:, :7]``). Every
+candidate plan is correct (rules preserve meaning), so the search only trades speed.
 """
 
 from __future__ import annotations
@@ -172,15 +174,23 @@ def _more_seeds(
     return best
 
 
-def _cuts(node: fx.Node, src: fx.Node) -> list[int]:
-    """Global offsets along the sharded dim where a slice or split ``node`` cuts ``src``."""
+def _cuts(node: fx.Node, src: fx.Node, q: Shard) -> list[int]:
+    """Global offsets along ``q.dim`` where a slice, narrow or split ``node`` cuts ``src`` (placed as ``q``)."""
     name = op_name(node)
-    if name == "narrow" and len(node.args) >= 4 and all(isinstance(a, int) for a in node.args[2:4]):
-        return [node.args[2], node.args[2] + node.args[3]]
+    if name == "narrow":
+        start, length = (node.args[2], node.args[3]) if len(node.args) >= 4 else (None, None)
+        if not isinstance(start, int) or not isinstance(length, int):
+            return []
+        start = start + q.length if start < 0 else start
+        return [start, start + length]
     if name != "getitem":
         return cut_offsets(node, name or "", src)
     index = indexing._basic(node.args[1]) if len(node.args) > 1 else None
-    return [] if index is None else [index]  # resolved against the placement by the caller
+    offsets: list[int] = []
+    for _, e, in_dim, out_dim in indexing._walk(index, len(shape(src))) if index is not None else ():
+        if in_dim == q.dim and out_dim is not None and isinstance(e, slice):
+            offsets.extend(indexing._slice_bounds(e, q.length) or ())
+    return offsets
 
 
 def _refine_at_cuts(
@@ -222,17 +232,7 @@ def _refine_at_cuts(
 
 def _unit_cuts(node: fx.Node, src: fx.Node, q: Shard) -> list[int]:
     """The cuts of ``node`` on ``src`` (placed as ``q``) in units of ``q`` (whole units only)."""
-    offsets: list[int] = []
-    for c in _cuts(node, src):
-        if isinstance(c, int):
-            offsets.append(c)
-            continue
-        for _, e, in_dim, out_dim in indexing._walk(c, len(shape(src))):
-            if in_dim == q.dim and out_dim is not None and isinstance(e, slice):
-                bounds = indexing._slice_bounds(e, q.length)
-                if bounds is not None:
-                    offsets.extend(bounds)
-    return sorted({o // q.inner for o in offsets if o % q.inner == 0 and 0 < o < q.length})
+    return sorted({o // q.inner for o in _cuts(node, src, q) if o % q.inner == 0 and 0 < o < q.length})
 
 
 def _split_seed(s: Shard, units: list[int]) -> Shard | None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-import torch
 import torch.fx as fx
 
 from ..graph import shape, value
