@@ -2,12 +2,15 @@
 
 Reads: placeholders' example values; user seeds (``ParallelPlan``-level input placements).
 Writes: nothing; returns the seeds. Greedy: take the (input, dim) that splits the most work, then add the
-one that lowers the estimated per-rank cost most, until nothing helps. Every candidate plan is
-correct (rules preserve meaning), so the search only trades speed.
+one that lowers the estimated per-rank cost most, until nothing helps. Then, bounded: pairs of seeds
+that only pay off together, seeds that shard a stream whose attention still runs replicated, and
+seeds re-segmented where the graph cuts them (``S(1)`` -> ``S(1:7+64)`` for ``x[:, :7]``). Every
+candidate plan is correct (rules preserve meaning), so the search only trades speed.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 from typing import Mapping
 
@@ -15,6 +18,8 @@ import torch.fx as fx
 
 from ..graph import arg, input_label, is_tensor, is_user_input, op_name, shape
 from ..placements import Placement, Shard, pieces, same_layout, shard
+from ..rules import indexing
+from ..rules.cat_split import cut_offsets
 from .activation_seeds import add_activation_seeds
 from .propagate import Propagation, WholeGraphFallback, propagate
 
@@ -101,6 +106,8 @@ def choose_seeds(
     best = propagate(gm, n, seeds, forced)
     pool = [c for c in candidates(gm, n, batch_axis, batch) if c[0] not in seeds]
     refused: dict[fx.Node, str] = {}
+    asked = not seeds and not any(getattr(fp, "dim", None) is not None for fp in (forced or {}).values())
+    last: list[tuple[Propagation, fx.Node, Placement]] = []  # the singles of the round that stopped the loop
     while pool:
         trials = []
         for node, p in pool:
@@ -114,6 +121,7 @@ def choose_seeds(
         if seeds or any(getattr(fp, "dim", None) is not None for fp in (forced or {}).values()):
             prop, node, p = min(trials, key=lambda t: t[0].cost)
             if prop.cost >= best.cost * 0.999:
+                last = trials
                 break
         else:
             # The caller asked for this axis: shard the input that splits the most work, even
@@ -125,6 +133,10 @@ def choose_seeds(
         seeds[node] = p
         best = prop
         pool = [c for c in pool if c[0] is not node]
+    if seeds:
+        best = _more_seeds(gm, n, best, pool, forced, asked, last)
+        best = _refine_at_cuts(gm, n, best, forced)
+        seeds = dict(best.seeds)  # the searches above may have added or re-segmented seeds
     # Work no input split reaches (a buffer packed inside the graph, a graph after a break
     # whose inputs are small): try seeds on the activations themselves.
     best = add_activation_seeds(gm, n, batch_axis, batch, seeds, best, forced)
@@ -132,3 +144,150 @@ def choose_seeds(
         # Nothing was sharded: say which inputs could not be, and why, in the report.
         best.fallbacks.extend(refused.items())
     return best
+
+
+# Bounds of the searches after the greedy loop (each trial is one propagation, ~1-20 ms).
+PAIR_CANDIDATES = 3  # pairs among the cheapest remaining singles (+2 that shard attention): <= 10 trials
+EXTRA_ROUNDS = 2  # rounds of singles + pairs after the greedy loop
+REFINE_TRIALS = 6  # seeds re-segmented at the graph's cuts
+
+
+def _try(gm: fx.GraphModule, n: int, seeds: Mapping[fx.Node, Placement],
+         forced: Mapping[fx.Node, Placement] | None) -> Propagation | None:
+    try:
+        return propagate(gm, n, seeds, forced)
+    except WholeGraphFallback:
+        return None
+
+
+def _replicated_attention(prop: Propagation) -> int:
+    """Attention nodes that run on whole tensors (neither lowered to a sequence-parallel
+    attention nor local on shards)."""
+    return sum(1 for node, d in prop.decisions.items()
+               if op_name(node) == "scaled_dot_product_attention" and d.attention is None)
+
+
+def _more_seeds(
+    gm: fx.GraphModule,
+    n: int,
+    best: Propagation,
+    pool: list[tuple[fx.Node, Placement]],
+    forced: Mapping[fx.Node, Placement] | None,
+    asked: bool,
+    last: list[tuple[Propagation, fx.Node, Placement]],
+) -> Propagation:
+    """Seeds the one-at-a-time loop cannot find: two that only pay off together, and streams
+    whose own attention still runs replicated.
+
+    Pairs: among the ``PAIR_CANDIDATES`` cheapest remaining single seeds, the pair (on two
+    different inputs) that lowers the cost most. Streams (only when the caller asked for this
+    axis, as for the first seed): a seed, or pair, that turns replicated attention into sharded
+    attention and shares out more work is taken even when latency-aware costs of a tiny model
+    do not favour it (a second stream's attention otherwise runs whole on every rank).
+    """
+    for _ in range(EXTRA_ROUNDS):
+        if not pool:
+            break
+        if last:  # the loop just tried these singles against the same seeds
+            singles = [(prop, (node, p)) for prop, node, p in last]
+            last = []
+        else:
+            singles = [(prop, c) for c in pool if (prop := _try(gm, n, {**best.seeds, c[0]: c[1]}, forced)) is not None]
+        singles.sort(key=lambda t: t[0].cost)
+        trials = [(prop, [c]) for prop, c in singles]
+        # Pairs of the cheapest singles, and of the singles that shard a replicated attention.
+        rep = _replicated_attention(best)
+        top = [c for _, c in singles[:PAIR_CANDIDATES]]
+        top += [c for prop, c in singles if c not in top and _replicated_attention(prop) < rep][:2]
+        for a, b in itertools.combinations(top, 2):
+            if a[0] is not b[0]:
+                prop = _try(gm, n, {**best.seeds, a[0]: a[1], b[0]: b[1]}, forced)
+                if prop is not None:
+                    trials.append((prop, [a, b]))
+        if not trials:
+            return best
+        prop, added = min(trials, key=lambda t: t[0].cost)
+        if prop.cost >= best.cost * 0.999:
+            if not asked:
+                return best
+            better = [t for t in trials if _replicated_attention(t[0]) < rep and t[0].compute < best.compute * 0.99]
+            if not better:
+                return best
+            prop, added = min(better, key=lambda t: (_replicated_attention(t[0]), t[0].cost))
+        log.debug("seeds %s (cost %.3g -> %.3g)", ", ".join(f"{input_label(c[0])}: {c[1]}" for c in added),
+                  best.cost, prop.cost)
+        best = prop
+        pool = [c for c in pool if all(c[0] is not a[0] for a in added)]
+    return best
+
+
+def _cuts(node: fx.Node, src: fx.Node, q: Shard) -> list[int]:
+    """Global offsets along ``q.dim`` where a slice, narrow or split ``node`` cuts ``src`` (placed as ``q``)."""
+    name = op_name(node)
+    if name == "narrow":
+        start, length = (node.args[2], node.args[3]) if len(node.args) >= 4 else (None, None)
+        if not isinstance(start, int) or not isinstance(length, int):
+            return []
+        start = start + q.length if start < 0 else start
+        return [start, start + length]
+    if name != "getitem":
+        return cut_offsets(node, name or "", src)
+    index = indexing._basic(node.args[1]) if len(node.args) > 1 else None
+    offsets: list[int] = []
+    for _, e, in_dim, out_dim in indexing._walk(index, len(shape(src))) if index is not None else ():
+        if in_dim == q.dim and out_dim is not None and isinstance(e, slice):
+            offsets.extend(indexing._slice_bounds(e, q.length) or ())
+    return offsets
+
+
+def _refine_at_cuts(
+    gm: fx.GraphModule, n: int, best: Propagation, forced: Mapping[fx.Node, Placement] | None,
+) -> Propagation:
+    """Seeds split into segments that end where the graph cuts the sharded dim.
+
+    A joint input [text 7, image 64] sharded plainly puts token 7 inside rank 0's shard, so
+    ``x[:, :7]`` gathers ``x``; seeded as ``S(1:7+64)`` every rank holds its part of each, and
+    the slices are local. A cut on a tensor whose segments equal a seed's is mapped back to
+    that seed (same units); kept when the plan gets cheaper.
+    """
+    tried: set[tuple[fx.Node, Shard]] = set()
+    while len(tried) < REFINE_TRIALS:
+        improved = False
+        for node, d in best.decisions.items():
+            src = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+            q = best.placements.get(src) if src is not None else None
+            if not isinstance(q, Shard) or src not in d.needs or isinstance(d.needs[src], Shard):
+                continue
+            for ph, s in list(best.seeds.items()):
+                if not isinstance(s, Shard) or s.segments != q.segments:
+                    continue
+                refined = _split_seed(s, _unit_cuts(node, src, q))
+                if refined is None or refined == s or (ph, refined) in tried or len(tried) >= REFINE_TRIALS:
+                    continue
+                tried.add((ph, refined))
+                prop = _try(gm, n, {**best.seeds, ph: refined}, forced)
+                if prop is not None and prop.cost < best.cost * 0.999:
+                    log.debug("seed %s refined to %s at cuts of %s", input_label(ph), refined, node.name)
+                    best, improved = prop, True
+                    break
+            if improved:
+                break
+        if not improved:
+            return best
+    return best
+
+
+def _unit_cuts(node: fx.Node, src: fx.Node, q: Shard) -> list[int]:
+    """The cuts of ``node`` on ``src`` (placed as ``q``) in units of ``q`` (whole units only)."""
+    return sorted({o // q.inner for o in _cuts(node, src, q) if o % q.inner == 0 and 0 < o < q.length})
+
+
+def _split_seed(s: Shard, units: list[int]) -> Shard | None:
+    """``s`` with its segments also ending at unit offsets ``units``."""
+    edges = {0}
+    for u in s.segments:
+        edges.add(max(edges) + u)
+    edges |= set(units)
+    ordered = sorted(edges)
+    segs = tuple(b - a for a, b in zip(ordered[:-1], ordered[1:]))
+    return Shard(s.dim, segs, s.inner) if all(segs) else None

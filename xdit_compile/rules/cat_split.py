@@ -3,16 +3,22 @@
     cat([txt: R[B, T, D], img: S(1)[B, I, D]], dim=1) -> S(1:T+I)   txt is sliced (free)
     split_with_sizes(x: S(1:T+I), [T, I], dim=1)      -> (S(1), S(1))  local sizes rewritten
     chunk(x: S(1), 6, dim=-1)                         -> six S(1)
+    cat([x: S(1), pad: R[B, 0, D]], dim=1)            -> S(1)            empty inputs dropped locally (free)
+    split(x: S(1:T+I), [0, T, I], dim=1)              -> (R, S(1), S(1)) an empty piece is replicated (free)
+    split(x: S(1), [7, 64], dim=1)                    -> (S(1), S(1))    cut inside a shard: x gathered once,
+                                                                         each piece re-split evenly
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch.fx as fx
 
-from ..graph import shape
-from ..placements import REPLICATE, Placement, Replicate, Shard, local_length
+from ..graph import shape, value
+from ..placements import REPLICATE, Placement, Replicate, Shard, chunk_bounds, local_length
+from ..runtime import redistribute as rt
 from .core import Decision, OpView, regroup, split_segments
 
 
@@ -29,15 +35,20 @@ def cat(op: OpView) -> Decision | None:
         return None
     ndim = op.out_ndim
     dim %= ndim
-    # Empty tensors (numel 0) contribute nothing: keep them replicated.
+    # Empty tensors contribute nothing: take them out of the local cat (no communication).
     live = [t for t in nodes if len(shape(t)) == ndim and shape(t)[dim] > 0]
+    empty = [t for t in nodes if t not in live]
+    drop = _drop_rewrite(op, live, empty)
     pls = [op.pl(t) for t in live]
     if all(isinstance(p, Replicate) for p in pls):
-        return Decision(REPLICATE, {t: REPLICATE for t in nodes if t not in live and not isinstance(op.pl(t), Replicate)})
+        if drop is not None:
+            return Decision(REPLICATE, rewrite=drop)
+        return Decision(REPLICATE, {t: REPLICATE for t in empty if not isinstance(op.pl(t), Replicate)})
     shards = [p for p in pls if isinstance(p, Shard)]
     if any(not isinstance(p, (Replicate, Shard)) for p in pls):
         return None
-    needs: dict[fx.Node, Placement] = {t: REPLICATE for t in nodes if t not in live and not isinstance(op.pl(t), Replicate)}
+    needs: dict[fx.Node, Placement] = {} if drop is not None else {
+        t: REPLICATE for t in empty if not isinstance(op.pl(t), Replicate)}
     if all(p.dim == dim for p in shards):
         # Along the cat dim: segments concatenate; every input must use the same unit size
         # (the first shard's, else single elements) and replicated inputs whole units of it.
@@ -57,11 +68,11 @@ def cat(op: OpView) -> Decision | None:
                 seg = Shard(dim, (shape(t)[dim] // inner,), inner)
                 needs[t] = seg
                 segs.extend(seg.segments)
-        return Decision(Shard(dim, tuple(segs), inner), needs)
+        return Decision(Shard(dim, tuple(segs), inner), needs, rewrite=drop)
     # Along another dim: every input must be sharded like the first shard (R inputs sliced),
     # empty ones too (their other dims must match the local pieces).
     target = next(p for p in shards if p.dim != dim)
-    for t in nodes:
+    for t in ([] if drop is not None else nodes):
         if t not in live and len(shape(t)) == ndim:
             if shape(t)[target.dim] != target.length:
                 return None
@@ -72,7 +83,31 @@ def cat(op: OpView) -> Decision | None:
         if shape(t)[target.dim] != target.length:
             return None
         needs[t] = target
-    return Decision(target, needs)
+    return Decision(target, needs, rewrite=drop)
+
+
+def _drop_rewrite(op: OpView, live: list[fx.Node], empty: list[fx.Node]) -> Any:
+    """A rewrite taking ``empty`` inputs out of the local cat, or ``None`` when there are none,
+    nothing is left, or dropping them would change the result's dtype (cat promotes over all)."""
+    if not empty or not live:
+        return None
+    out = op.out_value
+    if any(value(t).dtype != out.dtype for t in live):
+        return None
+    tensors = _tensors_and_dim(op)[0]
+    return functools.partial(_drop_empty, positions=tuple(i for i, t in enumerate(tensors) if t in empty))
+
+
+def _drop_empty(graph: fx.Graph, node: fx.Node, ctx: Any, positions: tuple[int, ...]) -> None:
+    # Their local shapes need not match the local pieces (an empty tensor sharded on another
+    # dim); without them the local cat is the same values. (By position: the lowering may have
+    # put a sliced copy of an input in its place.)
+    if node.args and isinstance(node.args[0], (list, tuple)):
+        kept = [t for i, t in enumerate(node.args[0]) if i not in positions]
+        node.args = (kept, *node.args[1:])
+    else:
+        kept = [t for i, t in enumerate(node.kwargs["tensors"]) if i not in positions]
+        node.kwargs = {**node.kwargs, "tensors": kept}
 
 
 def stack(op: OpView) -> Decision | None:
@@ -122,10 +157,22 @@ def pad_sequence(op: OpView) -> Decision | None:
 
 
 def _split_bounds(op: OpView, length: int) -> list[int] | None:
+    """Global offsets of the pieces' edges along the split dim (``None``: not known)."""
     name = op.name
     if name == "unbind":
         return None
-    if name == "chunk":
+    if name == "tensor_split":
+        spec = op.arg(1, "indices_or_sections", op.node.kwargs.get("sections", op.node.kwargs.get("indices")))
+        if isinstance(spec, int):
+            base, extra = divmod(length, spec)
+            sizes = [base + (1 if i < extra else 0) for i in range(spec)]
+        elif isinstance(spec, (list, tuple)) and all(isinstance(i, int) for i in spec):
+            edges = [0, *[min(max(i + length if i < 0 else i, 0), length) for i in spec], length]
+            # Decreasing indices make overlapping pieces (x[a:b] empty, then x[b:]): no rule.
+            return edges if all(a <= b for a, b in zip(edges[:-1], edges[1:])) else None
+        else:
+            return None
+    elif name == "chunk":
         chunks = op.arg(1, "chunks")
         size = -(-length // chunks)
         sizes = [min(size, length - i) for i in range(0, length, size)]
@@ -150,14 +197,50 @@ def _split_dim(op: OpView) -> int:
 
 
 def _local_split(graph: fx.Graph, node: fx.Node, ctx: Any) -> None:
-    # Each output is sharded on the split dim: split the local tensor by local sizes.
+    # Each output is sharded on the split dim (empty pieces replicated, of length 0 everywhere):
+    # split the local tensor by local sizes.
     src = node.args[0]
-    sizes = [local_length(p, ctx.n, ctx.rank) for p in ctx.pl(node)]
+    pls = ctx.pl(node)
+    dim = next(p.dim for p in pls if isinstance(p, Shard))
+    sizes = [local_length(p, ctx.n, ctx.rank) if isinstance(p, Shard) else 0 for p in pls]
     node.op, node.target = "call_method", "split"
-    node.args, node.kwargs = (src, sizes), {"dim": ctx.pl(node)[0].dim}
+    node.args, node.kwargs = (src, sizes), {"dim": dim}
+
+
+def _regathered_split(graph: fx.Graph, node: fx.Node, ctx: Any, bounds: tuple[int, ...]) -> None:
+    # The source arrives whole: take this rank's chunk of every piece, then split by their lengths.
+    src, pls = node.args[0], ctx.pl(node)
+    dim = next(p.dim for p in pls if isinstance(p, Shard))
+    ranges, sizes = [], []
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        a, b = chunk_bounds(hi - lo, ctx.n, ctx.rank) if hi > lo else (0, 0)
+        if b > a:
+            ranges.append((lo + a, b - a))
+        sizes.append(b - a)
+    with graph.inserting_before(node):
+        local = graph.call_function(rt.shard_slice, (src, dim, tuple(ranges) or ((0, 0),)))
+    node.op, node.target = "call_method", "split"
+    node.args, node.kwargs = (local, sizes), {"dim": dim}
+
+
+def _pieces(p: Shard, bounds: list[int]) -> list[Placement] | None:
+    """Placements of the pieces between ``bounds`` when each is made of whole segments of ``p``
+    (an empty piece is replicated: it has no rows to hold)."""
+    edges = sorted(set(bounds))
+    parts = split_segments(p, edges) if len(edges) > 1 else []
+    if parts is None:
+        return None
+    by_start = dict(zip(edges[:-1], parts))
+    return [by_start[lo] if hi > lo else REPLICATE for lo, hi in zip(bounds[:-1], bounds[1:])]
 
 
 def split(op: OpView) -> Decision | None:
+    """``split`` / ``split_with_sizes`` / ``tensor_split`` / ``chunk`` / ``unbind``.
+
+        x: S(1:T+I), split [T, I] on dim 1     -> (S(1), S(1))          local split sizes
+        x: S(1:T+I), split [0, T, I, 0]        -> (R, S(1), S(1), R)    empty pieces
+        x: S(1),     split [7, 64] (cut in a shard) -> x gathered, (S(1), S(1)) fresh even shards
+    """
     src = op.node.args[0]
     p = op.pl(src)
     outs = op.out_value
@@ -174,17 +257,32 @@ def split(op: OpView) -> Decision | None:
             return Decision(tuple(q for _ in range(count)))
         return Decision(tuple(p for _ in range(count)))
     bounds = _split_bounds(op, shape(src)[dim])
-    if bounds is None:
+    if bounds is None or len(bounds) - 1 != count:
         return None
-    parts = split_segments(p, bounds)
-    if parts is None:
-        return None
-    return Decision(tuple(parts), rewrite=_local_split)
+    if all(hi == lo for lo, hi in zip(bounds[:-1], bounds[1:])):
+        return Decision(tuple(REPLICATE for _ in range(count)), {src: REPLICATE})
+    parts = _pieces(p, bounds)
+    if parts is not None:
+        return Decision(tuple(parts), rewrite=_local_split)
+    # A cut inside a shard: gather the source once and re-split every piece evenly. The seed
+    # search tries seeds whose segments fall on such cuts (then this is not met).
+    fresh = tuple(Shard(dim, (hi - lo,), 1) if hi > lo else REPLICATE for lo, hi in zip(bounds[:-1], bounds[1:]))
+    return Decision(fresh, {src: REPLICATE}, rewrite=functools.partial(_regathered_split, bounds=tuple(bounds)))
+
+
+def cut_offsets(node: fx.Node, name: str, src: fx.Node) -> list[int]:
+    """Global offsets along ``src``'s split dim where split-like op ``node`` cuts it (for the
+    seed search, which prefers seeds whose segments end there); empty when unknown."""
+    if name not in ("split", "split_with_sizes", "tensor_split", "chunk") or not node.args or node.args[0] is not src:
+        return []
+    view = OpView(node, {}, 1, name)
+    bounds = _split_bounds(view, shape(src)[_split_dim(view) % len(shape(src))])
+    return [] if bounds is None else sorted(set(bounds[1:-1]) - {0, shape(src)[_split_dim(view) % len(shape(src))]})
 
 
 TABLE = [
     (["cat", "concat", "concatenate"], cat),
     (["stack"], stack),
     (["pad_sequence"], pad_sequence),
-    (["split", "split_with_sizes", "chunk", "unbind"], split),
+    (["split", "split_with_sizes", "tensor_split", "chunk", "unbind"], split),
 ]

@@ -9,13 +9,14 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch.fx as fx
 import torch.nn.functional as F
 
 from ..graph import is_tensor, shape
-from ..placements import REPLICATE, Replicate, Shard
+from ..placements import REPLICATE, Replicate, Shard, chunk_bounds
 from .core import Decision, OpView, on_first_shard, align_to, local_range, replicate_all, split_segments
 
 
@@ -133,8 +134,50 @@ def getitem(op: OpView) -> Decision | None:
         return None
     q, rewrite, why = index_view(p, index, len(shape(src)))
     if q is None:
-        return replicate_all(op, why)
+        return regathered_slice(op, src, p, index) or replicate_all(op, why)
     return Decision(q, rewrite=_local_getitem if rewrite else None)
+
+
+def regathered_slice(op: OpView, src: fx.Node, p: Shard, index: Any) -> Decision | None:
+    """A step-1 slice of the sharded dim that cuts inside a shard, or an empty one.
+
+        x: S(1)[B, 71, D]   x[:, :7]    -> x gathered once (shared by every such slice of x), S(1) of 7
+        x: S(1)[B, 71, D]   x[:, 71:]   -> R (empty: nothing to hold, nothing moved)
+
+    The rest of the graph stays sharded; the seed search prefers seeds whose segments end at
+    such cuts (then the slice is local and this is not met).
+    """
+    index = _basic(index)
+    if index is None:
+        return None
+    for pos, e, in_dim, out_dim in _walk(index, len(shape(src))):
+        if in_dim != p.dim:
+            continue
+        if out_dim is None or not isinstance(e, slice):
+            return None
+        bounds = _slice_bounds(e, p.length)
+        if bounds is None:
+            return None
+        lo, hi = bounds
+        if hi == lo:
+            return Decision(REPLICATE, rewrite=functools.partial(_slice_getitem, pos=pos, lo=0, hi=0, whole=False))
+        return Decision(Shard(out_dim, (hi - lo,), 1), {src: REPLICATE},
+                        rewrite=functools.partial(_slice_getitem, pos=pos, lo=lo, hi=hi, whole=True))
+    return None
+
+
+def _slice_getitem(graph: fx.Graph, node: fx.Node, ctx: Any, pos: int, lo: int, hi: int, whole: bool) -> None:
+    # ``whole``: the source arrives gathered; take this rank's chunk of [lo, hi). Else an empty slice.
+    src, index = node.args
+    new = list(index if isinstance(index, tuple) else (index,))
+    if pos >= len(new):
+        new.extend([slice(None)] * (pos - len(new) + 1))
+    if whole:
+        a, b = chunk_bounds(hi - lo, ctx.n, ctx.rank)
+        new[pos] = slice(lo + a, lo + b)
+    else:
+        new[pos] = slice(0, 0)
+    node.args = (src, tuple(new))
 
 
 def setitem(op: OpView) -> Decision | None:
@@ -185,8 +228,23 @@ def narrow(op: OpView, src: fx.Node, p: Shard, others: dict) -> Decision | None:
         return None
     parts = split_segments(p, [start, start + length])
     if parts is None:
-        return replicate_all(op, "narrow of the sharded dim does not fall on segment boundaries")
+        return regathered_narrow(op, src, dim, start, length)
     return Decision(parts[0], rewrite=_local_narrow)
+
+
+def regathered_narrow(op: OpView, src: fx.Node, dim: int, start: int, length: int) -> Decision:
+    """``narrow`` cutting inside a shard: as :func:`regathered_slice` (gathered once, then an even
+    shard of the piece; an empty piece is replicated for free)."""
+    start = start + shape(src)[dim] if start < 0 else start
+    if length == 0:
+        return Decision(REPLICATE, rewrite=functools.partial(_chunk_narrow, start=0, length=0, whole=False))
+    return Decision(Shard(dim, (length,), 1), {src: REPLICATE},
+                    rewrite=functools.partial(_chunk_narrow, start=start, length=length, whole=True))
+
+
+def _chunk_narrow(graph: fx.Graph, node: fx.Node, ctx: Any, start: int, length: int, whole: bool) -> None:
+    a, b = chunk_bounds(length, ctx.n, ctx.rank) if whole else (0, 0)
+    node.args = (node.args[0], node.args[1], start + a, b - a)
 
 
 @on_first_shard

@@ -8,6 +8,7 @@ from . import (
     attention, cat_split, complex, conv, factory, group_norm, indexing, linear, norm, pointwise, reduction,
     resample, roll, runtime_ops, view,
 )
+from . import diagonal
 from .core import Decision, OpView
 
 Rule = Callable[[OpView], "Decision | None"]
@@ -15,7 +16,7 @@ Rule = Callable[[OpView], "Decision | None"]
 RULES: dict[str, Rule] = {}
 for _family in (
     pointwise, view, linear, norm, group_norm, reduction, cat_split, conv, attention, indexing, factory, runtime_ops,
-    resample, complex, roll,
+    resample, complex, roll, diagonal,
 ):
     for _names, _rule in _family.TABLE:
         for _name in _names:

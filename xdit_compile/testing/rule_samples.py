@@ -485,6 +485,7 @@ def _cat_split(name: str, n: int) -> list[Sample]:
                 S(name, fn, ((X, Y), 0), (a, a2)), S(name, fn, ([Y, X],), (a, t5), {"dim": 1}),
                 S(name, fn, ([X, Y, Z], 1), (a, t5, gen.randn(2, 0, E))),
                 S(name, fn, ([X, Y], 1), (gen.randn(2, 2 * n, E), gen.randn(2, 2 * n, E))),
+                S(name, fn, ([X, Y], -1), (a, gen.randn(2, L, 0))), S(name, fn, ([Y, X, Z], 1), (a, gen.randn(2, 0, 3), gen.randn(0))),
                 S(name, fn, ([X, Y],), (a, t5), {"axis": 1}) if name == "concatenate" else S(name, fn, ([X, Y], 2), (a, a2))]
     if name == "stack":
         return [S(name, torch.stack, ([X, Y], 0), (a, a2)), S(name, torch.stack, ([X, Y],), (a, a2), {"dim": -1}),
@@ -497,9 +498,14 @@ def _cat_split(name: str, n: int) -> list[Sample]:
     forms: list[tuple[tuple, dict]]
     if name == "split":
         forms = [((X, 3, 1), {}), ((X, [n + 1, 2 * n]), {"dim": 1}), ((X, [E // 2, E // 2]), {"dim": -1}),
-                 ((X, 2), {"dim": 2}), ((X, [3, L - 3], 1), {}), ((X, 1), {})]
+                 ((X, 2), {"dim": 2}), ((X, [3, L - 3], 1), {}), ((X, 1), {}), ((X, [0, L, 0], 1), {}),
+                 ((X, [E, 0]), {"dim": -1})]
     elif name == "split_with_sizes":
-        forms = [((X, [3, L - 3], 1), {}), ((X, [n + 1, 2 * n]), {"dim": 1}), ((X, [1, 1]), {})]
+        forms = [((X, [3, L - 3], 1), {}), ((X, [n + 1, 2 * n]), {"dim": 1}), ((X, [1, 1]), {}),
+                 ((X, [3, 0, L - 3], 1), {})]
+    elif name == "tensor_split":
+        forms = [((X, 3, 1), {}), ((X, [0, L], 1), {}), ((X, [2, 2]), {"dim": 1}), ((X, [1]), {}),
+                 ((X, 2 * L), {"dim": 1}), ((X, [3, -2], -1), {})]
     elif name == "chunk":
         forms = [((X, 2, 1), {}), ((X, 3), {"dim": 2}), ((X, 3, -2), {}), ((X, 2), {})]
     else:
@@ -600,7 +606,8 @@ def _indexing(name: str, n: int) -> list[Sample]:
     if name == "getitem":
         idx = [(sl(None), sl(2, 5)), (sl(None), None), (Ellipsis, 0), (sl(None), 1), 0, (sl(None), sl(None, 3)),
                (sl(None), sl(None, None, 2)), (sl(1, None), sl(None), sl(None, 4)), (sl(None), sl(-3, None)),
-               (sl(None), None, Ellipsis, sl(2, None)), (sl(None), sl(None, n + 1))]
+               (sl(None), None, Ellipsis, sl(2, None)), (sl(None), sl(None, n + 1)),
+               (sl(None), sl(L, None)), (Ellipsis, sl(E, None)), (sl(None), sl(3, 3)), (sl(None), sl(1, -1))]
         out = [S(name, operator.getitem, (X, i), (x,)) for i in idx]
         out.append(S(name, operator.getitem, (X, (sl(None), Y)), (x, torch.tensor([0, 2, 1]))))
         out.append(S(name, operator.getitem, (X, Y), (x, gen.bools(2, L, E))))
@@ -615,7 +622,8 @@ def _indexing(name: str, n: int) -> list[Sample]:
     if name == "narrow":
         return (_spellings(name, (X, 1, 2, 3), inputs=(x,)) + _spellings(name, (X, 2, 0, 3), inputs=(x,))
                 + [S(name, "narrow", (X, 1, 0, n + 1), (x,)), S(name, "narrow", (X, 1, -3, 2), (x,)),
-                   S(name, "narrow", (X, -2, n + 1, L - n - 1), (x,))])
+                   S(name, "narrow", (X, -2, n + 1, L - n - 1), (x,)), S(name, "narrow", (X, 1, 2, 0), (x,)),
+                   S(name, "narrow", (X, 1, 1, L - 2), (x,))])
     if name == "index_select":
         i3 = torch.tensor([0, 2, 1])
         return _spellings(name, (X, 1, Y), inputs=(x, i3)) + _spellings(name, (X, 2, Y), inputs=(x, i3))
@@ -778,7 +786,19 @@ def samples_for(name: str, n: int) -> list[Sample]:
         return _runtime(name, n)
     if name in resample.INTERPOLATE + resample.ATEN_NEAREST:
         return _resample(name, n)
+    if name == "diag_embed":
+        return _diag_embed(name, n)
     return []
+
+
+def _diag_embed(name: str, n: int) -> list[Sample]:
+    gen = _Gen(name)
+    L, E = 3 * n + 1, 2 * n + 2
+    x = gen.randn(2, L, E)
+    S = Sample
+    return [*_spellings(name, (X,), {}, (x,)), S(name, torch.diag_embed, (X, 1), (x,)),
+            S(name, torch.diag_embed, (X,), (x,), {"dim1": 0, "dim2": 2}),
+            S(name, torch.diag_embed, (X, -1, 1, 3), (x,)), S(name, "diag_embed", (X,), (gen.randn(L, E),))]
 
 
 __all__ = ["In", "OtherGroup", "Sample", "samples_for"]
