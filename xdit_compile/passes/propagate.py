@@ -75,10 +75,9 @@ class Propagation:
 
 def _numel(v: Any) -> int:
     if isinstance(v, torch.Tensor):
-        # Data-dependent sizes have no value at compile time; any guess serves a cost estimate.
         out = 1
         for d in v.shape:
-            out *= d if isinstance(d, int) else 64
+            out *= _size(d)
         return out
     if isinstance(v, (tuple, list)):
         return sum(_numel(x) for x in v)
@@ -86,8 +85,18 @@ def _numel(v: Any) -> int:
 
 
 def _size(d: Any) -> int:
-    """A size for cost estimates: data-dependent (unbacked) sizes get the same guess as ``_numel``."""
-    return d if isinstance(d, int) else 64
+    """A size for cost estimates. Data-dependent (unbacked) sizes have no value at compile time:
+    their upper bound where the shape environment knows one (``nonzero`` of N elements: N), else
+    a guess. A bound keeps a small data-dependent stretch from outweighing the rest of the graph."""
+    if isinstance(d, int):
+        return d
+    try:
+        upper = d.node.shape_env.bound_sympy(d.node.expr).upper
+        if upper.is_finite and int(upper) < 2**31:
+            return max(int(upper), 1)
+    except (AttributeError, TypeError, ValueError):
+        pass
+    return 64
 
 
 def _elsize(v: Any) -> int:
