@@ -46,7 +46,7 @@ from .passes.refresh_meta import refresh_meta
 from .passes.settle_writes import settle_writes
 from .placements import REPLICATE, Shard
 from .plan import ParallelPlan
-from .report import AxisReport, PlanReport, publish, reports
+from .report import AxisReport, PlanReport, graph_break_text, graph_breaks, publish, reports
 from .dynamic_values import per_value, value_nodes
 from .specialize import per_shape, symbolic_inputs
 
@@ -272,6 +272,9 @@ def _guarded(plan: ParallelPlan, example_inputs: Sequence[Any], build: Callable[
         return guard_backward(build(), plan.describe(), why)
 
 
+_WARNED_BREAKS: list[bool] = []  # the graph-break WARNING is logged once per process
+
+
 @checked  # ranks agree on what they compile first; each call checks its inputs and names timeouts
 def xdit_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: dict | None = None,
                  split_values: bool = True, **_: Any) -> Callable:
@@ -304,6 +307,10 @@ def xdit_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: dic
     report.warnings = random_ops(gm)
     for w in report.warnings:
         log.warning("xdit: %s", w)
+    report.graph_breaks = graph_breaks()
+    if report.graph_breaks and world > 1 and not _WARNED_BREAKS:
+        _WARNED_BREAKS.append(True)
+        log.warning("xdit: graph breaks: %s", graph_break_text(report.graph_breaks))
     if world == 1:
         publish(report)
         return _inner(plan, gm, example_inputs)

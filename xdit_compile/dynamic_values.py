@@ -22,9 +22,10 @@ with as many valid tokens reuses the program; at most ``CACHE_SIZE`` programs, l
 out. The first program is compiled for the example inputs when the backend is called.
 
 Ranks agree on the values: they are computed from the call's arguments and the weights, which
-``guard.Guarded`` checks are equal on every rank before each call. With ``check_inputs=False``
-each call all-gathers one int64 digest of the signature and raises ``RankMismatchError`` when
-ranks differ (instead of posting collectives of different sizes, which hangs or aborts).
+``guard.Guarded`` checks are equal on every rank before each call, so every rank misses the cache
+together. Each miss (and, with ``check_inputs=False``, each call) all-gathers one int64 digest of
+the signature and raises ``RankMismatchError`` when ranks differ, instead of compiling different
+programs that would post collectives of different sizes (a hang or an abort).
 
 A prefix that would write a caller's tensor or draw random numbers runs twice per call: such a
 graph is not split (``Refused``), and runs through the passes with its unbacked sizes replicated.
@@ -232,8 +233,9 @@ class PerValue:
     def describe(self, results: Sequence[Any]) -> str:
         parts = []
         for v, r in zip(self.values, results):
-            what = f"{tuple(r.shape)}" if isinstance(r, torch.Tensor) else repr(r)
-            parts.append(f"{v.name} ({op_name(v)}) = {what}")
+            what = f"shape {tuple(r.shape)}" if isinstance(r, torch.Tensor) else repr(r)
+            op = op_name(v)
+            parts.append(f"{v.name}{'' if v.name.startswith(str(op)) else f' ({op})'} = {what}")
         return ", ".join(parts)
 
     def _program(self, args: list[Any]) -> tuple[Callable, list[torch.Tensor]]:
@@ -241,10 +243,10 @@ class PerValue:
             results = list(self.prefix(*args))
         results = [r if isinstance(r, torch.Tensor) else _python(r) for r in results]
         key = signature(results)
-        if self.check:
-            self._agree(key)
-        extras = [r for r in results if isinstance(r, torch.Tensor)]
         fn = self.cache.get(key)
+        if self.check or fn is None:  # every rank misses together when inputs agree (see module docstring)
+            self._agree(key, results)
+        extras = [r for r in results if isinstance(r, torch.Tensor)]
         if fn is not None:
             self.cache.move_to_end(key)
             return fn, extras
@@ -267,7 +269,8 @@ class PerValue:
         self.compiled += 1
         return fn, extras
 
-    def _agree(self, key: Signature) -> None:
+    def _agree(self, key: Signature, results: Sequence[Any]) -> None:
+        """All-gather the signature's digest; ``RankMismatchError`` on every rank when ranks differ."""
         world = dist.get_world_size()
         mine = torch.tensor([_digest(key)], dtype=torch.int64)
         every = [torch.zeros_like(mine) for _ in range(world)]
@@ -275,10 +278,10 @@ class PerValue:
         odd = [r for r in range(world) if int(every[r]) != int(every[0])]
         if odd:
             raise RankMismatchError(
-                f"xdit: {self.name}: the data-dependent values ({', '.join(f'{v.name} ({op_name(v)})' for v in self.values)}) "
-                f"differ between ranks: rank {dist.get_rank()} computed {key}, and ranks {odd} differ from rank 0. "
-                "Every rank must pass the same inputs (masks included): seed every rank alike or broadcast the "
-                "inputs from rank 0")
+                f"xdit: {self.name}: ranks computed different data-dependent values, so they would compile "
+                f"different programs and post collectives of different sizes: rank {dist.get_rank()} has "
+                f"{self.describe(results)}; ranks {odd} differ from rank 0. Every rank must pass the same inputs "
+                "(masks included): seed every rank alike or broadcast the inputs from rank 0")
 
     def __call__(self, *args: Any) -> Any:
         fn, extras = self._program(list(args))
