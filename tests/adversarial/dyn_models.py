@@ -12,7 +12,8 @@ sizes (without them, each is a graph break):
                   the same length
 
 ``make(name, batch=2, seed=0)`` returns ``(model.eval(), kwargs)``; ``inputs(name, batch, valid)``
-builds inputs whose last sample has ``valid`` text tokens. Every forward takes ``return_dict``.
+builds inputs whose last sample has ``valid`` text tokens (the others ``TEXT``, or ``valid + 2``
+for ``item_len``). Every forward takes ``return_dict``.
 """
 
 from __future__ import annotations
@@ -112,13 +113,13 @@ _MODELS = {"select_text": SelectText, "item_len": ItemLen}
 
 
 def inputs(name: str, batch: int = 2, valid: int = 5, seed: int = 0) -> dict:
-    """Inputs (the same on every rank) whose last sample has ``valid`` of ``TEXT`` text tokens."""
+    """Inputs (the same on every rank) whose last sample has ``valid`` of ``TEXT`` text tokens (see module docstring)."""
     g = torch.Generator().manual_seed(seed + 1)
     x = torch.randn(batch, 4, 16, 16, generator=g)
     mask = torch.ones(batch, TEXT, dtype=torch.long)
-    mask[-1, valid:] = 0
     if name == "item_len":
-        mask[:, TEXT - 1] = 0  # every caption is padded: the slice length is below TEXT
+        mask[:, min(valid + 2, TEXT - 1):] = 0  # every caption is padded: the slice length is below TEXT
+    mask[-1, valid:] = 0
     return {"x": x, "ctx": torch.randn(batch, TEXT, 32, generator=g), "ctx_mask": mask}
 
 
