@@ -43,6 +43,7 @@ import torch
 import torch.distributed as dist
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
+from torch.utils._sympy.symbol import SymT, symbol_is_type
 
 from .errors import RankMismatchError
 from .graph import eliminate_dead_code, has_side_effects, op_name, value, written_inputs
@@ -65,10 +66,12 @@ class Refused(Exception):
 
 
 def _unbacked(v: Any) -> set:
+    """The unbacked *integer* symbols in ``v``: sizes known only at run time. Unbacked floats
+    (``x.max().item()`` used as a factor) size nothing; they stay in the graph as they are."""
     if isinstance(v, (list, tuple)):
         return set().union(*(_unbacked(x) for x in v)) if v else set()
     if isinstance(v, (torch.Tensor, torch.SymInt, torch.SymFloat, torch.SymBool)):
-        return set(free_unbacked_symbols(v))
+        return {s for s in free_unbacked_symbols(v) if symbol_is_type(s, SymT.UNBACKED_INT)}
     return set()
 
 
@@ -151,6 +154,17 @@ def _prefix_module(gm: fx.GraphModule, nodes: list[fx.Node], values: list[fx.Nod
     return fx.GraphModule(gm, graph)
 
 
+def _tensors(results: Sequence[Any]) -> list[torch.Tensor]:
+    """The tensors among ``results`` (one level of tuples opened), in the order ``substitute`` adds inputs."""
+    out: list[torch.Tensor] = []
+    for r in results:
+        if isinstance(r, torch.Tensor):
+            out.append(r)
+        elif isinstance(r, (tuple, list)):
+            out.extend(x for x in r if isinstance(x, torch.Tensor))
+    return out
+
+
 def _python(x: Any) -> Any:
     if isinstance(x, torch.Tensor):
         return x
@@ -188,14 +202,28 @@ def substitute(gm: fx.GraphModule, values: list[fx.Node], results: Sequence[Any]
     new = _copy(gm)
     mapping = dict(zip(gm.graph.nodes, new.graph.nodes))
     last_ph = [n for n in new.graph.nodes if n.op == "placeholder"][-1]
+
+    def placeholder(node: fx.Node, suffix: str) -> fx.Node:
+        nonlocal last_ph
+        with new.graph.inserting_after(last_ph):
+            ph = new.graph.placeholder(f"xdit_value_{node.name}{suffix}")
+        ph.meta["grapharg"] = _label(f"value of {node.name}{suffix} ({op_name(node)})")
+        last_ph = ph
+        return ph
+
     for v, r in zip(values, results):
         node = mapping[v]
         if isinstance(r, torch.Tensor):
-            with new.graph.inserting_after(last_ph):
-                ph = new.graph.placeholder(f"xdit_value_{node.name}")
-            ph.meta["grapharg"] = _label(f"value of {node.name} ({op_name(node)})")
-            last_ph = ph
-            node.replace_all_uses_with(ph)
+            node.replace_all_uses_with(placeholder(node, ""))
+        elif isinstance(r, (tuple, list)) and any(isinstance(x, torch.Tensor) for x in r):
+            # nonzero(as_tuple=True): each element read by getitem becomes its own input.
+            users = list(node.users)
+            if not all(op_name(u) == "getitem" and isinstance(u.args[1], int) for u in users):
+                raise Refused(f"{node.name} ({op_name(node)}) returns tensors read other than by index")
+            phs = [placeholder(node, f"_{i}") if isinstance(x, torch.Tensor) else x for i, x in enumerate(r)]
+            for u in users:
+                u.replace_all_uses_with(phs[u.args[1]])
+                new.graph.erase_node(u)
         else:
             node.replace_all_uses_with(_python(r))  # type: ignore[arg-type]
     eliminate_dead_code(new.graph)
@@ -233,7 +261,8 @@ class PerValue:
     def describe(self, results: Sequence[Any]) -> str:
         parts = []
         for v, r in zip(self.values, results):
-            what = f"shape {tuple(r.shape)}" if isinstance(r, torch.Tensor) else repr(r)
+            what = (f"shape {tuple(r.shape)}" if isinstance(r, torch.Tensor) else
+                    f"shapes {[tuple(x.shape) for x in r]}" if _tensors([r]) else repr(r))
             op = op_name(v)
             parts.append(f"{v.name}{'' if v.name.startswith(str(op)) else f' ({op})'} = {what}")
         return ", ".join(parts)
@@ -246,7 +275,7 @@ class PerValue:
         fn = self.cache.get(key)
         if self.check or fn is None:  # every rank misses together when inputs agree (see module docstring)
             self._agree(key, results)
-        extras = [r for r in results if isinstance(r, torch.Tensor)]
+        extras = _tensors(results)
         if fn is not None:
             self.cache.move_to_end(key)
             return fn, extras
