@@ -6,6 +6,7 @@ prefix that computes them, then compiles the rest as a static per-rank program f
 (``xdit_compile/dynamic_values.py``). One spawn of 2 ranks (Ulysses 2, eager inner) runs:
 
     mochi         diffusers' Mochi (per-sample nonzero text selection in its attention processor)
+    lumina2       diffusers' Lumina2 (``mask.sum(1).tolist()`` lengths, tokens packed per sample)
     select_text   own model: per-sample nonzero of the text mask before joint attention
     item_len      own model: ``mask.sum(1).max().item()`` as a slice length
 
@@ -32,6 +33,7 @@ OPTIONS = {"ulysses_degree": 2, "inner": "eager"}
 OWN = "tests.adversarial.dyn_models:make"
 ZOO = "examples.tiny_dits_more:make_more"
 OWN_MODELS = ["select_text", "item_len"]
+ZOO_MODELS = ["mochi", "lumina2"]
 TOL = 1e-4
 MAX_FLOPS = 0.60
 
@@ -132,7 +134,7 @@ def _graph_breaks() -> dict[str, Any]:
 def _job() -> dict[str, Any]:
     return {
         "own": parity_many(OWN, OWN_MODELS, OPTIONS, dynamo_config=CAPTURE),
-        "mochi": parity_many(ZOO, ["mochi"], OPTIONS, dynamo_config=CAPTURE)[0],
+        "zoo": parity_many(ZOO, ZOO_MODELS, OPTIONS, dynamo_config=CAPTURE),
         "new_values": {name: _new_values(name) for name in [*OWN_MODELS, "mochi"]},
         "disagree": _ranks_disagree(),
         "breaks": _graph_breaks(),
@@ -156,9 +158,10 @@ def _check_parity(name: str, r: ParityResult) -> None:
     assert r.flops <= MAX_FLOPS * r.ref_flops, f"{name} rank {r.rank}: {r.flops} FLOPs vs {r.ref_flops}\n{r.report}"
 
 
-def test_mochi_captured_exact_and_split() -> None:
+@pytest.mark.parametrize("model", ZOO_MODELS)
+def test_zoo_model_captured_exact_and_split(model: str) -> None:
     for res in _results():
-        _check_parity("mochi", res["mochi"])
+        _check_parity(model, res["zoo"][ZOO_MODELS.index(model)])
 
 
 @pytest.mark.parametrize("model", OWN_MODELS)
