@@ -289,3 +289,63 @@ def test_split_keeps_float_items_and_opens_nonzero_tuples() -> None:
     assert any(n.target == "item" for n in static.graph.nodes)
     out = static(*ex, *extras)
     torch.testing.assert_close(out[0] if isinstance(out, (tuple, list)) else out, f(x, m))
+
+
+def test_boolean_masks_become_positions() -> None:
+    """No spawn: ``x[m]``, ``x[:, m[0]]`` and ``masked_select`` select by ``nonzero`` positions of the
+    mask alone, so the prefix reads no activation; the program is exact."""
+    from xdit_compile.dynamic_values import (_prefix_module, _tensors, index_by_positions, prefix_nodes,
+                                             substitute, value_nodes)
+    from xdit_compile.passes.refresh_meta import refresh_meta
+    from xdit_compile.specialize import specialise
+
+    def f(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(x @ x.T @ x)
+        return h[m].sum() + h[:, m[0]].sum(1) + torch.masked_select(h, m[0]).sum()
+
+    graphs = []
+
+    def keep(gm: torch.fx.GraphModule, ex: list) -> Any:
+        graphs.append((gm, ex))
+        return gm.forward
+
+    x, m = torch.randn(4, 6), torch.randn(4, 6) > 0
+    with torch._dynamo.config.patch(**CAPTURE):
+        torch._dynamo.reset()
+        torch.compile(f, backend=keep, fullgraph=True)(x, m)
+    gm, ex = graphs[0]
+    assert index_by_positions(gm)
+    refresh_meta(gm, ex)
+    values = value_nodes(gm)
+    assert values and all(str(v.target) == str(torch.nonzero) for v in values), values
+    prefix = prefix_nodes(gm, values)
+    assert not any(n.op != "placeholder" and "relu" in str(n.target) or "matmul" in str(n.target)
+                   for n in prefix), prefix
+    results = list(_prefix_module(gm, prefix, values)(*ex))
+    extras = _tensors(results)
+    static = specialise(substitute(gm, values, results), [*ex, *extras])
+    out = static(*ex, *extras)
+    torch.testing.assert_close(out[0] if isinstance(out, (tuple, list)) else out, f(x, m))
+
+
+def test_selected_data_is_not_taken_out_of_the_program() -> None:
+    """No spawn: a value node whose result is data (a boolean selection after an Ellipsis, left as
+    written) is refused: the graph is not split, rather than run what it reads replicated."""
+    from xdit_compile.dynamic_values import PerValue, Refused
+
+    def f(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x @ x.T @ x)[..., m].sum(-1)
+
+    graphs = []
+
+    def keep(gm: torch.fx.GraphModule, ex: list) -> Any:
+        graphs.append((gm, ex))
+        return gm.forward
+
+    x, m = torch.randn(4, 6), torch.tensor([True, False, True, True, False, True])
+    with torch._dynamo.config.patch(**CAPTURE):
+        torch._dynamo.reset()
+        torch.compile(f, backend=keep, fullgraph=True)(x, m)
+    gm, ex = graphs[0]
+    with pytest.raises(Refused, match="computes data"):
+        PerValue(gm, ex, lambda g, e: g.forward)

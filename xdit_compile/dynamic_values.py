@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import operator
 from collections import OrderedDict
 from types import SimpleNamespace
 from typing import Any, Callable, Sequence
@@ -46,7 +47,9 @@ from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 from torch.utils._sympy.symbol import SymT, symbol_is_type
 
 from .errors import RankMismatchError
-from .graph import eliminate_dead_code, has_side_effects, op_name, value, written_inputs
+from .gradients import needs_guard
+from .graph import eliminate_dead_code, has_side_effects, is_tensor, op_name, value, written_inputs
+from .passes.refresh_meta import refresh_meta
 
 log = logging.getLogger("xdit_compile")
 
@@ -92,6 +95,63 @@ def value_nodes(gm: fx.GraphModule) -> list[fx.Node]:
         if mine - seen:
             out.append(node)
     return out
+
+
+def _is_bool(x: Any) -> bool:
+    v = value(x)
+    return isinstance(x, fx.Node) and isinstance(v, torch.Tensor) and v.dtype == torch.bool
+
+
+def index_by_positions(gm: fx.GraphModule) -> bool:
+    """Rewrite boolean-mask selections into indexing by the mask's ``nonzero`` positions (in place).
+
+    ``x[..., m]`` and ``torch.masked_select(x, m)`` make a value node whose result is data (the
+    selected elements): computed before the program, everything ``x`` reads would run replicated.
+    Their ``nonzero(m, as_tuple=True)`` positions depend on the mask alone::
+
+        y = x[:, m]                  ->   p = torch.nonzero(m, as_tuple=True); y = x[:, p[0], p[1]]
+        y = torch.masked_select(x, m) ->  x.expand(shape)[nonzero(m.expand(shape), as_tuple=True)]
+
+    Writes no meta (the caller refreshes it). Returns whether anything changed.
+    """
+    changed = False
+    for node in list(gm.graph.nodes):
+        name = op_name(node)
+        if name == "masked_select" and len(node.args) == 2 and all(is_tensor(a) for a in node.args):
+            x, m = node.args
+            sizes = (*value(x).shape, *value(m).shape)
+            if not all(isinstance(d, int) for d in sizes):
+                continue
+            # Each expanded to the broadcast shape on its own: the positions must not read x.
+            full = tuple(torch.broadcast_shapes(value(x).shape, value(m).shape))
+            with gm.graph.inserting_before(node):
+                xb = gm.graph.call_method("expand", (x, full))
+                mb = gm.graph.call_method("expand", (m, full))
+                pos = gm.graph.call_function(torch.nonzero, (mb,), {"as_tuple": True})
+                idx = tuple(gm.graph.call_function(operator.getitem, (pos, i)) for i in range(len(full)))
+                new = gm.graph.call_function(operator.getitem, (xb, idx))
+            node.replace_all_uses_with(new)
+            gm.graph.erase_node(node)
+            changed = True
+        elif name == "getitem" and len(node.args) == 2 and isinstance(value(node.args[0]), torch.Tensor):
+            x, index = node.args
+            items = index if isinstance(index, tuple) else (index,)
+            masks = [i for i, it in enumerate(items) if _is_bool(it)]
+            if len(masks) != 1 or any(it is Ellipsis for it in items[:masks[0]]):
+                continue  # one mask, placed by position (an Ellipsis before it would move it)
+            p = masks[0]
+            m = items[p]
+            with gm.graph.inserting_before(node):
+                pos = gm.graph.call_function(torch.nonzero, (m,), {"as_tuple": True})
+                idx = tuple(gm.graph.call_function(operator.getitem, (pos, i)) for i in range(value(m).dim()))
+                new = gm.graph.call_function(operator.getitem, (x, (*items[:p], *idx, *items[p + 1:])))
+            node.replace_all_uses_with(new)
+            gm.graph.erase_node(node)
+            changed = True
+    if changed:
+        eliminate_dead_code(gm.graph)
+        gm.recompile()
+    return changed
 
 
 def _base(node: Any) -> Any:
@@ -249,7 +309,10 @@ class PerValue:
         from .specialize import _copy
 
         self.gm = _copy(gm)  # keeps the placeholders' grapharg meta, which Dynamo drops later
+        if index_by_positions(self.gm):
+            refresh_meta(self.gm, example_inputs)
         self.values = value_nodes(self.gm)
+        self.traced_for_autograd = needs_guard(example_inputs)
         self.nodes = prefix_nodes(self.gm, self.values)
         self.prefix = _prefix_module(self.gm, self.nodes, self.values)
         self.compile_static = compile_static
@@ -271,6 +334,12 @@ class PerValue:
         with torch.no_grad():
             results = list(self.prefix(*args))
         results = [r if isinstance(r, torch.Tensor) else _python(r) for r in results]
+        data = [v.name for v, r in zip(self.values, results) for t in _tensors([r])
+                if t.is_floating_point() or t.is_complex()]
+        if data:
+            raise Refused(f"{', '.join(data)} computes data (not positions or sizes) whose size depends on data: "
+                          "taken out of the program, what it reads would run replicated"
+                          + (" and its gradient would be lost" if self.traced_for_autograd else ""))
         key = signature(results)
         fn = self.cache.get(key)
         if self.check or fn is None:  # every rank misses together when inputs agree (see module docstring)
