@@ -349,3 +349,42 @@ def test_selected_data_is_not_taken_out_of_the_program() -> None:
     gm, ex = graphs[0]
     with pytest.raises(Refused, match="computes data"):
         PerValue(gm, ex, lambda g, e: g.forward)
+
+
+def test_per_value_caches_and_warns_about_a_heavy_prefix(caplog: pytest.LogCaptureFixture) -> None:
+    """No spawn: a size read off a matmul's result splits with a WARNING (that part runs replicated,
+    twice); one program per value, reused for a value seen before."""
+    from xdit_compile.dynamic_values import PerValue
+
+    def f(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        n = (x @ w).argmax().item() % 5 + 1
+        torch._check(n >= 1)
+        torch._check(n <= x.shape[0])
+        return x[:n].sum(0)
+
+    graphs = []
+
+    def keep(gm: torch.fx.GraphModule, ex: list) -> Any:
+        graphs.append((gm, ex))
+        return gm.forward
+
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(8, 6, generator=g), torch.randn(6, 4, generator=g)
+    with torch._dynamo.config.patch(**CAPTURE):
+        torch._dynamo.reset()
+        torch.compile(f, backend=keep, fullgraph=True)(x, w)
+    gm, ex = graphs[0]
+    compiled: list[int] = []
+
+    def compile_static(g: torch.fx.GraphModule, e: list) -> Any:
+        compiled.append(len(compiled))
+        return g.forward
+
+    with caplog.at_level("WARNING", logger="xdit_compile"):
+        fn = PerValue(gm, ex, compile_static)
+    assert "runs before the program, replicated on every rank" in caplog.text and "matmul" in caplog.text
+    for args in ([x, w], [x, -w], [x, w]):
+        out = fn(*args)
+        torch.testing.assert_close(out[0] if isinstance(out, (tuple, list)) else out, f(*args))
+    want = len({int((x @ v).argmax()) % 5 for v in (w, -w)})
+    assert len(compiled) == want and fn.compiled == want, (compiled, want)

@@ -27,8 +27,14 @@ together. Each miss (and, with ``check_inputs=False``, each call) all-gathers on
 the signature and raises ``RankMismatchError`` when ranks differ, instead of compiling different
 programs that would post collectives of different sizes (a hang or an abort).
 
-A prefix that would write a caller's tensor or draw random numbers runs twice per call: such a
-graph is not split (``Refused``), and runs through the passes with its unbacked sizes replicated.
+Before the split, boolean-mask selections (``x[m]``, ``masked_select``) become indexing by the
+mask's ``nonzero`` positions (``index_by_positions``), so the prefix reads the mask, not ``x``.
+Only unbacked *integer* symbols make value nodes: a float ``.item()`` (a factor) stays in the
+program. A graph is not split (``Refused``; it runs through the passes with its unbacked sizes
+replicated, as before) when its prefix would write a caller's tensor or draw random numbers (it
+runs twice per call), or when a value node's result is data rather than positions or sizes (taken
+out of the program, what it reads would run replicated and lose its gradient). A prefix with
+matmuls, convolutions or attention is split, with a WARNING (log and report): it runs replicated.
 """
 
 from __future__ import annotations
@@ -60,6 +66,9 @@ Signature = tuple[Any, ...]
 _VIEWS = frozenset({"view", "reshape", "getitem", "transpose", "permute", "unsqueeze", "squeeze", "flatten",
                     "unflatten", "expand", "narrow", "select", "slice", "as_strided", "view_as", "t", "movedim",
                     "split", "chunk", "unbind", "contiguous", "detach", "diagonal", "real", "imag"})
+# Ops that make a prefix expensive (it runs replicated, before the program and again inside it).
+_HEAVY = frozenset({"linear", "matmul", "bmm", "mm", "addmm", "baddbmm", "einsum", "conv1d", "conv2d", "conv3d",
+                    "conv_transpose2d", "scaled_dot_product_attention", "multi_head_attention_forward"})
 _RANDOM = frozenset({"rand", "randn", "randint", "rand_like", "randn_like", "randint_like", "bernoulli",
                      "multinomial", "normal", "dropout", "randperm", "uniform_", "normal_", "bernoulli_"})
 
@@ -315,11 +324,17 @@ class PerValue:
         self.traced_for_autograd = needs_guard(example_inputs)
         self.nodes = prefix_nodes(self.gm, self.values)
         self.prefix = _prefix_module(self.gm, self.nodes, self.values)
+        heavy = [f"{n.name} ({op_name(n)})" for n in self.nodes if op_name(n) in _HEAVY]
+        self.warning = (f"the data-dependent values ({', '.join(v.name for v in self.values)}) are computed from "
+                        f"{', '.join(heavy[:4])}{' ...' if len(heavy) > 4 else ''}: that part runs before the "
+                        "program, replicated on every rank, and again inside it") if heavy else None
         self.compile_static = compile_static
         self.check, self.cache_size, self.name = check, cache_size, name
         self.cache: OrderedDict[Signature, Callable] = OrderedDict()
         self.compiled = 0  # programs compiled so far (evicted ones compile again)
         self._program(list(example_inputs))  # the first program now, for the example's values
+        if self.warning:
+            log.warning("xdit: %s: %s", name, self.warning)
 
     def describe(self, results: Sequence[Any]) -> str:
         parts = []
@@ -363,12 +378,16 @@ class PerValue:
         fn = self.compile_static(static, [*args, *extras])
         for report in reports()[before:]:
             report.graph += f" [data-dependent values: {what}]"
+            if self.warning:
+                report.warnings.append(self.warning)
         self.cache[key] = fn
         self.compiled += 1
         return fn, extras
 
     def _agree(self, key: Signature, results: Sequence[Any]) -> None:
         """All-gather the signature's digest; ``RankMismatchError`` on every rank when ranks differ."""
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return
         world = dist.get_world_size()
         mine = torch.tensor([_digest(key)], dtype=torch.int64)
         every = [torch.zeros_like(mine) for _ in range(world)]
