@@ -116,4 +116,4 @@ def test_graph_breaks_and_unbacked_symints() -> None:
     for err1, graphs, err2, report in run_spmd(_graph_breaks_and_nonzero, 2, timeout=300):
         assert graphs == 2 and err1 < 1e-5
         assert err2 < 1e-5, report
-        assert "symbolic shapes" in report or "-> ulysses" in report, report
+        assert "symbolic shapes" in report or "-> ulysses" in report or "data-dependent values:" in report, report

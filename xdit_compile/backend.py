@@ -47,7 +47,8 @@ from .passes.refresh_meta import refresh_meta
 from .passes.settle_writes import settle_writes, unsettle
 from .placements import REPLICATE, Shard
 from .plan import ParallelPlan
-from .report import AxisReport, PlanReport, publish, reports
+from .report import AxisReport, PlanReport, graph_break_text, graph_breaks, publish, reports
+from .dynamic_values import per_value, value_nodes
 from .specialize import per_shape, symbolic_inputs
 
 log = logging.getLogger("xdit_compile")
@@ -276,9 +277,17 @@ def _guarded(plan: ParallelPlan, example_inputs: Sequence[Any], build: Callable[
         return guard_backward(build(), plan.describe(), why)
 
 
+_WARNED_BREAKS: list[bool] = []  # the graph-break WARNING is logged once per process
+
+
 @checked  # ranks agree on what they compile first; each call checks its inputs and names timeouts
-def xdit_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: dict | None = None, **_: Any) -> Callable:
-    """Rewrite a Dynamo graph into this rank's parallel program and compile it."""
+def xdit_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: dict | None = None,
+                 split_values: bool = True, **_: Any) -> Callable:
+    """Rewrite a Dynamo graph into this rank's parallel program and compile it.
+
+    ``split_values=False``: do not split a graph with data-dependent sizes at its value nodes
+    (``dynamic_values.py``; the split's own static programs are compiled so).
+    """
     plan = ParallelPlan.from_options(options)
     if not (dist.is_available() and dist.is_initialized()):
         if any(getattr(plan, a) not in (None, 1) for a in plan_mod.MESH_AXES):
@@ -294,10 +303,19 @@ def xdit_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: dic
     batch, heads = graph_facts(gm)
     plan = plan.resolve(world, batch, heads)
     graph_name = f"graph {len(reports())}"
+    if world > 1 and split_values and value_nodes(gm):  # nonzero / item captured: one static program per value
+        split = per_value(gm, example_inputs, lambda g, ex: xdit_backend.__wrapped__(g, ex, options, split_values=False),
+                          check=not plan.check_inputs, name=graph_name)
+        if split is not None:
+            return split
     report = PlanReport(graph_name, plan.describe(), rank, world, len(gm.graph.nodes))
     report.warnings = random_ops(gm)
     for w in report.warnings:
         log.warning("xdit: %s", w)
+    report.graph_breaks = graph_breaks()
+    if report.graph_breaks and world > 1 and not _WARNED_BREAKS:
+        _WARNED_BREAKS.append(True)
+        log.warning("xdit: graph breaks: %s", graph_break_text(report.graph_breaks))
     if world == 1:
         publish(report)
         return _inner(plan, gm, example_inputs)

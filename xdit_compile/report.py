@@ -39,6 +39,7 @@ class PlanReport:
     warnings: list[str] = field(default_factory=list)  # what may differ from one rank (e.g. train-mode dropout)
     recognised: dict[str, int] = field(default_factory=dict)  # role -> count
     pass_seconds: dict[str, float] = field(default_factory=dict)
+    graph_breaks: dict[str, int] = field(default_factory=dict)  # Dynamo's graph breaks so far: reason -> count
 
     def __str__(self) -> str:
         lines = [f"xdit plan for {self.graph} (rank {self.rank}/{self.world_size}, {self.nodes} nodes): {self.plan}"]
@@ -47,6 +48,8 @@ class PlanReport:
         if self.fallback:
             lines.append(f"  WHOLE GRAPH REPLICATED: {self.fallback}")
         lines.extend(f"  WARNING: {w}" for w in self.warnings)
+        if self.graph_breaks:
+            lines.append(f"  GRAPH BREAKS: {graph_break_text(self.graph_breaks)}")
         for ax in self.axes:
             lines.append(f"  axis {ax.axis} (degree {ax.degree})")
             lines.append("    sharded inputs: " + (", ".join(f"{i} {p}" for i, p in ax.seeds) or "none"))
@@ -65,6 +68,45 @@ class PlanReport:
         if self.pass_seconds:
             lines.append("  pass time: " + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in self.pass_seconds.items()))
         return "\n".join(lines)
+
+
+CAPTURE_FIX = ("to capture data-dependent ops (nonzero, item, tolist) in the graph, set "
+               "torch._dynamo.config.capture_dynamic_output_shape_ops = True and "
+               "torch._dynamo.config.capture_scalar_outputs = True")
+_CAPTURABLE = ("capture_dynamic_output_shape_ops", "capture_scalar_outputs", "Dynamic shape operator",
+               "data-dependent", "item()", "tolist")
+
+
+def graph_breaks() -> dict[str, int]:
+    """Dynamo's graph breaks in this process so far (``torch._dynamo.utils.counters["graph_break"]``),
+    each reason shortened to its first line and the op it names: ``"Dynamic shape operator
+    (aten.nonzero.default)" -> 3``. A reason whose fix is one of the capture flags is marked ``[capture]``."""
+    from torch._dynamo.utils import counters
+
+    out: dict[str, int] = {}
+    for reason, count in counters["graph_break"].items():
+        text = str(reason)
+        short = text.strip().splitlines()[0].strip() if text.strip() else "unknown"
+        debug = [ln.split(":", 1)[1].strip() for ln in text.splitlines() if "Developer debug context:" in ln]
+        if debug and debug[0] and debug[0] not in short:
+            short += f" ({debug[0][:80]})"
+        if any(k in text for k in _CAPTURABLE):
+            short += " [capture]"
+        out[short] = out.get(short, 0) + int(count)
+    return out
+
+
+def graph_break_text(breaks: dict[str, int]) -> str:
+    """One line: how many graph breaks, why, what that costs under xdit, and the fix when there is one."""
+    total = sum(breaks.values())
+    why = ", ".join(f"{r.replace(' [capture]', '')} x{c}" for r, c in sorted(breaks.items(), key=lambda kv: -kv[1]))
+    text = (f"{total} so far ({why}): the code between graphs runs eagerly, outside xdit, REPLICATED on every "
+            "rank (each rank does all of its work)")
+    if any(r.endswith("[capture]") for r in breaks):
+        text += f"; {CAPTURE_FIX}"
+    else:
+        text += "; torch._dynamo.explain(model)(*args) shows where they are"
+    return text
 
 
 _REPORTS: list[PlanReport] = []

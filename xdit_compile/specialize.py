@@ -14,7 +14,8 @@ whole static pipeline (passes, then the inner compiler) on the result::
 
 The placeholders stay, so the specialised graph takes exactly the arguments Dynamo passes.
 Compiled programs are cached by signature (``CACHE_SIZE`` entries, least recently used out).
-Sizes that depend on data (``nonzero``) stay unbacked ``SymInt``s, as in a static graph. If
+Sizes that depend on data (``nonzero``) stay unbacked ``SymInt``s, as in a static graph (which
+the backend then splits at those values: ``dynamic_values.py``). If
 specialising fails, that graph runs replicated with a WARNING and a plan report naming the cause
 and the fix (under PipeFusion, or with ``XDIT_STRICT=1``, it raises instead).
 """

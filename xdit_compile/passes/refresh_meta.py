@@ -6,7 +6,8 @@ Reads: the graph and the example inputs (real tensors, ints). Writes: ``node.met
 Every input size is static (``static_shapes=True``), so every size computed from the inputs is
 a plain int: this is also how ``specialize.py`` fixes a symbolic graph to one concrete shape.
 Sizes that depend on data (``nonzero``, boolean masks) come out as unbacked ``SymInt``s of a
-fresh ``ShapeEnv``, as Dynamo's own example values have them, instead of failing.
+fresh ``ShapeEnv``, as Dynamo's own example values have them, instead of failing (the backend
+splits such a graph at those values before the passes: ``dynamic_values.py``).
 """
 
 from __future__ import annotations

@@ -130,8 +130,14 @@ class _Tally:
         return total
 
 
-def parity_job(factory: str, name: str, options: dict[str, Any], batch: int = 2, seed: int = 0) -> ParityResult:
-    """Run on every rank (inside ``run_spmd``): reference, compiled run, comparison."""
+def parity_job(factory: str, name: str, options: dict[str, Any], batch: int = 2, seed: int = 0,
+               dynamo_config: dict[str, Any] | None = None) -> ParityResult:
+    """Run on every rank (inside ``run_spmd``): reference, compiled run, comparison.
+
+    ``dynamo_config`` patches ``torch._dynamo.config`` around the compiled calls only (e.g.
+    ``capture_dynamic_output_shape_ops=True`` to capture ``nonzero`` instead of breaking the graph).
+    """
+    import contextlib
     import torch.distributed as dist
 
     import xdit_compile
@@ -150,9 +156,11 @@ def parity_job(factory: str, name: str, options: dict[str, Any], batch: int = 2,
         ref, ref_flops = _flops(lambda: _first_tensor(model(**inputs, return_dict=False)))
         tally = _Tally(lambda gm, ex, **kw: xdit_backend(gm, ex, options=dict(options)), _GRAPHS)
         compiled = torch.compile(model, backend=tally)
-        compiled(**inputs, return_dict=False)  # compile once; measure the second call
+        patched = (lambda: torch._dynamo.config.patch(**dynamo_config)) if dynamo_config else contextlib.nullcontext
+        with patched():
+            compiled(**inputs, return_dict=False)  # compile once; measure the second call
         tally.reset()
-        with record_collectives() as log:
+        with record_collectives() as log, patched():
             out = _first_tensor(compiled(**inputs, return_dict=False))
         # Dynamo runs no compiled frame under a dispatch mode: count each per-rank graph as often
         # as the measured call ran it. Graphs Dynamo recompiled with dynamic shapes hold
@@ -164,9 +172,10 @@ def parity_job(factory: str, name: str, options: dict[str, Any], batch: int = 2,
             torch._dynamo.reset()
             whole = _Tally(lambda gm, ex, **kw: gm.forward)
             eager = torch.compile(model, backend=whole)
-            eager(**inputs, return_dict=False)
-            whole.reset()
-            eager(**inputs, return_dict=False)
+            with patched():
+                eager(**inputs, return_dict=False)
+                whole.reset()
+                eager(**inputs, return_dict=False)
             flops += max(0, ref_flops - whole.flops())
     reports = xdit_compile.reports()
     last = reports[-1] if reports else None
@@ -183,9 +192,10 @@ def parity_job(factory: str, name: str, options: dict[str, Any], batch: int = 2,
     )
 
 
-def parity_many(factory: str, names: list[str], options: dict[str, Any], batch: int = 2) -> list[ParityResult]:
+def parity_many(factory: str, names: list[str], options: dict[str, Any], batch: int = 2,
+                dynamo_config: dict[str, Any] | None = None) -> list[ParityResult]:
     """``parity_job`` for several models in one process (one spawn for many checks)."""
-    return [parity_job(factory, name, options, batch) for name in names]
+    return [parity_job(factory, name, options, batch, dynamo_config=dynamo_config) for name in names]
 
 
 def check_parity(
