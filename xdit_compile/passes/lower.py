@@ -2,8 +2,10 @@
 
 Reads: the ``Propagation`` of ``passes.propagate`` (placements, decisions, seeds).
 Writes: the graph (slices after seeded inputs, collectives where placements change, local
-shapes in view/split/slice args, attention lowered to Ulysses/Ring/USP, replicated outputs)
-and ``node.meta["xdit"][axis]`` = the node's placement on this axis, for the report.
+shapes in view/split/slice args, attention lowered by the strategy registry (``strategies/``:
+Ulysses/Ring/USP), replicated outputs)
+and ``node.meta["xdit"][axis]`` = the node's placement on this axis, for the report;
+``node.meta["xdit"]["strategy"]`` = the ``AttentionRecord`` of each attention (``strategies/base.py``).
 
 Before (one rank's view of the global program)::
 
@@ -20,6 +22,7 @@ After (sp axis, 2 ranks, rank 0)::
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,10 +34,11 @@ from ..axis import Axis
 from ..errors import ShardingError
 from ..gradients import insert_grad_syncs, traced_for_autograd
 from ..graph import eliminate_dead_code, shape, value
-from ..placements import REPLICATE, Partial, Placement, Replicate, Shard, fmt, global_order, local_sizes, pieces
+from ..placements import REPLICATE, Partial, Placement, Replicate, Shard, fmt, local_sizes, pieces
 from ..rules.attention import sdpa_args
-from ..runtime import attention as rt_attention
 from ..runtime import redistribute as rt
+from .. import strategies
+from ..strategies.base import AttentionCall, Site, shard_bytes, stamp
 from .propagate import Propagation
 
 
@@ -63,13 +67,7 @@ class _Ctx:
         self.collectives.append((kind, node.name, int(nbytes)))
 
 
-def _nbytes(v: Any, p: Any, n: int, rank: int) -> int:
-    if not isinstance(v, torch.Tensor):
-        return 0
-    numel = v.numel()
-    if isinstance(p, Shard):
-        numel = numel // max(p.length, 1) * sum(length for _, length in pieces(p, n, rank))
-    return int(numel * v.element_size())
+_nbytes = shard_bytes  # bytes of this rank's part of a global value under a placement
 
 
 def _gather_layout(p: Shard, n: int) -> tuple[list[int], list[tuple[int, int, int]] | None]:
@@ -186,7 +184,7 @@ class _Lowerer:
             elif d.rewrite is not None:
                 d.rewrite(self.graph, node, self.ctx)
             elif d.attention == "local":
-                self.out.attention.append((node.name, self._kind(node), "local (no communication)"))
+                self.keep_local(node)
             elif node.op == "call_function" and str(getattr(node.target, "__name__", "")) == "scaled_dot_product_attention":
                 self.out.attention.append((node.name, self._kind(node), "replicated"))
             self._pin_sizes(node)
@@ -244,38 +242,22 @@ class _Lowerer:
         return "self" if shape(a["query"])[-2] == shape(a["key"])[-2] else "cross"
 
     def lower_attention(self, node: fx.Node) -> None:
+        """Sequence-sharded attention: the registry's first applicable strategy emits this rank's
+        call (``strategies/``); the new node keeps the strategy's record in ``meta["xdit"]["strategy"]``."""
         a = sdpa_args(node)
         ax = self.axis
         q, k, v = a["query"], a["key"], a["value"]
         pq, pk = self.actual[q], self.actual[k]  # q, k may be slices of seeded inputs
         q_now, k_now, v_now = (self._current(node, t) or t for t in (q, k, v))
         heads, kv_heads = shape(q)[-3] if len(shape(q)) >= 3 else 1, shape(k)[-3] if len(shape(k)) >= 3 else 1
-        strategy, why = ax.attention_strategy(heads, kv_heads)
-        q_sizes, kv_sizes = local_sizes(pq, ax.n), local_sizes(pk, ax.n)
-        q_order, k_order = global_order(pq, ax.n), global_order(pk, ax.n)
+        site = Site(node.name, ax, heads, kv_heads, q=value(q), k=value(k), pq=pq, pk=pk)
+        strategy, rejected = strategies.choose(site)
         mask = a.get("attn_mask")
         mask_now = self._current(node, mask) if isinstance(mask, fx.Node) else None
-        kwargs: dict[str, Any] = {"scale": a.get("scale"), "enable_gqa": bool(a.get("enable_gqa", False))}
-        if strategy == "ulysses":
-            fn = rt_attention.ulysses_attention
-            kwargs.update(group=ax.group, q_sizes=q_sizes, kv_sizes=kv_sizes)
-            q_index = q_order
-        elif strategy == "usp":
-            fn = rt_attention.usp_attention
-            kwargs.update(ulysses_group=ax.ulysses_group, ring_group=ax.ring_group, q_sizes=q_sizes, kv_sizes=kv_sizes)
-            q_index = []
-            for j in range(ax.ulysses):
-                r = ax.ring_rank * ax.ulysses + j
-                q_index.extend(i for s, ln in pieces(pq, ax.n, r) for i in range(s, s + ln))
-        else:
-            fn = rt_attention.ring_attention
-            kwargs.update(group=ax.group, kv_sizes=kv_sizes)
-            q_index = [i for s, ln in pieces(pq, ax.n, ax.rank) for i in range(s, s + ln)]
+        call = AttentionCall(q_now, k_now, v_now, mask_now, a.get("scale"), bool(a.get("enable_gqa", False)))
         with self.graph.inserting_before(node):
-            if mask_now is not None:
-                kwargs["mask"] = self.graph.call_function(rt.align_mask, (mask_now, q_index, k_order))
-            new = self.graph.call_function(fn, (q_now, k_now, v_now), kwargs)
-        new.meta.update(node.meta)
+            new, record = strategy.emit(self.graph, site, call)
+        stamp(new, node, dataclasses.replace(record, rejected=rejected))
         node.replace_all_uses_with(new)
         self.graph.erase_node(node)
         self.actual[new] = pq
@@ -287,19 +269,20 @@ class _Lowerer:
         if node in self.prop.group_writes:
             self.prop.group_writes[new] = self.prop.group_writes[node]
         kind = "joint" if len(pq.segments) > 1 or len(pk.segments) > 1 else "self"
-        self.out.attention.append((node.name, kind, f"{strategy} ({why})"))
-        qv = value(q)
-        per_call = _nbytes(qv, pq, ax.n, ax.rank)
-        if strategy in ("ulysses", "usp"):
-            # q, k, v travel in one all-to-all when their shards match (else q alone, then k
-            # and v together); the output comes back in one more.
-            packed = shape(q) == shape(k) and pq == pk
-            self.out.collectives.append(
-                ("all_to_all x2 (qkv packed, out)" if packed else "all_to_all x3 (q, kv packed, out)",
-                 node.name, per_call))
-        if strategy in ("ring", "usp"):
-            kv = _nbytes(value(k), pk, ax.n, ax.rank) * 2
-            self.out.collectives.append(("ring shift x(n-1)", node.name, kv))
+        self.out.attention.append((node.name, kind, f"{strategy.name} ({record.why})"))
+        for label, nbytes in strategy.report(site):
+            self.out.collectives.append((label, node.name, nbytes))
+
+    def keep_local(self, node: fx.Node) -> None:
+        """Attention the rule keeps local: the call stays; the registry's ``local`` record goes on it."""
+        a = sdpa_args(node)
+        mask = a.get("attn_mask")
+        call = AttentionCall(a["query"], a["key"], a["value"], mask if isinstance(mask, fx.Node) else None,
+                             a.get("scale"), bool(a.get("enable_gqa", False)))
+        local = strategies.get("local")
+        record = local.record(call)  # type: ignore[attr-defined]
+        stamp(node, node, record)
+        self.out.attention.append((node.name, self._kind(node), f"{local.name} ({record.why})"))
 
 
 def lower(gm: fx.GraphModule, prop: Propagation, axis: Axis) -> Lowered:

@@ -24,6 +24,7 @@ from ..placements import REPLICATE, Partial, Placement, Replicate, Shard, fmt, l
 from ..rules.core import Decision, OpView, replicate_all
 from ..rules.factory import FROM_SIZES, LIKE
 from ..rules.table import RULES
+from ..strategies.registry import planning_cost
 
 # Ops whose result may share storage with their first argument (a write through one is seen
 # through the other). Over-approximate: ``float``/``contiguous``/``reshape`` only alias when
@@ -160,7 +161,6 @@ def propagate(
     n: int,
     seeds: Mapping[fx.Node, Placement],
     forced: Mapping[fx.Node, Placement] | None = None,
-    attention_comm: float = 4.0,
 ) -> Propagation:
     """Placements of every node when ``seeds`` are sharded on an axis of ``n`` ranks."""
     forced = forced or {}
@@ -203,10 +203,12 @@ def propagate(
         result.comm_bytes += d.comm_bytes
         work = estimate_flops(node, name)
         share = _share(d.out, n)
-        if d.attention == "sequence":
+        if d.attention == "sequence":  # the registry's planning strategy says what it moves
             q = node.args[0] if node.args else node.kwargs["query"]
-            result.comm_bytes += attention_comm * _numel(value(q)) * _elsize(value(q)) * (n - 1) / n / n
-            result.collectives += 4
+            k = node.args[1] if len(node.args) > 1 else node.kwargs["key"]
+            cost = planning_cost(node.name, _numel(value(q)) * _elsize(value(q)), _numel(value(k)) * _elsize(value(k)), n)
+            result.comm_bytes += cost.total_bytes
+            result.collectives += cost.collectives
         result.compute += work * share
     _check_aliasing(gm, result)
     return result

@@ -9,7 +9,9 @@ sequence split holds, so the per-patch program is the core's sequence lowering o
 positional tensors: all reused). Two things differ from sequence parallelism:
 
 * attention over sharded K/V, lowered by the core to ring attention on the (fictitious)
-  patch group, becomes ``stale_kv_attention`` over the layer's buffer::
+  patch group, becomes ``stale_kv_attention`` over the layer's buffer: the registry's
+  ``stale_kv`` strategy, fed from the ``AttentionRecord`` the ring strategy left in
+  ``node.meta["xdit"]["strategy"]`` (no call is parsed)::
 
       o = ring_attention(q_i, k_i, v_i, group="xdit-pf-patches", kv_sizes=..., mask=m)
    -> o = stale_kv_attention(q_i, k_i, v_i, m', scale, gqa, "hidden_states_4", [start, len, ...],
@@ -31,6 +33,7 @@ replaced by ``fill_kv_attention``.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -44,15 +47,17 @@ from ..graph import eliminate_dead_code, op_name, shape
 from ..passes.choose_seeds import choose_seeds
 from ..passes.lower import lower
 from ..passes.refresh_meta import refresh_meta
-from ..placements import Shard, local_sizes, pieces
+from ..placements import Shard, pieces
 from ..rules.attention import sdpa_args
-from ..runtime import attention as rt_attention
 from ..runtime import redistribute as rt
-from . import kv
+from ..strategies import AttentionCall, get, record_of
+from ..strategies.base import stamp
+from . import kv  # noqa: F401  (registers the K/V attention ops the fill / stale strategies emit)
 from .cuts import is_attention, token_inputs
 
 PATCH_GROUP = "xdit-pf-patches"
 LAYER = "pf_layer"
+_FILL, _STALE = get("fill_kv"), get("stale_kv")
 
 
 class Unsupported(Exception):
@@ -108,11 +113,11 @@ def full_program(gm: fx.GraphModule, layers: set[str], sp: Axis | None = None,
             continue
         a = sdpa_args(n)
         sq, sk = shape(a["query"])[-2], shape(a["key"])[-2]
+        call = AttentionCall(a["query"], a["key"], a["value"], a.get("attn_mask"), a.get("scale"),
+                             bool(a.get("enable_gqa", False)))
         with g.graph.inserting_before(n):
-            new = g.graph.call_function(kv.FILL, (
-                a["query"], a["key"], a["value"], a.get("attn_mask"), a.get("scale"), bool(a.get("enable_gqa", False)),
-                layer, [0, sk], None, None, [sq], [sk]))
-        new.meta.update(n.meta)
+            new, rec = _FILL.emit_kv(g.graph, call, layer, [0, sk], None, None, [sq], [sk])
+        stamp(new, n, rec)
         n.replace_all_uses_with(new)
         g.graph.erase_node(n)
     g.graph.lint()
@@ -138,24 +143,6 @@ def sp_groups(sp: Axis) -> tuple[str | None, str | None]:
     return (ug if sp.ulysses > 1 else None), (rg if sp.ring > 1 else None)
 
 
-def _sp_call(n: fx.Node, sp: Axis) -> tuple[str | None, str | None, list[int] | None]:
-    """(Ulysses group, ring group, q sizes) of a lowered sequence-parallel attention ``n``.
-
-    ``ring_attention`` (ring only, or heads that do not divide U) rings over all of
-    ``kw["group"]``; its queries stay local, so the sizes of the queries come from their placement.
-    """
-    kw = n.kwargs
-    if n.target is rt_attention.ulysses_attention:
-        return kw["group"], None, list(kw["q_sizes"])
-    if n.target is rt_attention.usp_attention:
-        return kw["ulysses_group"], kw["ring_group"], list(kw["q_sizes"])
-    pq = n.args[0].meta.get("xdit", {}).get(sp.name)
-    return None, kw["group"], (local_sizes(pq, sp.n) if isinstance(pq, Shard) else None)
-
-
-_SP_ATTENTION = (rt_attention.ulysses_attention, rt_attention.ring_attention, rt_attention.usp_attention)
-
-
 def _full_sp_program(g: fx.GraphModule, layers: set[str], sp: Axis, example_inputs: Sequence[Any]) -> fx.GraphModule:
     from ..backend import graph_facts
 
@@ -164,19 +151,17 @@ def _full_sp_program(g: fx.GraphModule, layers: set[str], sp: Axis, example_inpu
         layer = n.meta.get("xdit", {}).get(LAYER)
         if layer not in layers:
             continue
-        ug, rg, q_sizes = _sp_call(n, sp) if n.target in _SP_ATTENTION else (None, None, None)
-        if q_sizes is None:
+        rec = record_of(n)
+        if rec is None or rec.q_sizes is None or rec.kv_sizes is None or not isinstance(rec.kv_placement, Shard):
+            how = f"lowered as {rec.strategy}" if rec is not None else f"left as {op_name(n)}"
             raise PlanError(f"attention {layer} is not lowered to sequence-parallel attention over its tokens on the "
-                            f"{sp.n} sequence ranks inside a stage ({op_name(n)}): use use_cfg_parallel or "
+                            f"{sp.n} sequence ranks inside a stage ({how}): use use_cfg_parallel or "
                             "data_parallel_degree for those ranks")
-        q, k, v = n.args[:3]
-        flat = _gathered_pieces(k.meta["xdit"][sp.name], sp.n, range(sp.n))
-        kw = n.kwargs
+        flat = _gathered_pieces(rec.kv_placement, sp.n, range(sp.n))
         with g.graph.inserting_before(n):
-            new = g.graph.call_function(kv.FILL, (
-                q, k, v, kw.get("mask"), kw.get("scale"), bool(kw.get("enable_gqa", False)), layer, flat,
-                ug, rg, q_sizes, list(kw["kv_sizes"])))
-        new.meta.update(n.meta)
+            new, fill = _FILL.emit_kv(g.graph, rec.call, layer, flat, rec.ulysses_group, rec.ring_group,
+                                      rec.q_sizes, rec.kv_sizes)
+        stamp(new, n, fill)
         n.replace_all_uses_with(new)
         g.graph.erase_node(n)
     g.graph.lint()
@@ -229,31 +214,29 @@ def patch_program(gm: fx.GraphModule, m: int, i: int, batch: int | None, example
     mine = slice(i * n_sp, (i + 1) * n_sp)  # this patch's pieces of the (m * n)-way split
     layers: set[str] = set()
     for n in list(graph.nodes):
-        if n.target not in (rt_attention.ring_attention, rt_attention.usp_attention):
+        rec = record_of(n)
+        if rec is None or rec.ring_group is None:  # only attention whose K/V cross the patches
             continue
-        q, k, v = n.args[:3]
-        pk = k.meta.get("xdit", {}).get(axis.name)
-        if not isinstance(pk, Shard):
+        pk = rec.kv_placement
+        if not isinstance(pk, Shard) or rec.kv_sizes is None:
             raise Unsupported(f"attention {n.name}: keys placed {pk}, not sharded over the tokens")
-        _, _, q_sizes = _sp_call(n, axis)
-        if q_sizes is None:
+        if rec.q_sizes is None:
             raise Unsupported(f"attention {n.name}: queries not sharded over the tokens")
         if sp is None:
             ug, rg = None, None
-        elif n.target is rt_attention.usp_attention:
+        elif rec.ulysses_group is not None:  # USP: the stage's real Ulysses and ring groups
             ug, rg = sp_groups(sp)
         else:  # ring over every sp rank of the stage
             ug, rg = None, sp.group
-        kw = n.kwargs
-        mask = kw.get("mask")
+        mask = rec.call.mask
         with graph.inserting_before(n):
-            if isinstance(mask, fx.Node) and op_name(mask) == "xdit_align_mask":
-                mask = graph.call_function(rt.align_mask, (mask.args[0], mask.args[1], None))  # keys: global order
+            if rec.mask_source is not None:  # keys in global order: the buffer's
+                mask = graph.call_function(rt.align_mask, (rec.mask_source, list(rec.q_index) if rec.q_index is not None else None, None))
             layer = n.meta["xdit"][LAYER]
-            new = graph.call_function(kv.STALE, (
-                q, k, v, mask, kw.get("scale"), bool(kw.get("enable_gqa", False)), layer,
-                _gathered_pieces(pk, axis.n, range(axis.n)[mine]), ug, rg, q_sizes[mine], list(kw["kv_sizes"])[mine]))
-        new.meta.update(n.meta)
+            call = dataclasses.replace(rec.call, mask=mask)
+            new, stale = _STALE.emit_kv(graph, call, layer, _gathered_pieces(pk, axis.n, range(axis.n)[mine]), ug, rg,
+                                        rec.q_sizes[mine], rec.kv_sizes[mine])
+        stamp(new, n, stale)
         n.replace_all_uses_with(new)
         graph.erase_node(n)
         layers.add(layer)
