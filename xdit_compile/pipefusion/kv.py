@@ -24,6 +24,7 @@ not a circulating ring), at the price of not dividing the buffer's memory by R.
 
 Both are ``torch.library`` custom ops (opaque to inductor, traceable by Dynamo and
 FakeTensor); the buffers live in the ``KVStore`` the driver makes current around each call.
+They attend with the local kernel of ``runtime/kernels.py``, as the core's Ulysses / Ring / USP do.
 
 **Steps and streams.** A *step* is recognised by the values of the caller's small tensor
 inputs (``numel <= batch``: the timestep, guidance, ...): a call whose values differ from the
@@ -43,10 +44,10 @@ from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
 import torch
-import torch.nn.functional as F
 
 from ..runtime.attention import _mask_heads, _ulysses_scatter_heads
 from ..runtime.collectives import all_gather, all_to_all, group_rank, group_size
+from ..runtime.kernels import local_attention
 
 _CURRENT: list["KVStore"] = []
 _RESET_EPOCH = [0]
@@ -156,7 +157,7 @@ def fill_kv_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: O
     kb, vb = torch.empty_like(k), torch.empty_like(v)
     _write(kb, vb, k, v, pieces)
     _store().put(layer, kb, vb)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=sp.mask(mask, heads), scale=scale, enable_gqa=enable_gqa)
+    out = local_attention(q, k, v, sp.mask(mask, heads), scale, enable_gqa)
     return sp.back(out, q_sizes)
 
 
@@ -176,8 +177,7 @@ def stale_kv_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: 
     q, k, v = sp.gather(q, k, v, q_sizes, kv_sizes)
     kb, vb = _store().get(layer)
     _write(kb, vb, k, v, pieces)
-    out = F.scaled_dot_product_attention(q, kb, vb, attn_mask=sp.mask(mask, heads), scale=scale,
-                                         enable_gqa=enable_gqa)
+    out = local_attention(q, kb, vb, sp.mask(mask, heads), scale, enable_gqa)
     return sp.back(out, q_sizes)
 
 

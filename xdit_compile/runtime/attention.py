@@ -27,8 +27,7 @@ backward all-gathers K/V, recomputes this rank's queries' attention and reduce-s
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import torch
 
@@ -36,6 +35,7 @@ from xdit_compile.errors import XditError
 from xdit_compile.runtime.attention_grad import SequenceLayout, sequence_attention
 from xdit_compile.runtime.autograd import differentiable, recording
 from xdit_compile.runtime.collectives import Group, all_to_all, group_rank, group_size, shift
+from xdit_compile.runtime.kernels import _math_attention, run_kernel  # noqa: F401  (_math_attention: tests)
 
 __all__ = [
     "AttentionError",
@@ -73,94 +73,6 @@ def _check_heads(fn: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gqa
         )
 
 
-def _dead_rows(mask: torch.Tensor) -> torch.Tensor:
-    """Rows (over the key dim) that may attend to no key at all, shaped like the mask minus Sk."""
-    if mask.dtype == torch.bool:
-        return ~mask.any(dim=-1)
-    return torch.isneginf(mask).all(dim=-1)
-
-
-def _math_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    mask: torch.Tensor | None,
-    scale: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference attention in float32: exact, any mask, any device; O(Sq * Sk) memory."""
-    if q.size(1) != k.size(1):
-        repeat = q.size(1) // k.size(1)
-        k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
-    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-    scores = torch.matmul(q.to(compute), k.to(compute).transpose(-1, -2)) * scale
-    if mask is not None:
-        if mask.dtype == torch.bool:
-            scores = scores.masked_fill(~mask, _NEG_INF)
-        else:
-            scores = scores + mask.to(compute)
-    lse = torch.logsumexp(scores, dim=-1)
-    # A row with no visible key has lse = -inf; shifting by 0 instead keeps exp() at 0, not NaN.
-    safe_lse = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
-    probs = torch.exp(scores - safe_lse.unsqueeze(-1))
-    out = torch.matmul(probs, v.to(compute))
-    return out.to(q.dtype), lse
-
-
-def _cpu_flash_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    mask: torch.Tensor | None,
-    scale: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """ATen's CPU flash kernel, which returns the LSE and handles GQA head ratios natively.
-
-    It only takes additive masks of the query's dtype, and reports lse = 0 (not -inf) for rows
-    whose mask is all -inf; both are corrected here.
-    """
-    float_mask = mask
-    if mask is not None:
-        if mask.dtype == torch.bool:
-            zeros = torch.zeros((), dtype=q.dtype, device=q.device)
-            float_mask = torch.where(mask, zeros, torch.full_like(zeros, _NEG_INF))
-        else:
-            float_mask = mask.to(q.dtype)
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        q, k, v, attn_mask=float_mask, scale=scale
-    )
-    if mask is not None:
-        lse = torch.where(_dead_rows(mask), torch.full_like(lse, _NEG_INF), lse)
-    return out, lse
-
-
-def _load_flash_attn() -> Callable[..., Any] | None:
-    # Resolved once at import: an import statement inside traced code would break the graph.
-    try:
-        from flash_attn import flash_attn_func  # type: ignore[import-not-found]
-    except (ImportError, OSError):  # absent, or built against another CUDA/torch
-        return None
-    return flash_attn_func
-
-
-_FLASH_ATTN_FUNC = _load_flash_attn()
-
-
-def _flash_attn_cuda(
-    flash_attn_func: Callable[..., Any],
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    scale: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The flash-attn package's kernel (unmasked fp16/bf16, GQA native)."""
-    # flash-attn wants [B, S, H, D] and returns the LSE as [B, H, Sq] float32.
-    out, lse, _ = flash_attn_func(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-        softmax_scale=scale, return_attn_probs=True,
-    )
-    return out.transpose(1, 2), lse
-
-
 def attention_with_lse(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -175,30 +87,13 @@ def attention_with_lse(
     (fully masked rows give 0), and ``lse`` [B, H, Sq] in float32 (float64 for float64 inputs):
     ``logsumexp(scale * q @ k^T + mask)`` over the keys, ``-inf`` where no key is visible.
 
-    Kernel choice: on CPU ATen's flash kernel; on CUDA the flash-attn package when installed and
-    there is no mask, else ATen's memory-efficient kernel when there is no mask; everything else
-    (masked CUDA calls, other devices, empty key sets) uses an exact float32 math path.
+    Kernel choice: the table of ``runtime/kernels.py`` (on CPU ATen's flash kernel; on CUDA the
+    flash-attn package when installed and there is no mask, else ATen's memory-efficient kernel
+    when there is no mask; everything else uses an exact float32 math path).
     """
     _check_heads("attention_with_lse", q, k, v, enable_gqa)
     scale = 1.0 / math.sqrt(q.size(-1)) if scale is None else float(scale)
-    if k.size(2) == 0 or q.size(2) == 0:
-        # The fused kernels divide by the key count; an empty block sees nothing.
-        out = q.new_zeros(q.shape[:3] + (v.size(-1),))
-        lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-        return out, q.new_full(q.shape[:3], _NEG_INF, dtype=lse_dtype)
-    if q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64, torch.bfloat16,
-                                              torch.float16):
-        return _cpu_flash_attention(q, k, v, mask, scale)
-    if q.device.type == "cuda" and mask is None:
-        if q.dtype in (torch.float16, torch.bfloat16) and _FLASH_ATTN_FUNC is not None:
-            return _flash_attn_cuda(_FLASH_ATTN_FUNC, q, k, v, scale)
-        if q.size(1) == k.size(1):
-            out, lse, _, _ = torch.ops.aten._scaled_dot_product_efficient_attention(
-                q, k, v, None, True, scale=scale
-            )
-            # The kernel may pad the LSE's query dim to its tile size.
-            return out, lse[:, :, : q.size(2)].float()
-    return _math_attention(q, k, v, mask, scale)
+    return run_kernel(q, k, v, mask, scale)
 
 
 def merge_attention(
