@@ -110,3 +110,25 @@ def test_toy_strategy_used_and_exact() -> None:
             assert r.rel_err < 1e-4, (name, r.rel_err, r.report)
             kinds = {kind for kind, _, _ in r.collectives}
             assert "all_to_all" not in kinds and "all_gather" in kinds, r.collectives
+
+
+def test_no_pass_names_a_strategy_op() -> None:
+    """Only a strategy file (and the runtime that defines them) names the attention ops it emits:
+    passes and PipeFusion read ``node.meta["xdit"]["strategy"]`` records, never call targets."""
+    import ast
+    from pathlib import Path
+
+    import xdit_compile
+
+    ops = {"ulysses_attention", "ring_attention", "usp_attention", "FILL", "STALE", "_SP_ATTENTION"}
+    root = Path(xdit_compile.__file__).parent
+    found = []
+    for path in root.rglob("*.py"):
+        rel = path.relative_to(root).as_posix()
+        if rel.startswith(("strategies/", "runtime/")) or rel == "pipefusion/kv.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            name = node.attr if isinstance(node, ast.Attribute) else node.id if isinstance(node, ast.Name) else None
+            if name in ops:
+                found.append(f"{rel}:{node.lineno} {name}")
+    assert not found, found
