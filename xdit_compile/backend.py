@@ -34,8 +34,9 @@ from . import plan as plan_mod
 from .runtime.guard import checked
 from .axis import Axis
 from .errors import PassError, PlanError, XditError
+from .facts import graph_facts, mesh_axes
 from .gradients import guard_backward, mark_for_autograd, needs_guard, traced_for_autograd, undifferentiable_ops
-from .graph import arg, input_label, is_tensor, is_user_input, op_name, shape, value
+from .graph import arg, input_label, op_name, shape
 from .passes.attention_kernels import attention_kernels
 from .passes.canonical_attention import canonical_attention
 from .passes.canonical_mha import canonical_mha
@@ -45,6 +46,7 @@ from .passes.propagate import WholeGraphFallback
 from .passes.recognise import recognise
 from .passes.refresh_meta import refresh_meta
 from .passes.settle_writes import settle_writes, unsettle
+from .pipefusion import pipefusion_backend
 from .placements import REPLICATE, Shard
 from .plan import ParallelPlan
 from .report import AxisReport, PlanReport, graph_break_text, graph_breaks, publish, reports
@@ -212,41 +214,6 @@ def _axis_passes(axis: Axis) -> list[tuple[str, PassFn]]:
 
 
 # ---------------------------------------------------------------------- the backend
-def graph_facts(gm: fx.GraphModule) -> tuple[int | None, int | None]:
-    """(batch size, attention heads) read off the graph, for the automatic plan."""
-    batch = None
-    biggest = -1
-    for node in gm.graph.nodes:
-        if node.op == "placeholder" and is_tensor(node) and is_user_input(node):
-            s = shape(node)
-            if len(s) >= 2 and isinstance(s[0], int) and value(node).numel() > biggest:
-                biggest, batch = value(node).numel(), s[0]
-    heads = None
-    for node in gm.graph.nodes:
-        if op_name(node) == "scaled_dot_product_attention":
-            q = node.args[0] if node.args else node.kwargs.get("query")
-            h = shape(q)[-3] if len(shape(q)) >= 3 else 1
-            heads = h if heads is None else min(heads, h)
-    return batch, heads
-
-
-def mesh_axes(plan: ParallelPlan, rank: int) -> list[Axis]:
-    """The logical axes (batch, then sp) this rank's passes lower, with their process groups."""
-    groups = plan_mod.process_groups(plan)
-    axes = []
-    for name in ("batch", "sp"):
-        n = plan.degree(name)
-        if n <= 1:
-            continue
-        kw: dict[str, Any] = {}
-        if name == "sp":
-            kw = dict(ulysses=plan.degree("ulysses"), ring=plan.degree("ring"))
-            if kw["ulysses"] > 1 and kw["ring"] > 1:
-                kw.update(ulysses_group=groups["ulysses"].group_name, ring_group=groups["ring"].group_name)
-        axes.append(Axis(name, n, plan.axis_rank(name, rank), groups[name].group_name, **kw))
-    return axes
-
-
 def _inner(plan: ParallelPlan, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
     if plan.inner == "eager":
         return gm.forward
@@ -322,8 +289,6 @@ def xdit_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: dic
     if plan.degree("pp") > 1:
         # The batch axis (dp x cfg) first, so each batch group pipelines its own share; then
         # PipeFusion splits the graph into stages and lowers Ulysses inside each stage.
-        from .pipefusion import pipefusion_backend
-
         batch_axes = [a for a in mesh_axes(plan, rank) if a.name == "batch"]
         original = _copy(gm)
         try:

@@ -23,6 +23,7 @@ from torch.utils._pytree import tree_flatten
 from .. import plan as plan_mod
 from ..axis import Axis
 from ..errors import PlanError
+from ..facts import graph_facts, mesh_axes
 from ..graph import has_symbolic_shape, input_label, is_tensor, is_user_input, op_name, value
 from ..plan import ParallelPlan
 from ..report import AxisReport, PlanReport, publish
@@ -224,8 +225,6 @@ def _sp_axis(plan: ParallelPlan, rank: int) -> Axis | None:
     The core's own sp axis: sub-groups are named only when both degrees are > 1; with one of
     them, the sp group is that group (``programs.sp_groups``).
     """
-    from ..backend import mesh_axes
-
     return next((a for a in mesh_axes(plan, rank) if a.name == "sp"), None)
 
 
@@ -264,8 +263,6 @@ def pipefusion_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], plan: 
 
     patch_graphs, assembly, layers, seeds = [], None, set(), []
     if m > 1:
-        from ..backend import graph_facts
-
         batch = graph_facts(gm)[0]
         try:
             for i in range(m):
