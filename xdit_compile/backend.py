@@ -50,6 +50,7 @@ from .passes.recognise import recognise
 from .passes.refresh_meta import refresh_meta
 from .passes.settle_writes import settle_writes, unsettle
 from .pipefusion import pipefusion_backend
+from .pipefusion.entry import STAGE_PASSES
 from .placements import REPLICATE, Shard
 from .plan import ParallelPlan
 from .report import AxisReport, PlanReport, graph_break_text, graph_breaks, publish, reports
@@ -85,10 +86,10 @@ class State:
     plans: AxisPlans = field(default_factory=AxisPlans)
 
 
-def run_passes(gm: fx.GraphModule, state: State, passes: Sequence[Pass]) -> PassRun:
+def run_passes(gm: fx.GraphModule, state: State, passes: Sequence[Pass], also_known: Sequence[Pass] = ()) -> PassRun:
     """Run ``passes`` (``passes/manager.py``), timing each into the report, honouring XDIT_DISABLE_PASSES."""
     return run_pass_list(gm, state, passes, disabled=current().settings.passes_off(),
-                         seconds=state.report.pass_seconds)
+                         seconds=state.report.pass_seconds, also_known=also_known)
 
 
 def random_ops(gm: fx.GraphModule) -> list[str]:
@@ -292,7 +293,8 @@ def xdit_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: dic
         original = _copy(gm)
         try:
             run_passes(gm, State(plan, example_inputs, rank, batch_axes, report),
-                       [*_front_passes(settle=False), *[p for a in batch_axes for p in _axis_passes(a)]])
+                       [*_front_passes(settle=False), *[p for a in batch_axes for p in _axis_passes(a)]],
+                       also_known=STAGE_PASSES)  # PipeFusion runs those next
         except WholeGraphFallback as e:
             gm = original
             report.axes.clear()

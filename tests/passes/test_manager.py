@@ -54,6 +54,11 @@ def test_disabling_a_pass_skips_its_dependents_with_one_warning(caplog: pytest.L
     assert "pass plan:sp disabled by XDIT_DISABLE_PASSES; skipped too, since they need it: lower:sp, refresh:sp" in text
     assert "lower:sp skipped too: it needs pass plan:sp" in text
     assert "names no pass ['no_such_pass']" in text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="xdit_compile"):  # names another list of the compile runs
+        run_passes(_gm(), [], passes[3:], disabled={"pipefusion:patches"}, also_known=[Pass("pipefusion:patches", _noop)])
+        run_passes(_gm(), [], passes[3:], disabled={"plan:sp"}, also_known=None)
+    assert "names no pass" not in caplog.text
     # A family name disables each of its passes.
     assert set(plan_skips(passes, {"lower"})) == {"lower:sp", "refresh:sp"}
 

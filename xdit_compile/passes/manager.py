@@ -104,12 +104,17 @@ def plan_skips(passes: Sequence[Pass], disabled: Iterable[str]) -> dict[str, str
 
 
 def run_passes(gm: fx.GraphModule, ctx: Any, passes: Sequence[Pass], *, disabled: Iterable[str] = (),
-               seconds: dict[str, float] | None = None) -> PassRun:
+               seconds: dict[str, float] | None = None, also_known: Iterable[Pass] | None = ()) -> PassRun:
     """Run ``passes`` on ``gm`` in order (see the module docstring); ``seconds`` gets each pass's time
-    as it finishes (so a caller's report keeps the times of the passes before a failure)."""
+    as it finishes (so a caller's report keeps the times of the passes before a failure).
+
+    ``also_known``: the passes other lists of the same compile run (so a disabled name among them is
+    not reported as unknown); None: another list reports unknown names, this one stays quiet.
+    """
     check_order(passes)
     disabled = {d for d in disabled if d}
-    unknown = disabled - {n for p in passes for n in (p.name, p.family)}
+    known = {n for p in [*passes, *(also_known or ())] for n in (p.name, p.family)}
+    unknown = disabled - known if also_known is not None else set()
     if unknown:
         log.warning("xdit: XDIT_DISABLE_PASSES names no pass %s; passes: %s",
                     sorted(unknown), ", ".join(p.name for p in passes))

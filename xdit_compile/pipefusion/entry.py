@@ -320,7 +320,8 @@ def pipefusion_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], plan: 
     inputs = _usable_inputs(example_inputs)
 
     ctx = StageContext(gm, inputs, example_inputs, sp, m, stages)
-    run = run_passes(gm, ctx, STAGE_PASSES, disabled=current().settings.passes_off(), seconds=report.pass_seconds)
+    run = run_passes(gm, ctx, STAGE_PASSES, disabled=current().settings.passes_off(), seconds=report.pass_seconds,
+                     also_known=None)  # the backend's batch passes ran first and named unknown passes
     cuts = ctx.cuts
     if ctx.full is None:
         # A graph without transformer blocks (e.g. a piece between graph breaks), or PipeFusion's
