@@ -71,14 +71,14 @@ def _dits() -> list[dict[str, Any]]:
     """Every case of ``CASES`` on this rank: errors per call, per-rank FLOPs of each shape's program, reports."""
     import xdit_compile
     from examples.tiny_dits import make
-    from xdit_compile.backend import _GRAPHS
+    from xdit_compile.backend import clear_graphs, compiled_graphs
     from xdit_compile.testing.parity import _first_tensor, _flops
 
     results = []
     for name, options, _, n_shapes in CASES:
         torch._dynamo.reset()
         xdit_compile.clear_reports()
-        _GRAPHS.clear()
+        clear_graphs()
         model, base = make(name)
         compiled = torch.compile(model, backend="xdit", options=dict(options))
         calls, start = [], time.perf_counter()
@@ -87,8 +87,8 @@ def _dits() -> list[dict[str, Any]]:
                 inputs = _resize(base, batch, size, seed=10 + i)
                 ref, ref_flops = _flops(lambda: _first_tensor(model(**inputs, return_dict=False)))
                 out = _first_tensor(compiled(**inputs, return_dict=False))
-                graphs = list(_GRAPHS)
-                _GRAPHS.clear()
+                graphs = compiled_graphs()
+                clear_graphs()
                 # Dynamo runs no compiled frame under a dispatch mode: count the per-rank graphs.
                 flops = sum(_flops(lambda: gm(*args))[1] for _, gm, args in graphs)
                 calls.append(dict(

@@ -1,7 +1,9 @@
-"""The Dynamo backend ``"xdit"`` and the pass runner.
+"""The Dynamo backend ``"xdit"`` and its pass lists.
 
 ``torch.compile(model, backend="xdit", options={...})`` calls ``xdit_backend`` once per
-graph on every rank (SPMD). Passes, in order (``XDIT_DISABLE_PASSES=name,...`` skips some):
+graph on every rank (SPMD). Passes, in order, run by ``passes/manager.py`` (which times them,
+checks what each requires, and skips those ``XDIT_DISABLE_PASSES=name,...`` names, with their
+dependents):
 
     canonical_attention  rewrite attention spelled as matmul / einsum / baddbmm into SDPA
     canonical_mha    decompose multi_head_attention_forward into linears and SDPA
@@ -21,8 +23,6 @@ Then the per-rank graph goes to the inner compiler (inductor by default, or eage
 from __future__ import annotations
 
 import logging
-import os
-import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -33,18 +33,24 @@ import torch.fx as fx
 from . import plan as plan_mod
 from .runtime.guard import checked
 from .axis import Axis
-from .errors import PassError, PlanError, XditError
+from .context import current
+from .errors import PassError, PassOrderError, PlanError
+from .facts import graph_facts, mesh_axes
 from .gradients import guard_backward, mark_for_autograd, needs_guard, traced_for_autograd, undifferentiable_ops
-from .graph import arg, input_label, is_tensor, is_user_input, op_name, shape, value
+from .graph import arg, input_label, op_name, shape
 from .passes.attention_kernels import attention_kernels
 from .passes.canonical_attention import canonical_attention
 from .passes.canonical_mha import canonical_mha
 from .passes.choose_seeds import choose_seeds
 from .passes.lower import lower
-from .passes.propagate import WholeGraphFallback
+from .passes.manager import Pass, PassRun
+from .passes.manager import run_passes as run_pass_list
+from .passes.propagate import Propagation, WholeGraphFallback
 from .passes.recognise import recognise
 from .passes.refresh_meta import refresh_meta
 from .passes.settle_writes import settle_writes, unsettle
+from .pipefusion import pipefusion_backend
+from .pipefusion.entry import STAGE_PASSES
 from .placements import REPLICATE, Shard
 from .plan import ParallelPlan
 from .report import AxisReport, PlanReport, graph_break_text, graph_breaks, publish, reports
@@ -52,6 +58,19 @@ from .dynamic_values import per_value, value_nodes
 from .specialize import per_shape, symbolic_inputs
 
 log = logging.getLogger("xdit_compile")
+
+
+@dataclass
+class AxisPlans:
+    """The plan-to-lower hand-off: ``plan:<axis>`` puts that axis's propagation, ``lower:<axis>`` reads it."""
+
+    by_axis: dict[str, Propagation] = field(default_factory=dict)
+
+    def get(self, axis: str) -> Propagation:
+        if axis not in self.by_axis:
+            raise PassError(f"xdit: no plan for axis {axis!r} (planned: {sorted(self.by_axis) or 'none'}): "
+                            f"pass plan:{axis} must run before lower:{axis}")
+        return self.by_axis[axis]
 
 
 @dataclass
@@ -64,39 +83,13 @@ class State:
     axes: list[Axis]
     report: PlanReport
     forced: dict[str, dict[fx.Node, Any]] = field(default_factory=dict)
+    plans: AxisPlans = field(default_factory=AxisPlans)
 
 
-PassFn = Callable[[fx.GraphModule, State], bool]
-
-
-def run_passes(gm: fx.GraphModule, state: State, passes: Sequence[tuple[str, PassFn]]) -> None:
-    """Run ``passes`` in order; errors name the failing pass and those that ran before it."""
-    disabled = {p for p in os.environ.get("XDIT_DISABLE_PASSES", "").split(",") if p}
-    known = {n for name, _ in passes for n in (name, name.split(":")[0])}
-    if disabled - known:
-        log.warning("xdit: XDIT_DISABLE_PASSES names no pass %s; passes: %s",
-                    sorted(disabled - known), ", ".join(name for name, _ in passes))
-    done: list[str] = []
-    skipped: set[str] = set()
-    for name, fn in passes:
-        if name in disabled or name.split(":")[0] in disabled:
-            log.info("xdit: pass %s disabled by XDIT_DISABLE_PASSES", name)
-            skipped.add(name)
-            continue
-        if _requires(name) in skipped:
-            log.warning("xdit: pass %s skipped too: it needs pass %s, which XDIT_DISABLE_PASSES disables",
-                        name, _requires(name))
-            skipped.add(name)
-            continue
-        start = time.perf_counter()
-        try:
-            fn(gm, state)
-        except (XditError, WholeGraphFallback):
-            raise
-        except Exception as e:
-            raise PassError(f"xdit pass {name!r} failed after passes {done or 'none'}: {type(e).__name__}: {e}") from e
-        state.report.pass_seconds[name] = time.perf_counter() - start
-        done.append(name)
+def run_passes(gm: fx.GraphModule, state: State, passes: Sequence[Pass], also_known: Sequence[Pass] = ()) -> PassRun:
+    """Run ``passes`` (``passes/manager.py``), timing each into the report, honouring XDIT_DISABLE_PASSES."""
+    return run_pass_list(gm, state, passes, disabled=current().settings.passes_off(),
+                         seconds=state.report.pass_seconds, also_known=also_known)
 
 
 def random_ops(gm: fx.GraphModule) -> list[str]:
@@ -114,13 +107,6 @@ def random_ops(gm: fx.GraphModule) -> list[str]:
                          "different masks than one rank would; call model.eval() (or set the dropout "
                          "probability to 0) for inference")
     return found
-
-
-def _requires(name: str) -> str | None:
-    """The pass whose result ``name`` reads (lowering needs that axis's plan, refreshing its lowering)."""
-    kind, _, axis = name.partition(":")
-    dep = {"lower": "plan", "refresh": "lower"}.get(kind)
-    return f"{dep}:{axis}" if dep else None
 
 
 # ---------------------------------------------------------------------- passes
@@ -176,17 +162,18 @@ def _strip_marks(gm: fx.GraphModule, state: State) -> bool:
     return changed
 
 
-def _axis_passes(axis: Axis) -> list[tuple[str, PassFn]]:
-    holder: dict[str, Any] = {}
+def _axis_passes(axis: Axis, refresh: bool = True) -> list[Pass]:
+    """plan / lower (/ refresh) of one axis; they hand over through ``State.plans``, not a closure."""
 
     def plan_pass(gm: fx.GraphModule, state: State) -> bool:
         forced = state.forced.get(axis.name, {})
         # Marks for the other axis pass values through unchanged on this one.
-        holder["prop"] = choose_seeds(gm, axis.n, axis.name == "batch", graph_facts(gm)[0], forced=forced)
+        state.plans.by_axis[axis.name] = choose_seeds(gm, axis.n, axis.name == "batch", graph_facts(gm)[0],
+                                                      forced=forced)
         return False
 
     def lower_pass(gm: fx.GraphModule, state: State) -> bool:
-        prop = holder["prop"]
+        prop = state.plans.get(axis.name)
         lowered = lower(gm, prop, axis)
         ar = AxisReport(axis.name, axis.n)
         ar.seeds = [(input_label(n) if n.op == "placeholder" else f"activation {n.name}", str(p))
@@ -208,45 +195,28 @@ def _axis_passes(axis: Axis) -> list[tuple[str, PassFn]]:
         refresh_meta(gm, state.example_inputs)
         return False
 
-    return [(f"plan:{axis.name}", plan_pass), (f"lower:{axis.name}", lower_pass), (f"refresh:{axis.name}", refresh_pass)]
+    a = axis.name
+    # Planning reads the recognised roles and the annotations when those passes ran, and plans
+    # without them when they are disabled: they are not hard requirements.
+    passes = [Pass(f"plan:{a}", plan_pass, provides=(f"plan:{a}",)),
+              Pass(f"lower:{a}", lower_pass, requires=(f"plan:{a}",), provides=(f"lowered:{a}",)),
+              Pass(f"refresh:{a}", refresh_pass, requires=(f"lowered:{a}",), provides=(f"meta:{a}",))]
+    return passes if refresh else passes[:2]
+
+
+def _front_passes(settle: bool) -> list[Pass]:
+    """The passes before the axes: canonical forms, recognition, annotations (and settled writes)."""
+    passes = [Pass("canonical_attention", _canonical_attention, provides=("canonical",)),
+              Pass("canonical_mha", _canonical_mha, provides=("canonical",)),
+              Pass("attention_kernels", _attention_kernels, provides=("canonical",)),
+              Pass("recognise", _recognise, provides=("recognised",)),
+              Pass("annotations", _annotations, provides=("annotations",))]
+    if settle:
+        passes.append(Pass("settle_writes", _settle_writes, provides=("settled",)))
+    return passes
 
 
 # ---------------------------------------------------------------------- the backend
-def graph_facts(gm: fx.GraphModule) -> tuple[int | None, int | None]:
-    """(batch size, attention heads) read off the graph, for the automatic plan."""
-    batch = None
-    biggest = -1
-    for node in gm.graph.nodes:
-        if node.op == "placeholder" and is_tensor(node) and is_user_input(node):
-            s = shape(node)
-            if len(s) >= 2 and isinstance(s[0], int) and value(node).numel() > biggest:
-                biggest, batch = value(node).numel(), s[0]
-    heads = None
-    for node in gm.graph.nodes:
-        if op_name(node) == "scaled_dot_product_attention":
-            q = node.args[0] if node.args else node.kwargs.get("query")
-            h = shape(q)[-3] if len(shape(q)) >= 3 else 1
-            heads = h if heads is None else min(heads, h)
-    return batch, heads
-
-
-def mesh_axes(plan: ParallelPlan, rank: int) -> list[Axis]:
-    """The logical axes (batch, then sp) this rank's passes lower, with their process groups."""
-    groups = plan_mod.process_groups(plan)
-    axes = []
-    for name in ("batch", "sp"):
-        n = plan.degree(name)
-        if n <= 1:
-            continue
-        kw: dict[str, Any] = {}
-        if name == "sp":
-            kw = dict(ulysses=plan.degree("ulysses"), ring=plan.degree("ring"))
-            if kw["ulysses"] > 1 and kw["ring"] > 1:
-                kw.update(ulysses_group=groups["ulysses"].group_name, ring_group=groups["ring"].group_name)
-        axes.append(Axis(name, n, plan.axis_rank(name, rank), groups[name].group_name, **kw))
-    return axes
-
-
 def _inner(plan: ParallelPlan, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
     if plan.inner == "eager":
         return gm.forward
@@ -275,9 +245,6 @@ def _guarded(plan: ParallelPlan, example_inputs: Sequence[Any], build: Callable[
                "and group norms, or other runtime functions) have no gradient rules")
     with torch.no_grad():
         return guard_backward(build(), plan.describe(), why)
-
-
-_WARNED_BREAKS: list[bool] = []  # the graph-break WARNING is logged once per process
 
 
 @checked  # ranks agree on what they compile first; each call checks its inputs and names timeouts
@@ -313,8 +280,8 @@ def xdit_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: dic
     for w in report.warnings:
         log.warning("xdit: %s", w)
     report.graph_breaks = graph_breaks()
-    if report.graph_breaks and world > 1 and not _WARNED_BREAKS:
-        _WARNED_BREAKS.append(True)
+    if report.graph_breaks and world > 1 and not current().warned_breaks:
+        current().warned_breaks = True  # the graph-break WARNING is logged once per context
         log.warning("xdit: graph breaks: %s", graph_break_text(report.graph_breaks))
     if world == 1:
         publish(report)
@@ -322,16 +289,12 @@ def xdit_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: dic
     if plan.degree("pp") > 1:
         # The batch axis (dp x cfg) first, so each batch group pipelines its own share; then
         # PipeFusion splits the graph into stages and lowers Ulysses inside each stage.
-        from .pipefusion import pipefusion_backend
-
         batch_axes = [a for a in mesh_axes(plan, rank) if a.name == "batch"]
         original = _copy(gm)
         try:
             run_passes(gm, State(plan, example_inputs, rank, batch_axes, report),
-                       [("canonical_attention", _canonical_attention), ("canonical_mha", _canonical_mha),
-                        ("attention_kernels", _attention_kernels), ("recognise", _recognise),
-                        ("annotations", _annotations),
-                        *[p for a in batch_axes for p in _axis_passes(a)]])
+                       [*_front_passes(settle=False), *[p for a in batch_axes for p in _axis_passes(a)]],
+                       also_known=STAGE_PASSES)  # PipeFusion runs those next
         except WholeGraphFallback as e:
             gm = original
             report.axes.clear()
@@ -339,14 +302,11 @@ def xdit_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: dic
         return _guarded(plan, example_inputs, lambda: pipefusion_backend(gm, example_inputs, plan, report, _inner))
     mark_for_autograd(gm, example_inputs)  # the lowering adds gradient rules to a graph traced for autograd
     state = State(plan, example_inputs, rank, mesh_axes(plan, rank), report)
-    passes: list[tuple[str, PassFn]] = [("canonical_attention", _canonical_attention), ("canonical_mha", _canonical_mha),
-                                        ("attention_kernels", _attention_kernels), ("recognise", _recognise),
-                                        ("annotations", _annotations), ("settle_writes", _settle_writes)]
+    passes = _front_passes(settle=True)
     for i, axis in enumerate(state.axes):
-        passes += _axis_passes(axis)
-        if i == len(state.axes) - 1 and plan.inner == "eager":
-            passes.pop()  # the next axis reads fresh shapes; eager execution needs none
-    passes += [("unsettle_writes", _unsettle), ("strip_marks", _strip_marks)]
+        # The next axis reads fresh shapes; eager execution of the last one needs none.
+        passes += _axis_passes(axis, refresh=not (i == len(state.axes) - 1 and plan.inner == "eager"))
+    passes += [Pass("unsettle_writes", _unsettle, requires=("settled",)), Pass("strip_marks", _strip_marks)]
     original = _copy(gm)
     try:
         run_passes(gm, state, passes)
@@ -356,8 +316,10 @@ def xdit_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: dic
         report.fallback = str(e)
         report.axes.clear()
         log.warning("xdit: %s; this graph runs replicated on every rank", e)
+    except PassOrderError:
+        raise  # a wrong pass list is a bug: never hide it behind a fallback
     except PassError as e:
-        if os.environ.get("XDIT_STRICT", "0") == "1":
+        if current().settings.is_strict():
             raise
         gm = original
         _strip_marks(gm, state)
@@ -365,21 +327,21 @@ def xdit_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: dic
         report.axes.clear()
         log.warning("xdit: %s; this graph runs replicated on every rank (set XDIT_STRICT=1 to raise)", e)
     publish(report)
-    if os.environ.get("XDIT_KEEP_GRAPHS", "0") == "1":
-        _GRAPHS.append((report, gm, list(example_inputs)))
+    if current().settings.keeps_graphs():
+        current().graphs.append((report, gm, list(example_inputs)))
     if not any(ax.collectives for ax in report.axes):
         return _inner(plan, gm, example_inputs)  # nothing moves between ranks: autograd through it is exact
     return _guarded(plan, example_inputs, lambda: _inner(plan, gm, example_inputs), gm)
 
 
-# (report, per-rank graph, example inputs) of each compiled graph, kept only when
-# XDIT_KEEP_GRAPHS=1 (tests and benchmarks measure the per-rank program directly).
-_GRAPHS: list[tuple[PlanReport, fx.GraphModule, list[Any]]] = []
-
-
 def compiled_graphs() -> list[tuple[PlanReport, fx.GraphModule, list[Any]]]:
-    """The per-rank graphs compiled in this process (needs ``XDIT_KEEP_GRAPHS=1``)."""
-    return list(_GRAPHS)
+    """(report, per-rank graph, example inputs) of each graph compiled in this context, kept only with
+    ``XDIT_KEEP_GRAPHS=1`` (``context.Settings.keep_graphs``): tests and benchmarks measure them."""
+    return list(current().graphs)
+
+
+def clear_graphs() -> None:
+    current().graphs.clear()
 
 
 def _copy(gm: fx.GraphModule) -> fx.GraphModule:

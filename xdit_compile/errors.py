@@ -19,6 +19,11 @@ class PassError(XditError):
     """A compiler pass failed; the message names the pass and the passes that ran before it."""
 
 
+class PassOrderError(PassError):
+    """A pass list whose order does not give a pass what it requires (a bug in that list, never a
+    fallback); the message names the pass, the missing requirement and the fix."""
+
+
 class CollectiveError(XditError):
     """A collective was called with arguments that cannot work (shapes, sizes, group)."""
 

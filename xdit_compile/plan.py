@@ -20,6 +20,7 @@ from typing import Any, Mapping
 
 import torch.distributed as dist
 
+from .context import current
 from .errors import PlanError
 
 MESH_AXES = ("dp", "cfg", "pp", "ring", "ulysses")
@@ -296,9 +297,6 @@ def _prime_factors(n: int) -> list[int]:
     return out
 
 
-_GROUPS: dict[tuple, dict[str, Any]] = {}
-
-
 def process_groups(plan: ParallelPlan) -> dict[str, Any]:
     """The ``ProcessGroup`` of this rank for every axis of degree > 1 (created once per plan).
 
@@ -313,7 +311,8 @@ def process_groups(plan: ParallelPlan) -> dict[str, Any]:
             "torch.distributed.init_process_group() (gloo on CPU, nccl on GPU) before compiling"
         )
     key = tuple(plan.degree(a) for a in MESH_AXES) + (dist.get_world_size(), plan.timeout)
-    if key not in _GROUPS:
+    cache, _ = current().group_cache(dist.group.WORLD)
+    if key not in cache:
         rank = dist.get_rank()
         mine: dict[str, Any] = {}
         for axis in ("batch", "sp", *MESH_AXES):
@@ -326,11 +325,8 @@ def process_groups(plan: ParallelPlan) -> dict[str, Any]:
                 g = dist.new_group(ranks, timeout=plan.timeout_delta)
                 if rank in ranks:
                     mine[axis] = g
-        _GROUPS[key] = mine
-    return _GROUPS[key]
-
-
-_WORLD_GROUPS: dict[float | None, Any] = {}
+        cache[key] = mine
+    return cache[key]
 
 
 def world_group(plan: ParallelPlan) -> Any:
@@ -341,9 +337,10 @@ def world_group(plan: ParallelPlan) -> Any:
     """
     if plan.timeout is None:
         return dist.group.WORLD
-    if plan.timeout not in _WORLD_GROUPS:
-        _WORLD_GROUPS[plan.timeout] = dist.new_group(list(range(dist.get_world_size())), timeout=plan.timeout_delta)
-    return _WORLD_GROUPS[plan.timeout]
+    _, worlds = current().group_cache(dist.group.WORLD)
+    if plan.timeout not in worlds:
+        worlds[plan.timeout] = dist.new_group(list(range(dist.get_world_size())), timeout=plan.timeout_delta)
+    return worlds[plan.timeout]
 
 
 def group_ranks(group: Any) -> list[int]:

@@ -7,8 +7,9 @@
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, field
+
+from .context import current
 
 log = logging.getLogger("xdit_compile")
 
@@ -109,12 +110,10 @@ def graph_break_text(breaks: dict[str, int]) -> str:
     return text
 
 
-_REPORTS: list[PlanReport] = []
-
-
 def publish(report: PlanReport) -> None:
-    _REPORTS.append(report)
-    if "plan" in os.environ.get("XDIT_LOG", "").split(","):
+    ctx = current()
+    ctx.reports.append(report)
+    if ctx.settings.logs("plan"):
         if not log.handlers and not logging.getLogger().handlers:
             logging.basicConfig(level=logging.INFO, format="%(message)s")
         log.setLevel(logging.INFO)
@@ -123,8 +122,8 @@ def publish(report: PlanReport) -> None:
 
 def reports() -> list[PlanReport]:
     """Every plan report made in this process, oldest first."""
-    return list(_REPORTS)
+    return list(current().reports)
 
 
 def clear_reports() -> None:
-    _REPORTS.clear()
+    current().reports.clear()

@@ -184,10 +184,9 @@ def per_shape(gm: fx.GraphModule, example_inputs: Sequence[Any], plan: Any, comp
     WARNING and a plan report naming the cause and the fix; under PipeFusion, or with
     ``XDIT_STRICT=1``, that raises instead.
     """
-    import os
-
     import torch.distributed as dist
 
+    from .context import current
     from .errors import PassError, PlanError
     from .report import PlanReport, publish, reports
 
@@ -198,7 +197,7 @@ def per_shape(gm: fx.GraphModule, example_inputs: Sequence[Any], plan: Any, comp
         cause = f"this graph has symbolic sizes (a new shape under torch.compile's default dynamic=None), and {why}"
         if plan.degree("pp") > 1:
             raise PlanError(f"pipefusion needs static shapes: {cause}; {FIX}")
-        if os.environ.get("XDIT_STRICT", "0") == "1":
+        if current().settings.is_strict():
             raise PassError(f"xdit: {cause}; {FIX}")
         log.warning("xdit: %s: it runs REPLICATED on every rank (each rank does all the work); %s", cause, FIX)
         publish(PlanReport(f"graph {len(reports())}", plan.describe(), dist.get_rank(), dist.get_world_size(),

@@ -16,13 +16,13 @@ detail or ``None``; nothing here names a model. For example::
 from __future__ import annotations
 
 import logging
-import os
 from collections import Counter
 from dataclasses import dataclass
 from typing import Callable
 
 import torch.fx as fx
 
+from ..context import current
 from ..graph import arg, has_symbolic_shape, is_tensor, is_user_input, op_name, shape
 from ..rules.attention import sdpa_args
 
@@ -210,6 +210,6 @@ def recognise(gm: fx.GraphModule) -> dict[str, int]:
                 hits[pattern.match.__name__] += 1
                 break
     _mark_rope(gm, counts)
-    if "rules" in os.environ.get("XDIT_LOG", "").split(","):
+    if current().settings.logs("rules"):
         log.info("xdit recognisers: %s", dict(hits))
     return dict(counts)

@@ -24,6 +24,7 @@ import time
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from ..context import current
 from . import p2p
 from .kv import KVStore, StepState
 from .programs import Assembly
@@ -62,10 +63,6 @@ class Timing:
         return 1.0 - self.compute / self.wall if self.wall > 0 else 0.0
 
 
-# While ``stream.capture()`` is active, drivers record their flat arguments instead of running.
-CAPTURE: list[list[tuple["PipelineDriver", tuple[Any, ...], list[Any]]]] = []
-
-
 class PipelineDriver:
     """See the module docstring."""
 
@@ -86,7 +83,7 @@ class PipelineDriver:
         return tuple(float(x) for i in self.key_inputs for x in args[i].detach().reshape(-1).tolist())
 
     def __call__(self, *args: Any) -> Any:
-        if CAPTURE:
+        if current().captures:  # inside ``stream.capture()``: record the flat arguments, run nothing
             return self._capture(args)
         step, stream, full = self.state.on_call(self.step_key(args))
         full = full or not self.patches
@@ -100,7 +97,7 @@ class PipelineDriver:
         """Record the call's flat arguments; return zeros shaped like the output (nothing runs)."""
         out = [torch.zeros(leaf.shape, dtype=leaf.dtype) if isinstance(leaf, OutTensor) else leaf
                for leaf in self.out_leaves]
-        CAPTURE[-1].append((self, args, out))
+        current().captures[-1].append((self, args, out))
         return tree_unflatten(out, self.out_spec)
 
     def _run(self, programs: list[StageProgram], args: Sequence[Any], assembly: Assembly | None) -> Any:

@@ -12,6 +12,7 @@ module also runs uncompiled on this rank). ``reports()`` lists what was built.
 from __future__ import annotations
 
 import logging
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -22,12 +23,15 @@ from torch.utils._pytree import tree_flatten
 
 from .. import plan as plan_mod
 from ..axis import Axis
+from ..context import current
 from ..errors import PlanError
+from ..facts import graph_facts, mesh_axes
+from ..passes.manager import Pass, run_passes
 from ..graph import has_symbolic_shape, input_label, is_tensor, is_user_input, op_name, value
 from ..plan import ParallelPlan
 from ..report import AxisReport, PlanReport, publish
 from . import p2p
-from .cuts import find_cuts
+from .cuts import Cuts, find_cuts
 from .driver import OutTensor, PipelineDriver, StageProgram, Topology
 from .policy import balance
 from .programs import Unsupported, full_program, patch_program, stamp_layers
@@ -36,23 +40,16 @@ from .stream import PatchLayout
 
 log = logging.getLogger("xdit_compile")
 
-_SETTINGS = {"free_unused_parameters": True}
-
-# Cut points chosen earlier: (stages, units, ids of the weights the graph reads, cut indices). A later
-# graph over the same weights (a new shape, compiled by ``specialize.PerShape``) reuses them, so each
-# rank keeps exactly the weights it kept: the first compile freed the storage of the others.
-_CHOSEN: list[tuple[int, int, frozenset[int], list[int]]] = []
-
-
 def configure(*, free_unused_parameters: bool | None = None) -> None:
-    """Process-wide PipeFusion settings (apply to graphs compiled afterwards)."""
+    """PipeFusion settings of the context (``context.Settings``; apply to graphs compiled afterwards)."""
     if free_unused_parameters is not None:
-        _SETTINGS["free_unused_parameters"] = free_unused_parameters
+        current().settings.free_unused_parameters = free_unused_parameters
 
 
 @dataclass
 class PipeFusionReport:
-    """What PipeFusion built for one graph on one rank."""
+    """What PipeFusion built for one graph on one rank: statistics, and a weak reference to the driver
+    (``driver``: None once the compiled program is gone; a report does not keep it and its K/V alive)."""
 
     rank: int
     stage: int
@@ -69,7 +66,11 @@ class PipeFusionReport:
     seeds: list[str] = field(default_factory=list)
     stale_layers: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
-    driver: PipelineDriver | None = None
+    driver_ref: weakref.ref[PipelineDriver] | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def driver(self) -> PipelineDriver | None:
+        return self.driver_ref() if self.driver_ref is not None else None
 
     def __str__(self) -> str:
         lines = [
@@ -89,16 +90,13 @@ class PipeFusionReport:
         return "\n".join(lines)
 
 
-_REPORTS: list[PipeFusionReport] = []
-
-
 def reports() -> list[PipeFusionReport]:
-    """PipeFusion reports of the graphs compiled in this process, oldest first."""
-    return list(_REPORTS)
+    """PipeFusion reports of the graphs compiled in this context, oldest first."""
+    return list(current().pipefusion_reports)
 
 
 def clear_reports() -> None:
-    _REPORTS.clear()
+    current().pipefusion_reports.clear()
 
 
 def _check_plan(plan: ParallelPlan, gm: fx.GraphModule) -> list[str]:
@@ -146,11 +144,14 @@ def _cuts_for(gm: fx.GraphModule, example_inputs: Sequence[Any], unit_costs: lis
     could otherwise move a block to a stage whose rank already freed that block's weights.
     """
     ids = _weight_ids(gm, example_inputs)
-    for s, units, seen, chosen in reversed(_CHOSEN):
+    # (stages, units, ids of the weights read, cuts) of earlier graphs: a later graph over the same
+    # weights (a new shape, compiled by ``specialize.PerShape``) keeps exactly the weights it kept.
+    earlier = current().chosen_cuts
+    for s, units, seen, chosen in reversed(earlier):
         if s == stages and units == len(unit_costs) and ids & seen:
             return list(chosen)
     chosen = balance(unit_costs, stages, what)
-    _CHOSEN.append((stages, len(unit_costs), ids, list(chosen)))
+    earlier.append((stages, len(unit_costs), ids, list(chosen)))
     return chosen
 
 
@@ -199,7 +200,7 @@ def _free(example_inputs: Sequence[Any], gm: fx.GraphModule, used: set[int]) -> 
         total += nbytes
         if ptr in kept_storages:
             kept += nbytes
-        elif _SETTINGS["free_unused_parameters"] and x.untyped_storage().nbytes():
+        elif current().settings.free_unused_parameters and x.untyped_storage().nbytes():
             x.untyped_storage().resize_(0)
     return kept, total
 
@@ -224,9 +225,77 @@ def _sp_axis(plan: ParallelPlan, rank: int) -> Axis | None:
     The core's own sp axis: sub-groups are named only when both degrees are > 1; with one of
     them, the sp group is that group (``programs.sp_groups``).
     """
-    from ..backend import mesh_axes
-
     return next((a for a in mesh_axes(plan, rank) if a.name == "sp"), None)
+
+
+@dataclass
+class StageContext:
+    """What PipeFusion's passes share for one graph (``passes/manager.py`` runs them).
+
+    ``pipefusion:stages`` sets ``cuts`` / ``chosen`` and stamps the stage and layer of each node
+    (``node.meta["xdit"]``); ``pipefusion:patches`` sets ``patches`` / ``assembly`` / ``layers`` /
+    ``seeds`` (or a note and none: the exact pipeline, M=1); ``pipefusion:full`` sets ``full``.
+    """
+
+    gm: fx.GraphModule
+    inputs: list[Any]  # example inputs with freed weights as zeros (shapes only matter)
+    example_inputs: Sequence[Any]  # as Dynamo handed them: the weights' identities name the model
+    sp: Axis | None
+    m: int
+    stages: int
+    cuts: Cuts | None = None
+    chosen: list[int] = field(default_factory=list)
+    patches: list[fx.GraphModule] = field(default_factory=list)
+    assembly: Any = None
+    layers: set[str] = field(default_factory=set)
+    seeds: list[str] = field(default_factory=list)
+    full: fx.GraphModule | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def _stages_pass(gm: fx.GraphModule, ctx: StageContext) -> bool:
+    """Cut the graph into units, balance them over the stages and mark each node's stage."""
+    ctx.cuts = find_cuts(gm)
+    if ctx.cuts.attention_layers == 0:
+        return False
+    ctx.chosen = _cuts_for(gm, ctx.example_inputs, ctx.cuts.unit_costs, ctx.stages, ctx.cuts.describe())
+    mark_stages(gm, ctx.cuts.nodes, ctx.cuts.positions, ctx.chosen)
+    stamp_layers(gm)
+    return True
+
+
+def _patches_pass(gm: fx.GraphModule, ctx: StageContext) -> bool:
+    """The ``m`` patch programs with stale K/V attention (none when ``m`` is 1 or patches cannot work)."""
+    if ctx.m <= 1 or ctx.cuts is None or not ctx.cuts.attention_layers:
+        return False
+    batch = graph_facts(gm)[0]
+    try:
+        for i in range(ctx.m):
+            g, ctx.assembly, got, ctx.seeds = patch_program(gm, ctx.m, i, batch, ctx.inputs, ctx.sp)
+            ctx.patches.append(g)
+            ctx.layers |= got
+    except Unsupported as e:
+        ctx.notes.append(f"runs without patches (exact pipeline, M=1): {e}")
+        ctx.patches, ctx.assembly, ctx.layers = [], None, set()
+    if ctx.patches and not ctx.layers:
+        ctx.notes.append("no attention over the split tokens: patches need no K/V buffers")
+    return False
+
+
+def _full_pass(gm: fx.GraphModule, ctx: StageContext) -> bool:
+    """The full-sequence program, filling the K/V buffers of the patches' stale layers."""
+    if ctx.cuts is None or not ctx.cuts.attention_layers:
+        return False
+    ctx.full = full_program(gm, ctx.layers, ctx.sp, ctx.inputs)
+    return False
+
+
+# Disabling pipefusion:patches runs the exact pipeline (M=1); disabling stages or full runs replicated.
+STAGE_PASSES = (
+    Pass("pipefusion:stages", _stages_pass, provides=("stages",)),
+    Pass("pipefusion:patches", _patches_pass, requires=("stages",), provides=("patches",)),
+    Pass("pipefusion:full", _full_pass, requires=("stages",), provides=("full program",)),
+)
 
 
 def pipefusion_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], plan: ParallelPlan,
@@ -250,34 +319,25 @@ def pipefusion_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], plan: 
     sp = _sp_axis(plan, world_rank)
     inputs = _usable_inputs(example_inputs)
 
-    cuts = find_cuts(gm)
-    if cuts.attention_layers == 0:
-        # A graph without transformer blocks (e.g. a piece between graph breaks): every rank runs it.
-        report.fallback = "pipefusion: no attention in this graph, so no blocks to stage; runs replicated"
+    ctx = StageContext(gm, inputs, example_inputs, sp, m, stages)
+    run = run_passes(gm, ctx, STAGE_PASSES, disabled=current().settings.passes_off(), seconds=report.pass_seconds,
+                     also_known=None)  # the backend's batch passes ran first and named unknown passes
+    cuts = ctx.cuts
+    if ctx.full is None:
+        # A graph without transformer blocks (e.g. a piece between graph breaks), or PipeFusion's
+        # passes disabled: every rank runs it.
+        why = ("no attention in this graph, so no blocks to stage" if cuts is not None and not cuts.attention_layers
+               else f"its passes are disabled ({', '.join(sorted(run.skipped))})")
+        report.fallback = f"pipefusion: {why}; runs replicated"
         publish(report)
         return inner(plan, gm, example_inputs)
-    chosen = _cuts_for(gm, example_inputs, cuts.unit_costs, stages, cuts.describe())
-    mark_stages(gm, cuts.nodes, cuts.positions, chosen)
-    stamp_layers(gm)
+    notes += ctx.notes
+    if "pipefusion:patches" in run.skipped and m > 1:
+        notes.append("runs without patches (exact pipeline, M=1): pass pipefusion:patches is disabled by "
+                     "XDIT_DISABLE_PASSES")
+    chosen, full, patch_graphs, assembly, layers, seeds = ctx.chosen, ctx.full, ctx.patches, ctx.assembly, ctx.layers, ctx.seeds
     bounds = [-1, *chosen, len(cuts.unit_costs) - 1]
     stage_costs = [sum(cuts.unit_costs[a + 1:b + 1]) for a, b in zip(bounds, bounds[1:])]
-
-    patch_graphs, assembly, layers, seeds = [], None, set(), []
-    if m > 1:
-        from ..backend import graph_facts
-
-        batch = graph_facts(gm)[0]
-        try:
-            for i in range(m):
-                g, assembly, got, seeds = patch_program(gm, m, i, batch, inputs, sp)
-                patch_graphs.append(g)
-                layers |= got
-        except Unsupported as e:
-            notes.append(f"runs without patches (exact pipeline, M=1): {e}")
-            patch_graphs, assembly, layers = [], None, set()
-        if patch_graphs and not layers:
-            notes.append("no attention over the split tokens: patches need no K/V buffers")
-    full = full_program(gm, layers, sp, inputs)
 
     def build(g: fx.GraphModule) -> StageProgram:
         st = split_stages(g, stages)[stage]
@@ -308,10 +368,10 @@ def pipefusion_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], plan: 
         rank=world_rank, stage=stage, stages=stages, patches=len(patch_progs) or 1, warmup_steps=plan.warmup_steps,
         cuts=cuts.describe(), stage_costs=stage_costs, boundary_bytes=[p2p.nbytes(s.send) for s in all_full[:-1]],
         param_bytes=kept, param_bytes_total=total, seeds=seeds, stale_layers=sorted(layers), notes=notes,
-        driver=driver)
+        driver_ref=weakref.ref(driver))
     pf.block_param_bytes = sum(b for i, b in blocks.items() if i in used)
     pf.block_param_bytes_total = sum(blocks.values())
-    _REPORTS.append(pf)
+    current().pipefusion_reports.append(pf)
     ar = AxisReport("pp", stages)
     ar.seeds = [(s, "patch") for s in seeds]
     ar.attention = [(layer, "self/joint", f"stale K/V over {m} patches, warmup {plan.warmup_steps}") for layer in sorted(layers)]

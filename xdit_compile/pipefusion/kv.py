@@ -45,18 +45,17 @@ from typing import Iterator, Optional
 
 import torch
 
+from ..context import current as context
 from ..runtime.attention import _mask_heads, _ulysses_scatter_heads
 from ..runtime.collectives import all_gather, all_to_all, group_rank, group_size
 from ..runtime.kernels import local_attention
 
-_CURRENT: list["KVStore"] = []
-_RESET_EPOCH = [0]
 _TOKENS = 2  # the token dim of q/k/v [B, H, S, D]
 
 
 def reset() -> None:
     """Start a new generation on the next call of every PipeFusion-compiled graph."""
-    _RESET_EPOCH[0] += 1
+    context().kv_epoch += 1
 
 
 @dataclass
@@ -84,17 +83,19 @@ class KVStore:
     @contextlib.contextmanager
     def current(self, stream: int) -> Iterator[None]:
         self.stream = stream
-        _CURRENT.append(self)
+        stores = context().kv_stores  # the running program's store, for the attention ops
+        stores.append(self)
         try:
             yield
         finally:
-            _CURRENT.pop()
+            stores.pop()
 
 
 def _store() -> KVStore:
-    if not _CURRENT:
+    stores = context().kv_stores
+    if not stores:
         raise RuntimeError("pipefusion attention ops run only inside a PipeFusion pipeline call")
-    return _CURRENT[-1]
+    return stores[-1]
 
 
 def _write(kb: torch.Tensor, vb: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pieces: list[int]) -> None:
@@ -215,7 +216,7 @@ class StepState:
 
     def on_call(self, key: tuple | None) -> tuple[int, int, bool]:
         """(step, stream, full) for the next call; ``full``: run the whole sequence synchronously."""
-        new_gen = self.step < 0 or self.epoch != _RESET_EPOCH[0]
+        new_gen = self.step < 0 or self.epoch != context().kv_epoch
         if key is None:
             same = False
         else:
@@ -223,7 +224,7 @@ class StepState:
             if not same and not new_gen and (key in self.seen or sum(key) > sum(self.last_key or key)):
                 new_gen = True
         if new_gen:
-            self.epoch, self.step, self.stream = _RESET_EPOCH[0], 0, 0
+            self.epoch, self.step, self.stream = context().kv_epoch, 0, 0
             self.seen, self.filled = set(), set()
             self.generations += 1
         elif same:

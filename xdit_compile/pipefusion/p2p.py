@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import CollectiveTimeoutError
+from ..context import current
 from ..runtime.collectives import log_into
 
 Meta = tuple[tuple[int, ...], torch.dtype]
@@ -34,18 +35,15 @@ class P2PRecord(NamedTuple):
     nbytes: int
 
 
-_LOGS: list[list[P2PRecord]] = []
-
-
 @contextlib.contextmanager
 def record_p2p() -> Iterator[list[P2PRecord]]:
     """Log every pipeline transfer this process takes part in while the block runs."""
-    with log_into(_LOGS) as log:
+    with log_into(current().p2p_logs) as log:
         yield log
 
 
 def _record(kind: str, peer: int, nbytes: int) -> None:
-    for log in _LOGS:
+    for log in current().p2p_logs:
         log.append(P2PRecord(kind, peer, nbytes))
 
 
@@ -68,8 +66,6 @@ def unpack(buf: torch.Tensor, metas: Sequence[Meta]) -> list[torch.Tensor]:
     return out
 
 
-# peer (global rank) -> (the ranks of its pipeline, stage order; the wait timeout), from use_pipeline
-_PIPELINES: dict[int, tuple[tuple[int, ...], timedelta | None]] = {}
 _TIMED_OUT = re.compile(r"timed out|timeout", re.IGNORECASE)
 
 
@@ -78,7 +74,7 @@ def use_pipeline(ranks: Sequence[int], timeout: timedelta | None) -> None:
     me = dist.get_rank()
     for r in ranks:
         if r != me:
-            _PIPELINES[r] = (tuple(ranks), timeout)
+            current().pipelines[r] = (tuple(ranks), timeout)
 
 
 def isend(tensors: Sequence[torch.Tensor], peer: int, tag: int) -> "Pending":
@@ -100,7 +96,7 @@ class Pending(NamedTuple):
 
     def wait(self) -> list[torch.Tensor]:
         if self.work is not None:
-            timeout = _PIPELINES.get(self.peer, ((), None))[1]
+            timeout = current().pipelines.get(self.peer, ((), None))[1]
             try:
                 self.work.wait(timeout) if timeout is not None else self.work.wait()
             except RuntimeError as e:
@@ -139,7 +135,7 @@ def _timed_out(error: RuntimeError, kind: str, peer: int, what: str) -> Collecti
     if not _TIMED_OUT.search(str(error)):
         return None
     me = dist.get_rank()
-    ranks, timeout = _PIPELINES.get(peer, ((), None))
+    ranks, timeout = current().pipelines.get(peer, ((), None))
     stage = lambda r: f"stage {ranks.index(r)} (rank {r})" if r in ranks else f"rank {r}"  # noqa: E731
     edge = {"send": f"sending to {stage(peer)}", "recv": f"receiving from {stage(peer)}",
             "broadcast": f"in the output broadcast from {stage(peer)}"}[kind]

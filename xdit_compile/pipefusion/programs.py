@@ -43,6 +43,7 @@ from torch.utils._pytree import tree_flatten
 
 from ..axis import Axis
 from ..errors import PassError, PlanError
+from ..facts import graph_facts
 from ..graph import eliminate_dead_code, op_name, shape
 from ..passes.choose_seeds import choose_seeds
 from ..passes.lower import lower
@@ -144,8 +145,6 @@ def sp_groups(sp: Axis) -> tuple[str | None, str | None]:
 
 
 def _full_sp_program(g: fx.GraphModule, layers: set[str], sp: Axis, example_inputs: Sequence[Any]) -> fx.GraphModule:
-    from ..backend import graph_facts
-
     lower(g, choose_seeds(g, sp.n, False, graph_facts(g)[0]), sp)
     for n in list(g.graph.nodes):
         layer = n.meta.get("xdit", {}).get(LAYER)

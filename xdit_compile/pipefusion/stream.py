@@ -48,7 +48,8 @@ from torch.utils._pytree import tree_flatten
 from ..errors import PlanError
 from ..graph import op_name, value
 from . import p2p
-from .driver import CAPTURE, PipelineDriver, Timing
+from ..context import current
+from .driver import PipelineDriver, Timing
 from .programs import Assembly
 from .split import StageGraph
 
@@ -149,11 +150,12 @@ def _rows_written(patch_graphs: Sequence[fx.GraphModule], assembly: Assembly) ->
 @contextlib.contextmanager
 def capture() -> Iterator[list[tuple[PipelineDriver, tuple[Any, ...], list[Any]]]]:
     """PipeFusion drivers called inside record (driver, flat args, zero outputs) and run nothing."""
-    CAPTURE.append([])
+    captures = current().captures
+    captures.append([])
     try:
-        yield CAPTURE[-1]
+        yield captures[-1]
     finally:
-        CAPTURE.pop()
+        captures.pop()
 
 
 def _captured(fn: Callable[..., Any], latents: torch.Tensor, args: Sequence[Any]) -> tuple[PipelineDriver, list[Any], int, int] | None:

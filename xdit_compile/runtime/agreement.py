@@ -38,6 +38,7 @@ import torch.distributed.distributed_c10d as c10d
 import torch.fx as fx
 
 from ..errors import CollectiveTimeoutError, PlanError, RankMismatchError
+from ..facts import graph_facts
 from ..graph import input_label, is_user_input
 from ..plan import MESH_AXES, ParallelPlan
 
@@ -104,8 +105,6 @@ def agree(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Mapping[st
 
 def plan_or_tell(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Mapping[str, Any] | None) -> ParallelPlan:
     """The resolved plan; on a ``PlanError``, publish it first so that the other ranks stop waiting."""
-    from ..backend import graph_facts
-
     try:
         return ParallelPlan.from_options(options).resolve(dist.get_world_size(), *graph_facts(gm))
     except PlanError as e:

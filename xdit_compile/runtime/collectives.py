@@ -23,6 +23,7 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 import torch.distributed.distributed_c10d as c10d
 
+from xdit_compile.context import current
 from xdit_compile.errors import CollectiveError
 
 __all__ = [
@@ -80,9 +81,6 @@ class CollectiveRecord(NamedTuple):
     group_size: int
 
 
-_ACTIVE_LOGS: list[list[CollectiveRecord]] = []
-
-
 @contextlib.contextmanager
 def record_collectives() -> Iterator[list[CollectiveRecord]]:
     """Log every collective issued by this module while the block runs.
@@ -96,7 +94,7 @@ def record_collectives() -> Iterator[list[CollectiveRecord]]:
     once at trace time, and recording is switched off there so tracing stays side-effect free.
     Nested recorders each receive every record.
     """
-    with log_into(_ACTIVE_LOGS) as log:
+    with log_into(current().collective_logs) as log:
         yield log
 
 
@@ -112,10 +110,11 @@ def log_into(active: list[list[T]]) -> Iterator[list[T]]:
 
 
 def _record(kind: str, sent: torch.Tensor, size: int) -> None:
-    if torch.compiler.is_compiling() or not _ACTIVE_LOGS or funcol._are_we_tracing():
+    active = current().collective_logs
+    if torch.compiler.is_compiling() or not active or funcol._are_we_tracing():
         return
     record = CollectiveRecord(kind, sent.numel() * sent.element_size(), size)
-    for log in _ACTIVE_LOGS:
+    for log in active:
         log.append(record)
 
 

@@ -145,16 +145,18 @@ def parity_job(factory: str, name: str, options: dict[str, Any], batch: int = 2,
 
     os.environ.setdefault("XDIT_STRICT", "1")
     os.environ["XDIT_KEEP_GRAPHS"] = "1"
-    from xdit_compile.backend import _GRAPHS, xdit_backend
+    from xdit_compile.backend import xdit_backend
+    from xdit_compile.context import current
 
     xdit_compile.clear_reports()
-    _GRAPHS.clear()
+    kept = current().graphs
+    kept.clear()
     torch._dynamo.reset()
 
     model, inputs = load_factory(factory)(name, batch=batch, seed=seed)
     with torch.no_grad():
         ref, ref_flops = _flops(lambda: _first_tensor(model(**inputs, return_dict=False)))
-        tally = _Tally(lambda gm, ex, **kw: xdit_backend(gm, ex, options=dict(options)), _GRAPHS)
+        tally = _Tally(lambda gm, ex, **kw: xdit_backend(gm, ex, options=dict(options)), kept)
         compiled = torch.compile(model, backend=tally)
         patched = (lambda: torch._dynamo.config.patch(**dynamo_config)) if dynamo_config else contextlib.nullcontext
         with patched():
