@@ -43,7 +43,8 @@ def _bad_degrees() -> str:
 
 def test_degrees_that_do_not_match_world_size() -> None:
     msgs = run_spmd(_bad_degrees, 2, timeout=300)
-    assert all("do not multiply to the world size 2" in m and "ulysses=4" in m for m in msgs), msgs
+    # Every rank's full message on failure (pytest would cut the list's repr short).
+    assert all("do not multiply to the world size 2" in m and "ulysses=4" in m for m in msgs), "\n---\n".join(msgs)
 
 
 def _uneven_and_odd(seq: int, heads: int, options: dict) -> tuple[float, str]:
