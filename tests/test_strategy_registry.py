@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from xdit_compile import strategies
 from xdit_compile.axis import Axis
 from xdit_compile.errors import PassError
-from xdit_compile.placements import Shard, global_order, local_sizes, pieces
+from xdit_compile.placements import Shard, local_sizes, pieces
 from xdit_compile.runtime import redistribute as rt
 from xdit_compile.strategies.base import AttentionCall, AttentionRecord, Cost, Site, Strategy, emit_call, mask_of
 from xdit_compile.testing.harness import run_spmd

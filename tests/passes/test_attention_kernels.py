@@ -17,6 +17,7 @@ import xdit_compile
 from xdit_compile.graph import op_name
 from xdit_compile.passes.attention_kernels import KernelCall, _key, attention_kernels, registered_attention_kernels
 from xdit_compile.testing import kernel_standins
+from tests.passes.test_canonical_attention import capture
 
 B, S, HEADS, D = 2, 8, 4, 16
 
@@ -31,14 +32,6 @@ def kernels() -> Iterator[dict[str, Callable[..., Any]]]:
                "xformers": sys.modules["xformers.ops"].memory_efficient_attention,
                "causal_bias": sys.modules["xformers.ops"].LowerTriangularMask}
     assert "flash_attn" not in sys.modules
-
-
-def capture(fn: Callable, *args: Any) -> tuple[fx.GraphModule, list[Any]]:
-    graphs = []
-    with torch.no_grad():
-        torch.compile(fn, backend=lambda gm, ex: graphs.append((gm, ex)) or gm.forward, fullgraph=True)(*args)
-    torch._dynamo.reset()
-    return graphs[0]
 
 
 def _qkv(seed: int = 0, kv_len: int = S) -> tuple[torch.Tensor, ...]:

@@ -19,9 +19,11 @@ SCALE = 1 / math.sqrt(D)
 
 
 def capture(fn: Callable, *args: Any) -> tuple[fx.GraphModule, list[Any]]:
-    """Dynamo's graph of ``fn`` and its example inputs (placeholders in Dynamo's order)."""
+    """Dynamo's graph of ``fn`` and its example inputs (placeholders in Dynamo's order), traced
+    under ``no_grad`` as inference runs it."""
     graphs = []
-    torch.compile(fn, backend=lambda gm, ex: graphs.append((gm, ex)) or gm.forward, fullgraph=True)(*args)
+    with torch.no_grad():
+        torch.compile(fn, backend=lambda gm, ex: graphs.append((gm, ex)) or gm.forward, fullgraph=True)(*args)
     torch._dynamo.reset()
     return graphs[0]
 

@@ -16,16 +16,9 @@ import torch.nn.functional as F
 from xdit_compile.graph import op_name
 from xdit_compile.passes.canonical_mha import canonical_mha
 from xdit_compile.passes.recognise import recognise
+from tests.passes.test_canonical_attention import capture
 
 E, H, L, S, N = 16, 4, 6, 5, 2
-
-
-def capture(fn: Callable, *args: Any) -> tuple[fx.GraphModule, list[Any]]:
-    graphs = []
-    with torch.no_grad():
-        torch.compile(fn, backend=lambda gm, ex: graphs.append((gm, ex)) or gm.forward, fullgraph=True)(*args)
-    torch._dynamo.reset()
-    return graphs[0]
 
 
 def _count(gm: fx.GraphModule, name: str) -> int:

@@ -24,7 +24,6 @@ so reading the buffer itself is the same, and no copy is left to pay for.
 
 from __future__ import annotations
 
-import torch
 import torch.fx as fx
 
 from ..graph import is_tensor, written_inputs
