@@ -135,6 +135,9 @@ ALLOWED: dict[tuple[str, str], str] = {
     ("xdit_compile.passes.attention_kernels", "_REGISTRY"):
         "the attention-kernel registry: built-ins at import, register_attention_kernel() adds user kernels "
         "(an open registry, as the issue asks for)",
+    ("xdit_compile.strategies.registry", "STRATEGIES"):
+        "the attention-strategy registry: built-ins at import, strategies.register() adds (or unregister() "
+        "removes) a strategy (an open registry, as the issue asks for)",
     ("xdit_compile.runtime.agreement", "_SEQ"):
         "the agreement round counter: every rank advances it in lockstep for each compile, so the store keys "
         "match; resetting it on one rank (a context reset) would make the ranks wait on different keys",
