@@ -29,6 +29,20 @@ from xdit_compile.testing.harness import run_spmd
 from xdit_compile.testing.parity import ParityResult, parity_many
 
 CAPTURE = {"capture_dynamic_output_shape_ops": True, "capture_scalar_outputs": True}
+
+
+def _captured(f: Any, *args: torch.Tensor) -> tuple[torch.fx.GraphModule, list]:
+    """Dynamo's one graph of ``f`` with data-dependent sizes captured, and its example inputs."""
+    graphs = []
+
+    def keep(gm: torch.fx.GraphModule, ex: list) -> Any:
+        graphs.append((gm, ex))
+        return gm.forward
+
+    with torch._dynamo.config.patch(**CAPTURE):
+        torch._dynamo.reset()
+        torch.compile(f, backend=keep, fullgraph=True)(*args)
+    return graphs[0]
 OPTIONS = {"ulysses_degree": 2, "inner": "eager"}
 OWN = "tests.adversarial.dyn_models:make"
 ZOO = "examples.tiny_dits_more:make_more"
@@ -234,17 +248,8 @@ def test_split_of_a_hand_written_graph() -> None:
         torch._check(n <= x.shape[1])
         return torch.relu(x @ x.T @ x)[:, idx].sum(-1) + x[:, :n].sum(-1)
 
-    graphs = []
-
-    def keep(gm: torch.fx.GraphModule, ex: list) -> Any:
-        graphs.append((gm, ex))
-        return gm.forward
-
     x, m = torch.randn(4, 6), torch.tensor([1, 0, 1, 1, 0, 1])
-    with torch._dynamo.config.patch(**CAPTURE):
-        torch._dynamo.reset()
-        torch.compile(f, backend=keep, fullgraph=True)(x, m)
-    gm, ex = graphs[0]
+    gm, ex = _captured(f, x, m)
     values = value_nodes(gm)
     assert sorted(str(v.target) for v in values) == sorted([str(torch.nonzero), "item"]), values
     prefix = prefix_nodes(gm, values)
@@ -270,17 +275,8 @@ def test_split_keeps_float_items_and_opens_nonzero_tuples() -> None:
         idx = torch.nonzero(m, as_tuple=True)
         return x[:, idx[0]] * s
 
-    graphs = []
-
-    def keep(gm: torch.fx.GraphModule, ex: list) -> Any:
-        graphs.append((gm, ex))
-        return gm.forward
-
     x, m = torch.randn(4, 6), torch.tensor([1, 0, 1, 1, 0, 1])
-    with torch._dynamo.config.patch(**CAPTURE):
-        torch._dynamo.reset()
-        torch.compile(f, backend=keep, fullgraph=True)(x, m)
-    gm, ex = graphs[0]
+    gm, ex = _captured(f, x, m)
     values = value_nodes(gm)
     assert [str(v.target) for v in values] == [str(torch.nonzero)], values
     results = list(_prefix_module(gm, prefix_nodes(gm, values), values)(*ex))
@@ -303,17 +299,8 @@ def test_boolean_masks_become_positions() -> None:
         h = torch.relu(x @ x.T @ x)
         return h[m].sum() + h[:, m[0]].sum(1) + torch.masked_select(h, m[0]).sum()
 
-    graphs = []
-
-    def keep(gm: torch.fx.GraphModule, ex: list) -> Any:
-        graphs.append((gm, ex))
-        return gm.forward
-
     x, m = torch.randn(4, 6), torch.randn(4, 6) > 0
-    with torch._dynamo.config.patch(**CAPTURE):
-        torch._dynamo.reset()
-        torch.compile(f, backend=keep, fullgraph=True)(x, m)
-    gm, ex = graphs[0]
+    gm, ex = _captured(f, x, m)
     assert index_by_positions(gm)
     refresh_meta(gm, ex)
     values = value_nodes(gm)
@@ -336,17 +323,8 @@ def test_selected_data_is_not_taken_out_of_the_program() -> None:
     def f(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
         return torch.relu(x @ x.T @ x)[..., m].sum(-1)
 
-    graphs = []
-
-    def keep(gm: torch.fx.GraphModule, ex: list) -> Any:
-        graphs.append((gm, ex))
-        return gm.forward
-
     x, m = torch.randn(4, 6), torch.tensor([True, False, True, True, False, True])
-    with torch._dynamo.config.patch(**CAPTURE):
-        torch._dynamo.reset()
-        torch.compile(f, backend=keep, fullgraph=True)(x, m)
-    gm, ex = graphs[0]
+    gm, ex = _captured(f, x, m)
     with pytest.raises(Refused, match="computes data"):
         PerValue(gm, ex, lambda g, e: g.forward)
 
@@ -362,18 +340,9 @@ def test_per_value_caches_and_warns_about_a_heavy_prefix(caplog: pytest.LogCaptu
         torch._check(n <= x.shape[0])
         return x[:n].sum(0)
 
-    graphs = []
-
-    def keep(gm: torch.fx.GraphModule, ex: list) -> Any:
-        graphs.append((gm, ex))
-        return gm.forward
-
     g = torch.Generator().manual_seed(0)
     x, w = torch.randn(8, 6, generator=g), torch.randn(6, 4, generator=g)
-    with torch._dynamo.config.patch(**CAPTURE):
-        torch._dynamo.reset()
-        torch.compile(f, backend=keep, fullgraph=True)(x, w)
-    gm, ex = graphs[0]
+    gm, ex = _captured(f, x, w)
     compiled: list[int] = []
 
     def compile_static(g: torch.fx.GraphModule, e: list) -> Any:
