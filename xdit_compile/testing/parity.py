@@ -120,7 +120,7 @@ class _Tally:
 
     def breaks(self) -> bool:
         """Whether eager code may have run between graphs (more than one graph, or one run twice)."""
-        return sum(e[2] for e in self.graphs) > 1 or len([e for e in self.graphs if e[2]]) > 1
+        return sum(e[2] for e in self.graphs) > 1
 
     def flops(self) -> int:
         total = 0
