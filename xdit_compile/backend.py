@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 import torch.fx as fx
 
-from . import plan as plan_mod
+from . import axes as axes_mod
 from .runtime.guard import checked
 from .axis import Axis
 from .context import current
@@ -168,7 +168,7 @@ def _axis_passes(axis: Axis, refresh: bool = True) -> list[Pass]:
     def plan_pass(gm: fx.GraphModule, state: State) -> bool:
         forced = state.forced.get(axis.name, {})
         # Marks for the other axis pass values through unchanged on this one.
-        state.plans.by_axis[axis.name] = choose_seeds(gm, axis.n, axis.name == "batch", graph_facts(gm)[0],
+        state.plans.by_axis[axis.name] = choose_seeds(gm, axis.n, axis.spec.seeds_batch_dim, graph_facts(gm)[0],
                                                       forced=forced)
         return False
 
@@ -186,8 +186,7 @@ def _axis_passes(axis: Axis, refresh: bool = True) -> list[Pass]:
         if not prop.seeds and not state.forced.get(axis.name):
             ar.note = f"nothing to split on the {axis.name} axis: every rank of it computes the same thing" + (
                 " (every input split was refused: see the replicated inputs below)" if refused else
-                " (batch too small: a pipeline that calls the model once per CFG half gives it"
-                " batch 1; see docs/pipelines.md)" if axis.name == "batch" else "")
+                axis.spec.empty_hint)
         state.report.axes.append(ar)
         return True
 
@@ -257,7 +256,7 @@ def xdit_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: dic
     """
     plan = ParallelPlan.from_options(options)
     if not (dist.is_available() and dist.is_initialized()):
-        if any(getattr(plan, a) not in (None, 1) for a in plan_mod.MESH_AXES):
+        if any(getattr(plan, a) not in (None, 1) for a in axes_mod.mesh_dim_names()):
             raise PlanError(
                 f"xdit plan {plan.describe()} needs a torch.distributed process group: launch with "
                 "torchrun and call torch.distributed.init_process_group() before compiling"
@@ -289,7 +288,7 @@ def xdit_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: dic
     if plan.degree("pp") > 1:
         # The batch axis (dp x cfg) first, so each batch group pipelines its own share; then
         # PipeFusion splits the graph into stages and lowers Ulysses inside each stage.
-        batch_axes = [a for a in mesh_axes(plan, rank) if a.name == "batch"]
+        batch_axes = [a for a in mesh_axes(plan, rank) if not a.spec.inside_stages]
         original = _copy(gm)
         try:
             run_passes(gm, State(plan, example_inputs, rank, batch_axes, report),
