@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from digits_dit import load, sample, tile, write_png  # noqa: E402
+from digits_dit import load, recognise, sample, tile, write_png  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -73,6 +73,10 @@ def main() -> int:
         print(f"digits 0-9 sampled with CFG (guidance {args.guidance}, {args.steps} steps) on {world} ranks "
               f"({plan}), each step one batched [cond; uncond] call:")
         print("\n".join("  " + line for line in ascii_row(out.cpu())))
+        seen = recognise(out)
+        if seen is not None:
+            hits = sum(int(a == b) for a, b in zip(seen, range(10)))
+            print(f"  a classifier fitted on the data set reads {seen}: {hits}/10 as asked")
         print(f"  max |xdit - single rank| = {worst:.1e} (images in [-1, 1]) over every rank"
               + ("   MISMATCH" if worst > args.tolerance else ""))
         print(f"  wrote {os.path.relpath(args.out)}: rows = single rank, xdit, |difference| (black = equal)")

@@ -133,6 +133,23 @@ def sample(model: Callable[..., torch.Tensor], labels: torch.Tensor, steps: int 
     return x.clamp(-1.0, 1.0)
 
 
+def recognise(images: torch.Tensor) -> list[int] | None:
+    """The digit a logistic-regression classifier fitted on the data set sees in each (N, 1, 8, 8) image.
+
+    An independent judge of "recognisable" (about 97% accurate on the data set itself); None when
+    scikit-learn is not installed.
+    """
+    try:
+        from sklearn.datasets import load_digits
+        from sklearn.linear_model import LogisticRegression
+    except ImportError:
+        return None
+    digits = load_digits()
+    clf = LogisticRegression(max_iter=3000).fit(digits.data, digits.target)
+    data = ((images.detach().cpu().double().reshape(images.shape[0], -1) + 1) * 8).numpy()  # [-1, 1] -> 0..16
+    return [int(c) for c in clf.predict(data)]
+
+
 def write_png(path: str, image: torch.Tensor) -> None:
     """Write a (H, W) tensor in [0, 1] as an 8-bit grayscale PNG (zlib only: no imaging package needed)."""
     import struct

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from digits_dit import NULL_CLASS, WEIGHTS, DigitsDiT, sample  # noqa: E402
+from digits_dit import NULL_CLASS, WEIGHTS, DigitsDiT, recognise, sample  # noqa: E402
 
 
 def main() -> int:
@@ -70,7 +70,10 @@ def main() -> int:
     print(f"saved {args.out}: {n_params} parameters, {os.path.getsize(args.out) / 1024:.0f} KiB, "
           f"trained in {time.perf_counter() - start:.0f} s")
     # Quick look: one row per class, as characters.
-    imgs = sample(ema, torch.arange(10), steps=16, guidance=3.0)
+    imgs = sample(ema, torch.arange(10).repeat(5), steps=16, guidance=3.0)
+    seen = recognise(imgs)
+    hits = sum(int(s == i % 10) for i, s in enumerate(seen or []))
+    print(f"50 samples (5 per digit): a classifier fitted on the data set reads {hits}/50 as asked")
     for r in range(8):
         print("  ".join("".join(" .:-=+*#%@"[min(9, int((v + 1) / 2 * 10))] for v in imgs[c, 0, r].tolist())
                         for c in range(10)))
