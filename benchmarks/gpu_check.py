@@ -12,6 +12,7 @@ W = 1, within ``STALE_BOUND`` like tests/pipefusion). Each runs a short Euler lo
 Part 2, timings: a PixArt model at 1024 px's token count (4,096 image tokens; on GPU hidden 1,152 =
 16 x 72 as PixArt-alpha, ``--layers`` layers, bfloat16; in the dry run a small one), batch 2, the same
 loop on one rank vs each method on all ranks, alternating, medians of ``--repeat``.
+The dry run keeps only the tiny PixArt for parity and times only Ulysses and PipeFusion.
 
 Writes ``gpu_check.json`` and ``gpu_check.md`` into ``--out`` (default ``benchmarks/results/``; the dry run
 defaults to a temporary directory so it never overwrites GPU results). Exit status 1 when a parity check
