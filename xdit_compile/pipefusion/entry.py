@@ -126,7 +126,7 @@ def _usable_inputs(example_inputs: Sequence[Any]) -> list[Any]:
     out = []
     for x in example_inputs:
         if isinstance(x, torch.Tensor) and x.numel() and x.untyped_storage().nbytes() == 0:
-            x = torch.zeros(x.shape, dtype=x.dtype)
+            x = torch.zeros(x.shape, dtype=x.dtype, device=x.device)
         out.append(x)
     return out
 
@@ -356,7 +356,7 @@ def pipefusion_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], plan: 
 
     out = next(n for n in gm.graph.nodes if n.op == "output")
     leaves, spec = tree_flatten(out.args[0])
-    template = [OutTensor(tuple(value(x).shape), value(x).dtype) if is_tensor(x) else
+    template = [OutTensor(tuple(value(x).shape), value(x).dtype, value(x).device) if is_tensor(x) else
                 (value(x) if isinstance(x, fx.Node) else x) for x in leaves]
     topo = Topology(stage, stages, ranks[stage - 1] if stage > 0 else None,
                     ranks[stage + 1] if stage < stages - 1 else None, ranks[-1], group, tuple(ranks))
