@@ -200,7 +200,7 @@ class ParallelPlan:
     # ---------------------------------------------------------------- ranks and groups
     def _grid(self) -> torch.Tensor:
         """Global ranks laid out on the mesh dimensions (row-major), as ``DeviceMesh`` lays them."""
-        return torch.arange(self.world_size).view(*[self.degree(a) for a in axes.mesh_dim_names()])
+        return torch.arange(self.world_size, device="cpu").view(*[self.degree(a) for a in axes.mesh_dim_names()])
 
     def coords(self, rank: int) -> dict[str, int]:
         """Index of ``rank`` along each mesh dimension."""
