@@ -1,8 +1,9 @@
 """Apply a propagation to the graph: the per-rank program for one axis.
 
 Reads: the ``Propagation`` of ``passes.propagate`` (placements, decisions, seeds).
-Writes: the graph (slices after seeded inputs, collectives where placements change, local
-shapes in view/split/slice args, attention lowered by the strategy registry (``strategies/``:
+Writes: the graph (slices after seeded inputs, collectives where placements change, each
+rule's ``LocalOp`` performed by the surgery of its kind (``local_ops/``: local shapes in
+view/split/slice args, halo exchanges, ...), attention lowered by the strategy registry (``strategies/``:
 Ulysses/Ring/USP), replicated outputs)
 and ``node.meta["xdit"][axis]`` = the node's placement on this axis, for the report;
 ``node.meta["xdit"]["strategy"]`` = the ``AttentionRecord`` of each attention (``strategies/base.py``).

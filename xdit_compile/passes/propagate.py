@@ -244,7 +244,7 @@ def _fresh_out_buffer(node: fx.Node, d: Decision, pl: dict[fx.Node, Any], decisi
     its shape: the write replaces every value, so the buffer's own values never matter.
     """
     w = node.kwargs.get("out")
-    if not isinstance(w, fx.Node) or not isinstance(d.out, Shard) or d.needs.get(w) != d.out or d.local:
+    if not isinstance(w, fx.Node) or not isinstance(d.out, Shard) or d.needs.get(w) != d.out or d.local is not None:
         return d
     if op_name(w) not in _FRESH or not isinstance(pl.get(w), Replicate) or any(u in decisions for u in w.users):
         return d
