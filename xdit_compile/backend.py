@@ -33,6 +33,7 @@ import torch.fx as fx
 from . import plan as plan_mod
 from .runtime.guard import checked
 from .axis import Axis
+from .branches import splits_calls, stream_inputs, wrap_calls
 from .context import current
 from .errors import PassError, PassOrderError, PlanError
 from .facts import graph_facts, mesh_axes
@@ -300,8 +301,21 @@ def xdit_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: dic
             report.axes.clear()
             log.warning("xdit: %s; every batch group pipelines the whole batch", e)
         return _guarded(plan, example_inputs, lambda: pipefusion_backend(gm, example_inputs, plan, report, _inner))
+    if splits_calls(plan, batch):
+        # One call per guidance branch: the cfg groups take the calls, not the batch (branches/).
+        calls = stream_inputs(gm, example_inputs)
+        inner = _per_rank(gm, example_inputs, plan, rank, report, skip=("batch",))
+        stream = wrap_calls(inner, calls, plan, graph_name)
+        report.calls = stream.report
+        return stream
+    return _per_rank(gm, example_inputs, plan, rank, report)
+
+
+def _per_rank(gm: fx.GraphModule, example_inputs: Sequence[Any], plan: ParallelPlan, rank: int, report: PlanReport,
+              skip: tuple[str, ...] = ()) -> Callable:
+    """The passes over ``gm`` for every mesh axis but those in ``skip``, then the inner compiler."""
     mark_for_autograd(gm, example_inputs)  # the lowering adds gradient rules to a graph traced for autograd
-    state = State(plan, example_inputs, rank, mesh_axes(plan, rank), report)
+    state = State(plan, example_inputs, rank, [a for a in mesh_axes(plan, rank) if a.name not in skip], report)
     passes = _front_passes(settle=True)
     for i, axis in enumerate(state.axes):
         # The next axis reads fresh shapes; eager execution of the last one needs none.

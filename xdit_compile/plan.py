@@ -30,6 +30,7 @@ INNER_COMPILERS = ("inductor", "eager")
 # xDiT's flag names, so that its users can reuse their launch scripts.
 _OPTION_TO_FIELD = {
     "data_parallel_degree": "dp",
+    "cfg_degree": "cfg",
     "ulysses_degree": "ulysses",
     "ring_degree": "ring",
     "pipefusion_parallel_degree": "pp",
@@ -49,7 +50,9 @@ class ParallelPlan:
 
     Args:
         dp: data-parallel degree (splits the batch).
-        cfg: CFG-parallel degree, 1 or 2 (splits the batch into its cond/uncond halves).
+        cfg: CFG-parallel degree (``use_cfg_parallel=True``: 2; ``cfg_degree=k``: k guidance branches):
+            splits the batch into its cond/uncond halves, or, where the pipeline calls the model
+            once per branch (batch 1), runs those calls at once (``branches/``).
         pp: PipeFusion degree (pipeline stages).
         ring: Ring-attention degree (splits the tokens; K/V travel around a ring).
         ulysses: Ulysses degree (splits the tokens; all-to-all swaps tokens for heads).
@@ -78,9 +81,6 @@ class ParallelPlan:
         # bool is an int subclass: True would pass as degree 1, so it is refused by name.
         for axis in MESH_AXES:
             _check_int(axis, getattr(self, axis), 1, "a positive int (1 = off)", optional=True)
-        if self.cfg not in (None, 1, 2):
-            raise PlanError(f"cfg degree must be 1 or 2 (the cond/uncond halves; option use_cfg_parallel=True or "
-                            f"False), got {self.cfg!r}")
         _check_int("num_pipeline_patch", self.num_pipeline_patch, 1,
                    "a positive int, or None for one patch per pipeline stage", optional=True)
         _check_int("warmup_steps", self.warmup_steps, 0, "an int >= 0")
@@ -121,6 +121,10 @@ class ParallelPlan:
                 raise PlanError(f"option use_cfg_parallel={use!r} ({type(use).__name__}) is not accepted: use "
                                 "True (CFG parallel, degree 2) or False")
             kwargs["cfg"] = 2 if use else 1
+            given = options.get("cfg_degree")
+            if given is not None and given != kwargs["cfg"] and not (use and isinstance(given, int) and given > 2):
+                raise PlanError(f"options use_cfg_parallel={use} and cfg_degree={given!r} disagree: pass "
+                                "cfg_degree alone (the number of guidance branches), or use_cfg_parallel alone")
         for key in list(options):
             if key in _OPTION_TO_FIELD:
                 kwargs[_OPTION_TO_FIELD[key]] = options.pop(key)
@@ -198,7 +202,7 @@ class ParallelPlan:
             if world_size % rest:
                 continue
             new = world_size // rest
-            if new == self.degree(axis) or (axis == "cfg" and new not in (1, 2)):
+            if new == self.degree(axis):
                 continue
             out.append(_spell(axis, new))  # rest x new == world_size, as world_size % rest == 0
             if len(out) == 2:
@@ -268,7 +272,9 @@ def check_plan(options: Mapping[str, Any] | None, world_size: int | None = None)
 def _spell(field_name: str, value: Any = None) -> str:
     """The option users pass for a plan field (xDiT's flag name), with ``value`` when given."""
     if field_name == "cfg":
-        return "use_cfg_parallel" if value is None else f"use_cfg_parallel={value == 2}"
+        if value is None:
+            return "use_cfg_parallel"
+        return f"use_cfg_parallel={value == 2}" if value in (1, 2) else f"cfg_degree={value}"
     option = _FIELD_TO_OPTION.get(field_name, field_name)
     return option if value is None else f"{option}={value}"
 
