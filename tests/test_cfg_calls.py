@@ -208,3 +208,46 @@ def test_misses_are_exact_and_reported(three_ranks: list[dict[str, Any]], case: 
         assert all(got["hits_by_step"][s] == 2 for s in range(2, STEPS, 2)), got["report"]
     if case == "swapped":
         assert min(got["miss_steps"]) == 4 and all(h == 2 for h in got["hits_by_step"][1:4]), got["report"]
+
+
+# ---------------------------------------------------------------------- in-process checks (no ranks)
+def test_same_bits_is_exact() -> None:
+    from xdit_compile.branches import same_bits
+
+    x = torch.tensor([0.0, float("nan"), 1.5])
+    assert same_bits(x, x.clone())  # equal NaNs match: the same bits give the same output
+    assert not same_bits(torch.tensor([0.0]), torch.tensor([-0.0]))  # torch.equal would accept these
+    assert not same_bits(x, x.double())
+    assert not same_bits(x, x[:2])
+    assert same_bits(torch.arange(4), torch.arange(4)) and not same_bits(torch.arange(4), torch.arange(1, 5))
+
+
+def test_snap_sees_in_place_writes() -> None:
+    from xdit_compile.branches.calls import Snap
+
+    x = torch.ones(3)
+    snap = Snap.of(x)
+    assert snap.matches(x) and snap.matches(torch.ones(3))
+    x.add_(1)  # written after the call: what it held then is gone, so nothing matches it
+    assert not snap.matches(x) and not snap.matches(torch.ones(3))
+    with torch.inference_mode():
+        y = torch.ones(3)
+    kept = Snap.of(y)  # no version counter: a copy is kept instead
+    assert kept.value is not y and kept.matches(y) and not kept.matches(torch.zeros(3))
+
+
+def test_when_branches_come_as_calls_and_options() -> None:
+    from xdit_compile import PlanError
+    from xdit_compile.branches import splits_calls
+    from xdit_compile.plan import ParallelPlan
+
+    plan = ParallelPlan.from_options({"use_cfg_parallel": True, "ulysses_degree": 2}).resolve(4)
+    assert splits_calls(plan, 1) and not splits_calls(plan, 2)
+    three = ParallelPlan.from_options({"cfg_degree": 3}).resolve(3)
+    assert three.cfg == 3 and splits_calls(three, 1) and splits_calls(three, 2) and not splits_calls(three, 3)
+    assert not splits_calls(ParallelPlan(cfg=2, pp=2).resolve(4), 1)  # PipeFusion keeps its own path
+    assert not splits_calls(ParallelPlan(ulysses=2).resolve(2), 1)
+    with pytest.raises(PlanError, match="disagree"):
+        ParallelPlan.from_options({"use_cfg_parallel": False, "cfg_degree": 2})
+    with pytest.raises(PlanError, match="cfg_degree=0"):
+        ParallelPlan.from_options({"cfg_degree": 0})

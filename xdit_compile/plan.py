@@ -289,7 +289,9 @@ def _check_int(name: str, value: Any, low: int, accepted: str, optional: bool = 
     if optional and value is None:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise PlanError(f"option {_spell(name)}={_short(value)} ({type(value).__name__}) is not accepted: "
+        # use_cfg_parallel is checked as a bool before: a bad cfg degree came as cfg_degree.
+        option = "cfg_degree" if name == "cfg" else _spell(name)
+        raise PlanError(f"option {option}={_short(value)} ({type(value).__name__}) is not accepted: "
                         f"use {accepted}")
 
 
