@@ -17,7 +17,10 @@ dependents):
     unsettle_writes  drop settle_writes' clones again (planning needed them, the program does not)
     strip_marks      drop the annotation nodes
 
-Then the per-rank graph goes to the inner compiler (inductor by default, or eager).
+Then the per-rank graph goes to the inner compiler (inductor by default, or eager). With a cfg
+degree on a graph whose batch does not divide into the cfg groups (a pipeline calling the model once
+per guidance branch), the batch axis is not lowered and the program runs behind ``branches.CallStream``
+(the cfg groups compute a step's branches at once; ``docs/cfg_across_calls.md``).
 """
 
 from __future__ import annotations
