@@ -155,6 +155,7 @@ def _all_hits(results: list[dict[str, Any]], case: str, branches: int) -> None:
         assert not got["misses"], got["report"]
         # Steps after the first: one run of the per-rank program per rank.
         assert got["runs_by_step"] == [branches] + [1] * (STEPS - 1), got["report"]
+        assert got["exchanges"] == STEPS - 1, got["report"]  # one all-gather of the outputs per predicted step
 
 
 @pytest.mark.parametrize("name", ["wan", "flux"])
