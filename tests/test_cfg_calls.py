@@ -252,3 +252,81 @@ def test_when_branches_come_as_calls_and_options() -> None:
         ParallelPlan.from_options({"use_cfg_parallel": False, "cfg_degree": 2})
     with pytest.raises(PlanError, match="cfg_degree=0"):
         ParallelPlan.from_options({"cfg_degree": 0})
+
+
+class _Counts(torch.nn.Module):
+    """Writes a buffer in place on every call: answering a call from a prediction would skip that."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("calls", torch.zeros(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls.add_(1)
+        return x * 2
+
+
+class _WritesInput(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x.view(-1)[:1].mul_(0)  # through views
+        return x + 1
+
+
+class _Plain(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x * 2
+        y[:, 0] = 0  # a write into an intermediate is no state
+        return y
+
+
+@pytest.mark.parametrize("module,why", [(_Counts, "writes input"), (_WritesInput, "writes input"), (_Plain, None)])
+def test_calls_with_effects_are_never_answered_from_a_prediction(module: type, why: str | None) -> None:
+    from xdit_compile.branches import state_writes
+
+    seen: list[str | None] = []
+
+    def capture(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
+        seen.append(state_writes(gm))
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(module(), backend=capture)(torch.randn(1, 4, 3))
+    assert len(seen) == 1
+    assert (seen[0] is None) if why is None else (seen[0] is not None and why in seen[0]), seen
+
+
+def _toy(x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor]:
+    return (x * t + c.sum(),)
+
+
+def _stream_calls(calls: list[tuple[torch.Tensor, float, torch.Tensor]], stream: Any = None) -> Any:
+    """Run ``calls`` (latent, timestep, conditioning) through a one-group ``CallStream`` around a
+    toy program, checking every answer; the stream. One group computes every branch itself: no
+    process group needed."""
+    from xdit_compile.branches.calls import CallsReport, CallStream
+
+    stream = stream or CallStream(_toy, ["x", "t", "c"], [1], 0, None, 1, 0, [0], CallsReport("toy", 1, 0))
+    for x, t, c in calls:
+        assert torch.equal(stream(x, torch.tensor([t]), c)[0], _toy(x, torch.tensor([t]), c)[0])
+    return stream
+
+
+def test_call_stream_state_machine() -> None:
+    x = [torch.randn(2, 3) for _ in range(4)]
+    pos, neg = torch.ones(3), torch.zeros(3)
+    r = _stream_calls([(x[s], 1.0 - s / 4, c) for s in range(4) for c in (pos, neg)]).report
+    assert (r.branches, r.hits_by_step, r.runs_by_step, r.misses) == (2, [0, 1, 1, 1], [2, 2, 2, 2], [])
+    # A second generation (the timesteps restart) relearns.
+    calls = [(x[s], 1.0 - s / 4, c) for s in range(2) for c in (pos, neg)]
+    r = _stream_calls(calls + calls).report
+    assert r.generations == 2 and r.hits == 2 and not r.misses
+    # A learned input written in place: never answered from what it held before.
+    stream = _stream_calls([(x[0], 1.0, pos), (x[0], 1.0, neg), (x[1], 0.5, pos)])
+    neg.add_(1)
+    stream = _stream_calls([(x[1], 0.5, neg), (x[2], 0.25, pos), (x[2], 0.25, neg)], stream)
+    r = stream.report
+    assert r.hits == 0 and [m.step for m in r.misses] == [1, 2], r
+    assert r.misses[0].why.startswith("input c differs") and "written in place" in r.misses[1].why, r
+    # A loop calling with one timestep and latent again and again is no guidance pattern.
+    r = _stream_calls([(x[0], 1.0, torch.full((3,), float(i))) for i in range(20)]).report
+    assert r.branches == 0 and r.note and "more than 16" in r.note and r.runs == 20

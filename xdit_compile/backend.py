@@ -36,7 +36,7 @@ import torch.fx as fx
 from . import plan as plan_mod
 from .runtime.guard import checked
 from .axis import Axis
-from .branches import splits_calls, stream_inputs, wrap_calls
+from .branches import splits_calls, state_writes, stream_inputs, wrap_calls
 from .context import current
 from .errors import PassError, PassOrderError, PlanError
 from .facts import graph_facts, mesh_axes
@@ -304,7 +304,13 @@ def xdit_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: dic
             report.axes.clear()
             log.warning("xdit: %s; every batch group pipelines the whole batch", e)
         return _guarded(plan, example_inputs, lambda: pipefusion_backend(gm, example_inputs, plan, report, _inner))
-    if splits_calls(plan, batch):
+    writes = state_writes(gm) if splits_calls(plan, batch) else None
+    if writes:
+        report.warnings.append(f"the cfg groups cannot take the guidance branches from separate calls: {writes} "
+                               "(a call answered from another group's output would skip that); the batch axis "
+                               "is planned as usual")
+        log.warning("xdit: %s", report.warnings[-1])
+    elif splits_calls(plan, batch):
         # One call per guidance branch: the cfg groups take the calls, not the batch (branches/).
         calls = stream_inputs(gm, example_inputs)
         inner = _per_rank(gm, example_inputs, plan, rank, report, skip=("batch",))

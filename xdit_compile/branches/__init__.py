@@ -1,10 +1,11 @@
 """CFG parallel across separate calls (``calls.py``): when it applies, and wrapping the program.
 
-``splits_calls(plan, batch)``: a cfg degree > 1 on a graph whose batch does not divide into the
-cfg x dp groups (a pipeline calling the transformer once per guidance branch, batch 1). The
-backend then plans the graph for the sequence axes only (each cfg group's ranks split the
-tokens; the cfg groups are replicas of each other) and ``wrap_calls`` puts the ``CallStream``
-around the program. Reads ``node.meta["val"]`` of the placeholders and the output; writes nothing.
+``splits_calls(plan, batch)``: a cfg degree > 1 on a graph whose batch is smaller than the
+cfg x dp groups (a pipeline calling the transformer once per guidance branch, batch 1), and
+``state_writes(gm)`` finds nothing that makes a call's effect more than its output. The backend
+then plans the graph for the sequence axes only (each cfg group's ranks split the tokens; the cfg
+groups are replicas of each other) and ``wrap_calls`` puts the ``CallStream`` around the program.
+Reads ``node.meta["val"]`` of the placeholders and the output; writes nothing.
 """
 
 from __future__ import annotations
@@ -16,17 +17,44 @@ import torch.distributed as dist
 import torch.fx as fx
 
 from .. import plan as plan_mod
-from ..graph import input_label, is_tensor, is_user_input, value
+from ..graph import input_label, is_tensor, is_user_input, op_name, value, written_inputs
 from ..plan import ParallelPlan
 from .calls import CallsReport, CallStream, Miss, same_bits
 
-__all__ = ["CallStream", "CallsReport", "Miss", "splits_calls", "wrap_calls", "same_bits", "stream_inputs"]
+__all__ = ["CallStream", "CallsReport", "Miss", "same_bits", "splits_calls", "state_writes", "stream_inputs",
+           "wrap_calls"]
 
 
 def splits_calls(plan: ParallelPlan, batch: int | None) -> bool:
-    """Whether the cfg groups take the branches from separate calls rather than from the batch."""
-    groups = plan.degree("batch")
-    return plan.degree("cfg") > 1 and plan.degree("pp") == 1 and (batch is None or batch % groups != 0)
+    """Whether the cfg groups take the branches from separate calls: the batch has fewer rows than
+    there are batch groups, so the batch split cannot give every cfg group a branch."""
+    return plan.degree("cfg") > 1 and plan.degree("pp") == 1 and batch is not None and batch < plan.degree("batch")
+
+
+# Ops through which an in-place write reaches the tensor they were taken from.
+_VIEWS = frozenset({"view", "reshape", "getitem", "select", "slice", "narrow", "transpose", "permute", "unsqueeze",
+                    "squeeze", "flatten", "unflatten", "expand", "as_strided", "t", "detach", "unbind", "split",
+                    "chunk", "movedim", "view_as", "reshape_as", "diagonal", "alias", "contiguous", "__getitem__"})
+
+
+def state_writes(gm: fx.GraphModule) -> str | None:
+    """Why a call of ``gm`` does more than return its output (then no call may be answered from a
+    prediction: a skipped call would skip its effect), or None.
+
+    An input or buffer written in place (``graph.written_inputs``, through views), or an impure op.
+    """
+    for node in gm.graph.nodes:
+        if node.op not in ("call_function", "call_method", "call_module"):
+            continue
+        for w in written_inputs(node):
+            base = w
+            while base.op != "placeholder" and op_name(base) in _VIEWS and base.args and isinstance(base.args[0], fx.Node):
+                base = base.args[0]
+            if base.op == "placeholder":
+                return f"{node.name} ({op_name(node)}) writes input {input_label(base)} in place"
+        if node.is_impure() and not written_inputs(node):
+            return f"{node.name} ({op_name(node)}) has side effects"
+    return None
 
 
 def stream_inputs(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> tuple[list[str], list[int], int | None]:

@@ -50,6 +50,10 @@ from ..runtime.collectives import all_gather
 
 log = logging.getLogger("xdit_compile")
 
+# More calls than this in one step are no guidance pattern (e.g. a loop calling the model with one
+# timestep and latent over and over): the step stops being learned, and its calls just run.
+MAX_BRANCHES = 16
+
 
 # ---------------------------------------------------------------------- exact comparison
 @dataclass
@@ -144,6 +148,7 @@ class CallsReport:
     hits_by_step: list[int] = field(default_factory=list)
     misses: list[Miss] = field(default_factory=list)
     bypassed: int = 0  # calls that needed gradients
+    note: str | None = None
 
     def __str__(self) -> str:
         lines = [f"  calls across cfg groups ({self.graph}, group {self.group} of {self.groups}): "
@@ -154,6 +159,8 @@ class CallsReport:
                  f"generation(s)" + (f", {self.bypassed} calls needing gradients ran normally" if self.bypassed else "")]
         if self.branches == 1:
             lines.append("    NOTE: one call per step: nothing to run at once; every cfg group computes every call")
+        if self.note:
+            lines.append(f"    NOTE: {self.note}")
         lines.extend(f"    miss at step {m.step} call {m.call}: {m.why}" for m in self.misses[:8])
         if len(self.misses) > 8:
             lines.append(f"    ... and {len(self.misses) - 8} more misses")
@@ -277,6 +284,12 @@ class CallStream:
 
     def _learning_call(self, args: Sequence[Any]) -> Any:
         self.learned = None
+        if self.learning is not None and len(self.learning) >= MAX_BRANCHES:
+            self.learning, self.learned = None, Learned([], [])  # nothing predicted until a new generation
+            self.report.branches = 0
+            self.report.note = (f"more than {MAX_BRANCHES} calls in one step (same timestep and latent): not a "
+                                "guidance pattern; calls run normally until the timesteps restart")
+            return self._run(args)
         self.learning = [*(self.learning or []), [Snap.of(a) for a in args]]
         return self._run(args)
 
@@ -317,6 +330,8 @@ class CallStream:
 
     def _exchange(self, out: Any) -> list[Any]:
         """Every group's output (index = cfg group), as ``out``'s structure; one all-gather per dtype."""
+        if self.k == 1:  # one group computes every branch itself (rounds of one)
+            return [out]
         leaves, spec = tree_flatten(out)
         tensors = [(i, x) for i, x in enumerate(leaves) if isinstance(x, torch.Tensor)]
         per_group = [list(leaves) for _ in range(self.k)]
