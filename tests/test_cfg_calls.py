@@ -12,7 +12,9 @@
   changing every step, a branch skipped on alternate steps, two branches swapped from some step on.
   Each exact, each reported as a miss.
 
-Inner compiler "eager"; each rank runs the single-rank references itself.
+Inner compiler "eager"; each rank runs the single-rank references itself. In process (no ranks):
+the bitwise comparison, snapshots that see in-place writes, the options, the refusal of graphs
+whose calls write state, and the step / branch state machine on a one-group stream.
 """
 
 from __future__ import annotations
