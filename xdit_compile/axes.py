@@ -79,7 +79,7 @@ def _sp_sub_groups(degree: Callable[[str], int], groups: Mapping[str, Any]) -> d
 
 MESH_DIMS: list[MeshDim] = [
     MeshDim("dp", "data_parallel_degree", "splits the batch"),
-    MeshDim("cfg", "use_cfg_parallel", "splits the batch into its cond/uncond halves"),
+    MeshDim("cfg", "cfg_degree", "CFG: the guidance branches (batch halves, or calls of one step) on rank groups"),
     MeshDim("pp", "pipefusion_parallel_degree", "PipeFusion: the blocks in pipeline stages"),
     MeshDim("ring", "ring_degree", "splits the tokens; K/V travel around a ring"),
     MeshDim("ulysses", "ulysses_degree", "splits the tokens; all-to-all swaps tokens for heads"),

@@ -17,7 +17,10 @@ dependents):
     unsettle_writes  drop settle_writes' clones again (planning needed them, the program does not)
     strip_marks      drop the annotation nodes
 
-Then the per-rank graph goes to the inner compiler (inductor by default, or eager).
+Then the per-rank graph goes to the inner compiler (inductor by default, or eager). With a cfg
+degree on a graph whose batch does not divide into the cfg groups (a pipeline calling the model once
+per guidance branch), the batch axis is not lowered and the program runs behind ``branches.CallStream``
+(the cfg groups compute a step's branches at once; ``docs/cfg_across_calls.md``).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import torch.fx as fx
 from . import axes as axes_mod
 from .runtime.guard import checked
 from .axis import Axis
+from .branches import splits_calls, state_writes, stream_inputs, wrap_calls
 from .context import current
 from .errors import PassError, PassOrderError, PlanError
 from .facts import graph_facts, mesh_axes
@@ -299,8 +303,27 @@ def xdit_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: dic
             report.axes.clear()
             log.warning("xdit: %s; every batch group pipelines the whole batch", e)
         return _guarded(plan, example_inputs, lambda: pipefusion_backend(gm, example_inputs, plan, report, _inner))
+    writes = state_writes(gm) if splits_calls(plan, batch) else None
+    if writes:
+        report.warnings.append(f"the cfg groups cannot take the guidance branches from separate calls: {writes} "
+                               "(a call answered from another group's output would skip that); the batch axis "
+                               "is planned as usual")
+        log.warning("xdit: %s", report.warnings[-1])
+    elif splits_calls(plan, batch):
+        # One call per guidance branch: the cfg groups take the calls, not the batch (branches/).
+        calls = stream_inputs(gm, example_inputs)
+        inner = _per_rank(gm, example_inputs, plan, rank, report, skip=(axes_mod.BATCH,))
+        stream = wrap_calls(inner, calls, plan, graph_name)
+        report.calls = stream.report
+        return stream
+    return _per_rank(gm, example_inputs, plan, rank, report)
+
+
+def _per_rank(gm: fx.GraphModule, example_inputs: Sequence[Any], plan: ParallelPlan, rank: int, report: PlanReport,
+              skip: tuple[str, ...] = ()) -> Callable:
+    """The passes over ``gm`` for every mesh axis but those in ``skip``, then the inner compiler."""
     mark_for_autograd(gm, example_inputs)  # the lowering adds gradient rules to a graph traced for autograd
-    state = State(plan, example_inputs, rank, mesh_axes(plan, rank), report)
+    state = State(plan, example_inputs, rank, [a for a in mesh_axes(plan, rank) if a.name not in skip], report)
     passes = _front_passes(settle=True)
     for i, axis in enumerate(state.axes):
         # The next axis reads fresh shapes; eager execution of the last one needs none.

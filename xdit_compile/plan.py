@@ -29,8 +29,8 @@ _SETTINGS = {name: name for name in ("num_pipeline_patch", "warmup_steps", "inne
 
 def _option_to_field() -> dict[str, str]:
     """xDiT's flag name -> plan field. The degrees' options come from the axis registry (read at each
-    call, so a dimension registered later counts); cfg's (use_cfg_parallel, a bool) is parsed apart."""
-    return {**{d.option: d.name for d in axes.MESH_DIMS if d.name != "cfg"}, **_SETTINGS}
+    call, so a dimension registered later counts); use_cfg_parallel (a bool for cfg 2) is parsed apart."""
+    return {**{d.option: d.name for d in axes.MESH_DIMS}, **_SETTINGS}
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,9 @@ class ParallelPlan:
 
     Args:
         dp: data-parallel degree (splits the batch).
-        cfg: CFG-parallel degree, 1 or 2 (splits the batch into its cond/uncond halves).
+        cfg: CFG-parallel degree (``use_cfg_parallel=True``: 2; ``cfg_degree=k``: k guidance branches):
+            splits the batch into its cond/uncond halves, or, where the pipeline calls the model
+            once per branch (batch 1), runs those calls at once (``branches/``).
         pp: PipeFusion degree (pipeline stages).
         ring: Ring-attention degree (splits the tokens; K/V travel around a ring).
         ulysses: Ulysses degree (splits the tokens; all-to-all swaps tokens for heads).
@@ -68,9 +70,6 @@ class ParallelPlan:
         # bool is an int subclass: True would pass as degree 1, so it is refused by name.
         for axis in axes.mesh_dim_names():
             _check_int(axis, getattr(self, axis), 1, "a positive int (1 = off)", optional=True)
-        if self.cfg not in (None, 1, 2):
-            raise PlanError(f"cfg degree must be 1 or 2 (the cond/uncond halves; option use_cfg_parallel=True or "
-                            f"False), got {self.cfg!r}")
         _check_int("num_pipeline_patch", self.num_pipeline_patch, 1,
                    "a positive int, or None for one patch per pipeline stage", optional=True)
         _check_int("warmup_steps", self.warmup_steps, 0, "an int >= 0")
@@ -111,6 +110,10 @@ class ParallelPlan:
                 raise PlanError(f"option use_cfg_parallel={use!r} ({type(use).__name__}) is not accepted: use "
                                 "True (CFG parallel, degree 2) or False")
             kwargs["cfg"] = 2 if use else 1
+            given = options.get("cfg_degree")
+            if given is not None and given != kwargs["cfg"] and not (use and isinstance(given, int) and given > 2):
+                raise PlanError(f"options use_cfg_parallel={use} and cfg_degree={given!r} disagree: pass "
+                                "cfg_degree alone (the number of guidance branches), or use_cfg_parallel alone")
         for key in list(options):
             if key in _option_to_field():
                 kwargs[_option_to_field()[key]] = options.pop(key)
@@ -190,7 +193,7 @@ class ParallelPlan:
             if world_size % rest:
                 continue
             new = world_size // rest
-            if new == self.degree(axis) or (axis == "cfg" and new not in (1, 2)):
+            if new == self.degree(axis):
                 continue
             out.append(_spell(axis, new))  # rest x new == world_size, as world_size % rest == 0
             if len(out) == 2:
@@ -249,7 +252,9 @@ def check_plan(options: Mapping[str, Any] | None, world_size: int | None = None)
 def _spell(field_name: str, value: Any = None) -> str:
     """The option users pass for a plan field (xDiT's flag name), with ``value`` when given."""
     if field_name == "cfg":
-        return "use_cfg_parallel" if value is None else f"use_cfg_parallel={value == 2}"
+        if value is None:
+            return "use_cfg_parallel"
+        return f"use_cfg_parallel={value == 2}" if value in (1, 2) else f"cfg_degree={value}"
     option = {f: o for o, f in _option_to_field().items()}.get(field_name, field_name)
     return option if value is None else f"{option}={value}"
 
@@ -264,7 +269,9 @@ def _check_int(name: str, value: Any, low: int, accepted: str, optional: bool = 
     if optional and value is None:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise PlanError(f"option {_spell(name)}={_short(value)} ({type(value).__name__}) is not accepted: "
+        # use_cfg_parallel is checked as a bool before: a bad cfg degree came as cfg_degree.
+        option = "cfg_degree" if name == "cfg" else _spell(name)
+        raise PlanError(f"option {option}={_short(value)} ({type(value).__name__}) is not accepted: "
                         f"use {accepted}")
 
 
