@@ -43,7 +43,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
-import torch.distributed as dist
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..runtime.collectives import all_gather
