@@ -21,6 +21,7 @@ from ..placements import Placement, Shard, pieces, same_layout, shard
 from ..rules import indexing
 from ..rules.cat_split import cut_offsets
 from .activation_seeds import add_activation_seeds
+from .switch_seeds import add_switch_seeds
 from .propagate import Propagation, WholeGraphFallback, propagate
 
 log = logging.getLogger("xdit_compile.seeds")
@@ -140,6 +141,8 @@ def choose_seeds(
     # Work no input split reaches (a buffer packed inside the graph, a graph after a break
     # whose inputs are small): try seeds on the activations themselves.
     best = add_activation_seeds(gm, n, batch_axis, batch, seeds, best, forced)
+    if not batch_axis:  # switch a sharded activation to another dim where that makes an attention local
+        best = add_switch_seeds(gm, n, batch, best, forced)
     if not seeds:
         # Nothing was sharded: say which inputs could not be, and why, in the report.
         best.fallbacks.extend(refused.items())
