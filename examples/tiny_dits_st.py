@@ -8,6 +8,8 @@ the compiler was written for:
   spatial attention (sequence = the ``S`` positions of one frame, batch = ``B * T``), then a
   temporal attention (sequence = the ``T`` frames of one position, batch = ``B * S``), then an
   MLP, each with timestep modulation; a final linear and unpatchify.
+* ``opensora_marked``: ``opensora`` with the switch written by hand (``xdit_compile.shard`` of the
+  positions before each temporal attention), the plan DSP's authors wrote; the same weights.
 * ``latte``: Latte-style. Same embedding, but blocks alternate: even blocks are spatial, odd
   blocks temporal (each a full attention + MLP block).
 
@@ -26,6 +28,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+import xdit_compile
 
 Inputs = dict[str, torch.Tensor]
 
@@ -66,18 +70,23 @@ def _spatial(attn: _Attention, x: torch.Tensor) -> torch.Tensor:
     return attn(x.reshape(b * t, s, d)).view(b, t, s, d)
 
 
-def _temporal(attn: _Attention, x: torch.Tensor) -> torch.Tensor:
-    """Attention across frames: ``B * S`` sequences of ``T`` tokens (one per frame)."""
+def _temporal(attn: _Attention, x: torch.Tensor, mark: bool = False) -> torch.Tensor:
+    """Attention across frames: ``B * S`` sequences of ``T`` tokens (one per frame). ``mark``: the
+    user says where to switch (``xdit_compile.shard`` of the positions), as DSP's authors would."""
     b, t, s, d = x.shape
-    y = attn(x.transpose(1, 2).reshape(b * s, t, d))
+    x = x.transpose(1, 2)
+    if mark:
+        x = xdit_compile.shard(x, dim=1)
+    y = attn(x.reshape(b * s, t, d))
     return y.view(b, s, t, d).transpose(1, 2)
 
 
 class STBlock(nn.Module):
     """One OpenSora block: spatial attention, temporal attention, MLP, each modulated by the timestep."""
 
-    def __init__(self, dim: int, heads: int) -> None:
+    def __init__(self, dim: int, heads: int, mark: bool = False) -> None:
         super().__init__()
+        self.mark = mark
         self.norm1, self.norm2, self.norm3 = (nn.LayerNorm(dim, elementwise_affine=False) for _ in range(3))
         self.spatial, self.temporal, self.mlp = _Attention(dim, heads), _Attention(dim, heads), _Mlp(dim)
         self.ada = nn.Linear(dim, 9 * dim)
@@ -85,7 +94,7 @@ class STBlock(nn.Module):
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         m = self.ada(F.silu(c)).chunk(9, dim=-1)
         x = x + m[2][:, None, None] * _spatial(self.spatial, _modulate(self.norm1(x), m[0], m[1]))
-        x = x + m[5][:, None, None] * _temporal(self.temporal, _modulate(self.norm2(x), m[3], m[4]))
+        x = x + m[5][:, None, None] * _temporal(self.temporal, _modulate(self.norm2(x), m[3], m[4]), self.mark)
         return x + m[8][:, None, None] * self.mlp(_modulate(self.norm3(x), m[6], m[7]))
 
 
@@ -119,8 +128,8 @@ class TinySTDiT(nn.Module):
         self.pos_s = nn.Parameter(torch.randn(1, 1, grid * grid, dim) * 0.02)
         self.pos_t = nn.Parameter(torch.randn(1, frames, 1, dim) * 0.02)
         self.t_embed = nn.Sequential(nn.Linear(32, dim), nn.SiLU(), nn.Linear(dim, dim))
-        if kind == "opensora":
-            self.blocks = nn.ModuleList(STBlock(dim, heads) for _ in range(depth))
+        if kind in ("opensora", "opensora_marked"):
+            self.blocks = nn.ModuleList(STBlock(dim, heads, kind == "opensora_marked") for _ in range(depth))
         else:
             self.blocks = nn.ModuleList(LatteBlock(dim, heads, spatial=i % 2 == 0) for i in range(2 * depth))
         self.norm_out = nn.LayerNorm(dim, elementwise_affine=False)
@@ -147,12 +156,12 @@ class TinySTDiT(nn.Module):
         return (out,)
 
 
-NAMES = ("opensora", "latte")
+NAMES = ("opensora", "latte", "opensora_marked")
 
 
 def make(name: str, batch: int = 2, seed: int = 0, frames: int = 8, size: int = 16,
          depth: int = 2) -> tuple[nn.Module, Inputs]:
-    """Build model ``name`` (``opensora`` or ``latte``) with weights from ``seed`` and its inputs."""
+    """Build model ``name`` (one of ``NAMES``) with weights from ``seed`` and its inputs."""
     if name not in NAMES:
         raise KeyError(f"unknown spatial-temporal model {name!r}; known: {', '.join(NAMES)}")
     torch.manual_seed(seed)
