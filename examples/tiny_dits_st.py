@@ -160,12 +160,12 @@ NAMES = ("opensora", "latte", "opensora_marked")
 
 
 def make(name: str, batch: int = 2, seed: int = 0, frames: int = 8, size: int = 16,
-         depth: int = 2) -> tuple[nn.Module, Inputs]:
+         depth: int = 2, dim: int = 64, heads: int = 4) -> tuple[nn.Module, Inputs]:
     """Build model ``name`` (one of ``NAMES``) with weights from ``seed`` and its inputs."""
     if name not in NAMES:
         raise KeyError(f"unknown spatial-temporal model {name!r}; known: {', '.join(NAMES)}")
     torch.manual_seed(seed)
-    model = TinySTDiT(name, frames=frames, size=size, depth=depth).eval()
+    model = TinySTDiT(name, dim=dim, heads=heads, frames=frames, size=size, depth=depth).eval()
     g = torch.Generator().manual_seed(seed + 1)
     inputs = {"hidden_states": torch.randn(batch, 4, frames, size, size, generator=g),
               "timestep": torch.randint(0, 1000, (batch,), generator=g).float()}
