@@ -21,8 +21,8 @@ from ..placements import Placement, Shard, pieces, same_layout, shard
 from ..rules import indexing
 from ..rules.cat_split import cut_offsets
 from .activation_seeds import add_activation_seeds
-from .switch_seeds import add_switch_seeds
 from .propagate import Propagation, WholeGraphFallback, propagate
+from .switch_seeds import add_switch_seeds
 
 log = logging.getLogger("xdit_compile.seeds")
 
