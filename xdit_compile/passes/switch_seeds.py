@@ -16,9 +16,9 @@ Candidates: only attentions lowered as sequence-parallel whose query has more in
 sequences than the data batch (``q.shape[0]`` is neither the batch nor below the axis size; an
 image DiT's attention has only the batch there, and nothing to switch to). For each, the nodes
 on its query's sharded path (up to ``MAX_DEPTH`` back from the query), each on every other dim
-of at least ``n``. First, one seed per qualifying attention at the same place on its path
-(blocks repeat: one trial per place and dim, however deep the model); then singles for the
-attentions still lowered as sequence-parallel, at most ``MAX_SINGLES`` of them. A seed set is
+of at least ``n`` (a leading ``B * S`` dim split within each sample). First, one seed per qualifying attention at the same place on its path
+(blocks repeat: one trial per place and dim, however deep the model); then singles, in graph
+order, for the attentions still (or now) lowered as sequence-parallel, at most ``MAX_SINGLES``. A seed set is
 kept only when it lowers the estimated cost (``Propagation.cost``).
 
 Reads: ``node.meta["val"|"example_value"]`` (global shapes) and a ``Propagation``. Writes
@@ -41,6 +41,7 @@ log = logging.getLogger("xdit_compile.seeds")
 
 MAX_DEPTH = 8  # nodes back from the query that may carry the switch
 MAX_SINGLES = 4  # attentions tried one by one after the uniform round
+LOOKAHEAD = 2  # of those trials, the cheapest that leave a later attention sequence-parallel are tried with its switch
 
 
 def _qualifies(node: fx.Node, prop: Propagation, n: int, batch: int | None) -> bool:
@@ -72,12 +73,22 @@ def _sharded(p: object) -> bool:
     return isinstance(p, Shard) or (isinstance(p, tuple) and any(isinstance(q, Shard) for q in p))
 
 
-def _options(x: fx.Node, prop: Propagation, n: int, batch: int | None) -> list[Placement]:
+def _options(x: fx.Node, prop: Propagation, n: int, batch: int | None) -> list[Shard]:
+    """Shards of ``x`` on its other dims. A leading dim that merges the batch with positions
+    (``B * S``) is split within each sample (segments of ``S``), never across samples: that
+    would be data parallelism in disguise (``choose_seeds.candidates`` refuses it for inputs)."""
     s, have = shape(x), prop.placements.get(x)
     if not all(isinstance(v, int) for v in s) or not isinstance(have, Shard):
         return []
-    return [shard(d, s[d]) for d in range(len(s))
-            if d != have.dim and s[d] >= n and not (d == 0 and s[0] == batch)]
+    out: list[Shard] = []
+    for d in range(len(s)):
+        if d == have.dim or s[d] < n:
+            continue
+        if d > 0 or batch is None or batch <= 1:
+            out.append(shard(d, s[d]))
+        elif s[0] % batch == 0 and s[0] // batch >= n:
+            out.append(Shard(0, (s[0] // batch,) * batch))
+    return out
 
 
 def _try(gm: fx.GraphModule, n: int, seeds: Mapping[fx.Node, Placement],
@@ -91,36 +102,58 @@ def _try(gm: fx.GraphModule, n: int, seeds: Mapping[fx.Node, Placement],
 def add_switch_seeds(gm: fx.GraphModule, n: int, batch: int | None, best: Propagation,
                      forced: Mapping[fx.Node, Placement] | None = None) -> Propagation:
     """``best`` with switch seeds added where they lower the cost (see the module docstring)."""
-    sites = [x for x in gm.graph.nodes if op_name(x) == "scaled_dot_product_attention" and _qualifies(x, best, n, batch)]
+    attention = [x for x in gm.graph.nodes if op_name(x) == "scaled_dot_product_attention"]
+    sites = [x for x in attention if _qualifies(x, best, n, batch)]
     if not sites:
         return best
     paths = {a: _path(a, best) for a in sites}
     # Uniform round: the k-th node back from every qualifying query, switched to dim d.
-    trials: list[tuple[Propagation, dict[fx.Node, Placement]]] = []
+    trials: list[tuple[Propagation, dict[fx.Node, Shard]]] = []
     for k in range(MAX_DEPTH):
         at = [p[k] for p in paths.values() if len(p) > k]
         if not at:
             break
         dims = {pl.dim for pl in _options(at[0], best, n, batch)}
         for d in sorted(dims):
-            add = {x: shard(d, shape(x)[d]) for x in at if d in {pl.dim for pl in _options(x, best, n, batch)}}
+            add = {x: p for x in at for p in _options(x, best, n, batch) if p.dim == d}
             prop = _try(gm, n, {**best.seeds, **add}, forced)
-            if prop is not None and all(x in prop.switched for x in add):
+            if prop is not None and any(x in prop.switched for x in add):
                 trials.append((prop, add))
     best = _take(best, trials)
-    # Singles for what the uniform round left lowered as sequence-parallel.
-    for a in [x for x in gm.graph.nodes if x in paths and _qualifies(x, best, n, batch)][:MAX_SINGLES]:
-        trials = []
-        for x in _path(a, best):
-            for p in _options(x, best, n, batch):
-                prop = _try(gm, n, {**best.seeds, x: p}, forced)
-                if prop is not None and x in prop.switched:
-                    trials.append((prop, {x: p}))
+    # Singles, in graph order, for what is still lowered as sequence-parallel (a switch may make
+    # a later attention sequence-parallel: a spatial one after the positions were switched in).
+    tried: set[fx.Node] = set()
+    while len(tried) < MAX_SINGLES:
+        a = next((x for x in attention if x not in tried and _qualifies(x, best, n, batch)), None)
+        if a is None:
+            break
+        tried.add(a)
+        trials = _singles(gm, n, batch, best, a, {}, forced)
+        # A switch that makes a later attention sequence-parallel (the residual stream it leaves
+        # behind is sharded the other way) may pay off only with that attention's own switch.
+        for prop, add in sorted(trials, key=lambda t: t[0].cost)[:LOOKAHEAD]:
+            later = next((x for x in attention[attention.index(a) + 1:]
+                          if _qualifies(x, prop, n, batch) and not _qualifies(x, best, n, batch)), None)
+            if later is not None:
+                trials += _singles(gm, n, batch, prop, later, add, forced)
         best = _take(best, trials)
     return best
 
 
-def _take(best: Propagation, trials: list[tuple[Propagation, dict[fx.Node, Placement]]]) -> Propagation:
+def _singles(gm: fx.GraphModule, n: int, batch: int | None, base: Propagation, a: fx.Node,
+             add: dict[fx.Node, Shard], forced: Mapping[fx.Node, Placement] | None,
+             ) -> list[tuple[Propagation, dict[fx.Node, Shard]]]:
+    """Plans with one more switch seed (on top of ``base``'s seeds and ``add``) on ``a``'s query path."""
+    out = []
+    for x in _path(a, base):
+        for p in _options(x, base, n, batch):
+            prop = _try(gm, n, {**base.seeds, **add, x: p}, forced)
+            if prop is not None and x in prop.switched:
+                out.append((prop, {**add, x: p}))
+    return out
+
+
+def _take(best: Propagation, trials: list[tuple[Propagation, dict[fx.Node, Shard]]]) -> Propagation:
     if not trials:
         return best
     prop, add = min(trials, key=lambda t: t[0].cost)
