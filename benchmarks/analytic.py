@@ -90,4 +90,6 @@ def received_bytes(kind: str, nbytes: int, group: int) -> float:
         return float(nbytes)
     if kind == "all_reduce":
         return 2.0 * nbytes * (group - 1) / group
+    if kind == "reduce_scatter":  # handed: the whole summand; received: the other ranks' parts of one block
+        return nbytes * (group - 1) / group
     return float(nbytes)

@@ -22,6 +22,7 @@ from ..rules import indexing
 from ..rules.cat_split import cut_offsets
 from .activation_seeds import add_activation_seeds
 from .propagate import Propagation, WholeGraphFallback, propagate
+from .switch_seeds import add_switch_seeds
 
 log = logging.getLogger("xdit_compile.seeds")
 
@@ -100,8 +101,12 @@ def choose_seeds(
     batch: int | None = None,
     fixed: Mapping[fx.Node, Placement] | None = None,
     forced: Mapping[fx.Node, Placement] | None = None,
+    switches: bool = True,
 ) -> Propagation:
-    """The propagation of the cheapest seed set found (``fixed`` seeds are always kept)."""
+    """The propagation of the cheapest seed set found (``fixed`` seeds are always kept).
+
+    ``switches``: also try switch seeds (``switch_seeds.py``); PipeFusion's programs, which
+    pipeline the token shard through their attention, plan without them."""
     seeds = dict(fixed or {})
     best = propagate(gm, n, seeds, forced)
     pool = [c for c in candidates(gm, n, batch_axis, batch) if c[0] not in seeds]
@@ -140,6 +145,8 @@ def choose_seeds(
     # Work no input split reaches (a buffer packed inside the graph, a graph after a break
     # whose inputs are small): try seeds on the activations themselves.
     best = add_activation_seeds(gm, n, batch_axis, batch, seeds, best, forced)
+    if switches and not batch_axis:  # switch a sharded activation to another dim where that makes an attention local
+        best = add_switch_seeds(gm, n, batch, best, forced)
     if not seeds:
         # Nothing was sharded: say which inputs could not be, and why, in the report.
         best.fallbacks.extend(refused.items())

@@ -39,6 +39,7 @@ from ..placements import REPLICATE, Partial, Placement, Replicate, Shard, fmt, l
 from ..rules.attention import sdpa_args
 from ..rules.core import AttentionRole, LocalOp
 from ..runtime import redistribute as rt
+from ..runtime import reshard
 from .. import strategies
 from ..strategies.base import AttentionCall, Site, shard_bytes, stamp
 from .local_ops import SURGERIES, LocalContext
@@ -114,6 +115,9 @@ class _Lowerer:
             return self.cache[key]
         a = self.axis
         v = value(x)
+        direct = self._direct(x, have, want, at)
+        if direct is not None:
+            return self._finish(key, direct)
         if isinstance(have, Partial):
             with _after(self.graph, at):
                 node = self.graph.call_function(rt.all_reduce, (x, a.group))
@@ -125,7 +129,9 @@ class _Lowerer:
             with _after(self.graph, at):
                 node = self.graph.call_function(rt.gather, (x, have.dim, sizes, a.group, order))
             self._new(node, x, REPLICATE)
-            self.out.collectives.append(("all_gather", x.name, _nbytes(v, have, a.n, a.rank)))
+            # A re-split of the same dim has no one-step collective: gathered, then sliced.
+            label = f"all_gather (re-split {fmt(have)} -> {fmt(want)})" if isinstance(want, Shard) else "all_gather"
+            self.out.collectives.append((label, x.name, _nbytes(v, have, a.n, a.rank)))
             return self._finish(key, self.redistribute(node, want, user) if want != REPLICATE else node)
         if isinstance(have, Replicate) and isinstance(want, Shard):
             with _after(self.graph, at):
@@ -142,6 +148,28 @@ class _Lowerer:
             f"{fmt(have)} on axis {a.name}; no redistribution turns one into the other"
         )
 
+    def _direct(self, x: fx.Node, have: Placement, want: Placement, at: fx.Node) -> fx.Node | None:
+        """``S(a) -> S(b)`` as one all-to-all, ``P -> S`` as one reduce-scatter (``runtime/reshard.py``);
+        ``None`` for the changes that go through ``R`` (a re-split of the same dim gathers, then slices)."""
+        kind = reshard.kind(have, want)
+        if kind not in ("all_to_all", "reduce_scatter"):
+            return None
+        a, v = self.axis, value(x)
+        assert isinstance(want, Shard)
+        with _after(self.graph, at):
+            if kind == "all_to_all":
+                assert isinstance(have, Shard)
+                args: tuple[Any, ...] = (x, have.dim, reshard.layout(have, a.n), want.dim, reshard.layout(want, a.n),
+                                         a.group)
+                node = self.graph.call_function(reshard.reshard, args)
+                sent = _nbytes(v, have, a.n, a.rank)
+            else:
+                node = self.graph.call_function(reshard.reduce_scatter, (x, want.dim, reshard.layout(want, a.n), a.group))
+                sent = _nbytes(v, REPLICATE, a.n, a.rank)
+        self._new(node, x, want)
+        self.out.collectives.append((kind, x.name, sent))
+        return node
+
     def _new(self, node: fx.Node, like: fx.Node, placement: Any) -> None:
         self.actual[node] = placement
         v = value(like)
@@ -157,7 +185,8 @@ class _Lowerer:
         nodes = list(self.graph.nodes)
         self.pos = {n: i for i, n in enumerate(nodes)}
         for ph, p in self.prop.seeds.items():
-            self.actual[ph] = REPLICATE
+            # An activation seed on a sharded value is a switch (``propagate._seed_activation``).
+            self.actual[ph] = self.prop.switched.get(ph, REPLICATE)
             sliced = self.redistribute(ph, p, ph)
             ph.replace_all_uses_with(sliced, delete_user_cb=lambda u: u is not sliced)
         for buf, p in self.prop.fresh.items():  # made whole, then sliced before anything writes it

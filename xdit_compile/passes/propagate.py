@@ -25,6 +25,7 @@ from ..rules.core import AttentionRole, Decision, OpView, replicate_all
 from ..rules.factory import FROM_SIZES, LIKE
 from ..rules.table import RULES
 from ..strategies.registry import planning_cost
+from ..runtime.reshard import received_bytes
 
 # Ops whose result may share storage with their first argument (a write through one is seen
 # through the other). Over-approximate: ``float``/``contiguous``/``reshape`` only alias when
@@ -64,6 +65,9 @@ class Propagation:
     # Buffers made by a factory for an ``out=`` write that is their first use: each rank makes
     # only its shard (the lowering slices them right where they are made, like seeds).
     fresh: dict[fx.Node, Placement] = field(default_factory=dict)
+    # Activation seeds on values that are already sharded -> the placement the node computes in;
+    # the lowering switches them to the seed right after (``runtime/reshard.py``: one all-to-all).
+    switched: dict[fx.Node, Placement] = field(default_factory=dict)
 
     @property
     def cost(self) -> float:
@@ -141,12 +145,9 @@ def redistribution_bytes(src: Any, dst: Any, v: Any, n: int) -> float:
     """Bytes a rank receives to turn placement ``src`` into ``dst`` (0 for free slices)."""
     if src == dst or isinstance(dst, type(None)) or not isinstance(v, torch.Tensor):
         return 0.0
-    nbytes = _numel(v) * _elsize(v)
-    if isinstance(src, Replicate):
-        return 0.0
-    if isinstance(src, Partial):
-        return 2.0 * nbytes * (n - 1) / n
-    return nbytes * (n - 1) / n
+    # One collective per change, priced by what it moves (``runtime/reshard.py``'s table): an
+    # all-to-all S(a) -> S(b) moves 1/n of a gather, a reduce-scatter P -> S half an all-reduce.
+    return received_bytes(src, dst, _numel(v) * _elsize(v), n)
 
 
 def _count(result: Propagation, src: Any, dst: Any, v: Any, n: int) -> None:
@@ -194,7 +195,7 @@ def propagate(
             )
         pl[node] = d.out
         decisions[node] = d
-        _seed_activation(node, d, seeds, result)
+        _seed_activation(node, d, seeds, result, n)
         if d.note:
             result.fallbacks.append((node, d.note))
         for x, want in d.needs.items():
@@ -332,14 +333,22 @@ def _check_aliasing(gm: fx.GraphModule, result: Propagation) -> None:
                     "the copy; compute the view from a clone, or write before viewing")
 
 
-def _seed_activation(node: fx.Node, d: Decision, seeds: Mapping[fx.Node, Placement], result: Propagation) -> None:
+def _seed_activation(node: fx.Node, d: Decision, seeds: Mapping[fx.Node, Placement], result: Propagation,
+                     n: int) -> None:
     """A seed on a node made inside the graph: it is computed whole, then each rank keeps its
-    slice (the lowering slices it right after it, as it does a seeded input). Only a
-    replicated result can be sliced for free; a seed on anything else is dropped."""
+    slice (the lowering slices it right after it, as it does a seeded input). A seed on a node
+    sharded on another dim is a switch: one all-to-all right after it, counted here
+    (``Propagation.switched``). A seed on anything else is dropped."""
     if node not in seeds:
         return
-    if isinstance(d.out, Replicate) and isinstance(seeds[node], Shard):
-        result.placements[node] = seeds[node]
+    want = seeds[node]
+    if isinstance(d.out, Replicate) and isinstance(want, Shard):
+        result.placements[node] = want
+    elif isinstance(d.out, Shard) and isinstance(want, Shard) and want.dim != d.out.dim and not d.rewrite \
+            and d.attention is None and not written_inputs(node):
+        result.placements[node] = want
+        result.switched[node] = d.out
+        _count(result, d.out, want, value(node), n)
     else:
         result.seeds.pop(node, None)
 

@@ -145,7 +145,7 @@ def sp_groups(sp: Axis) -> tuple[str | None, str | None]:
 
 
 def _full_sp_program(g: fx.GraphModule, layers: set[str], sp: Axis, example_inputs: Sequence[Any]) -> fx.GraphModule:
-    lower(g, choose_seeds(g, sp.n, False, graph_facts(g)[0]), sp)
+    lower(g, choose_seeds(g, sp.n, False, graph_facts(g)[0], switches=False), sp)
     for n in list(g.graph.nodes):
         layer = n.meta.get("xdit", {}).get(LAYER)
         if layer not in layers:
@@ -204,7 +204,7 @@ def patch_program(gm: fx.GraphModule, m: int, i: int, batch: int | None, example
         axis = Axis(sp.name, m * n_sp, i * n_sp + sp.rank, PATCH_GROUP, ulysses=sp.ulysses, ring=m * sp.ring,
                     ulysses_group=sp_groups(sp)[0], ring_group=PATCH_GROUP)
     g = copy_graph(gm)
-    prop = choose_seeds(g, axis.n, False, batch)
+    prop = choose_seeds(g, axis.n, False, batch, switches=False)
     if not prop.seeds:
         raise Unsupported(f"no input can be split into {m} patches")
     seeds = [f"{p.name} {pl}" for p, pl in prop.seeds.items()]
