@@ -344,7 +344,7 @@ def _seed_activation(node: fx.Node, d: Decision, seeds: Mapping[fx.Node, Placeme
     want = seeds[node]
     if isinstance(d.out, Replicate) and isinstance(want, Shard):
         result.placements[node] = want
-    elif isinstance(d.out, Shard) and isinstance(want, Shard) and want.dim != d.out.dim and not d.rewrite \
+    elif isinstance(d.out, Shard) and isinstance(want, Shard) and want.dim != d.out.dim and d.local is None \
             and d.attention is None and not written_inputs(node):
         result.placements[node] = want
         result.switched[node] = d.out
