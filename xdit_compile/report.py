@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Any
 
 from .context import current
 
@@ -41,6 +42,7 @@ class PlanReport:
     recognised: dict[str, int] = field(default_factory=dict)  # role -> count
     pass_seconds: dict[str, float] = field(default_factory=dict)
     graph_breaks: dict[str, int] = field(default_factory=dict)  # Dynamo's graph breaks so far: reason -> count
+    step_cache: Any = None  # cache.StepCacheReport (cut, options, generations) or a note why not cached
 
     def __str__(self) -> str:
         lines = [f"xdit plan for {self.graph} (rank {self.rank}/{self.world_size}, {self.nodes} nodes): {self.plan}"]
@@ -66,6 +68,8 @@ class PlanReport:
             lines.append(f"    collectives: {len(ax.collectives)} inserted, {total} bytes per call in all")
             for kind, node, b in ax.collectives:
                 lines.append(f"      {kind} at {node}: {b} bytes")
+        if self.step_cache is not None:
+            lines.extend("  " + line for line in str(self.step_cache).splitlines())
         if self.pass_seconds:
             lines.append("  pass time: " + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in self.pass_seconds.items()))
         return "\n".join(lines)
