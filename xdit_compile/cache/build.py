@@ -77,7 +77,7 @@ def build(plan: Any, gm: fx.GraphModule, example_inputs: Sequence[Any], report: 
     report.step_cache = info
     log.info("xdit: %s: %s", report.graph, info)
     return StepCache(parts, fns, cut.method, cut.pairs, cut.probe, cut.base, steps, [p.name for p in phs], info,
-                     plan, group)
+                     plan, group, args)
 
 
 def not_cached(plan: Any, report: Any, why: str) -> None:

@@ -30,6 +30,7 @@ parallel ranks never mix), so only the decision is shared.
 from __future__ import annotations
 
 import logging
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -89,6 +90,12 @@ class StepCacheReport:
     cut: str
     options: str
     generations: list[Generation] = field(default_factory=list)
+    program_ref: Any = field(default=None, repr=False, compare=False)  # weakref to the StepCache
+
+    @property
+    def program(self) -> "StepCache | None":
+        """The cached program (None once it is gone: the report does not keep it and its cache alive)."""
+        return self.program_ref() if self.program_ref is not None else None
 
     def __str__(self) -> str:
         lines = [f"step cache ({self.options}): {self.cut}"]
@@ -138,7 +145,8 @@ class StepCache:
 
     def __init__(self, parts: Sequence[Part], fns: Sequence[Callable[..., Any]], method: str,
                  pairs: Sequence[tuple[str, str]], probe: str, base: str | None, step_inputs: Sequence[int],
-                 placeholder_names: Sequence[str], report: StepCacheReport, plan: Any, group: Any = None):
+                 placeholder_names: Sequence[str], report: StepCacheReport, plan: Any, group: Any = None,
+                 example_inputs: Sequence[Any] = ()):
         self.parts, self.fns, self.method = list(parts), list(fns), method
         self.pairs, self.probe, self.base = list(pairs), probe, base
         self.step_inputs, self.names = list(step_inputs), list(placeholder_names)
@@ -148,6 +156,13 @@ class StepCache:
         self.poly = plan.teacache_coefficients
         self.steps = _Steps()
         self.streams: dict[int, _Stream] = {}
+        self.example_inputs = list(example_inputs)  # for ``run_part`` (the parts' FLOPs, in tests and benchmarks)
+        report.program_ref = weakref.ref(self)
+
+    def run_part(self, k: int) -> Any:
+        """Run part ``k`` alone on the example inputs (zeros for what earlier parts hand it)."""
+        p = self.parts[k]
+        return self.fns[k](*p.example_inputs(self.example_inputs))
 
     # ------------------------------------------------------------------ the call
     def __call__(self, *args: Any) -> Any:
