@@ -41,8 +41,8 @@ from ..pipefusion.cuts import token_inputs
 
 PART = "cache_part"
 FIRST, REST, LAST = 0, 1, 2
-_ATTENTION_OPS = {"scaled_dot_product_attention", "matmul", "bmm", "baddbmm", "einsum"}
-_MODULATION_OPS = {"add", "mul", "sub", "addcmul", "to", "type_as", "float", "contiguous", "iadd", "imul"}
+_ATTENTION_OPS = frozenset({"scaled_dot_product_attention", "matmul", "bmm", "baddbmm", "einsum"})
+_MODULATION_OPS = frozenset({"add", "mul", "sub", "addcmul", "to", "type_as", "float", "contiguous", "iadd", "imul"})
 _INDEXED = re.compile(r"^(.*?)(?:\.(\d+)|\[(\d+)\])$")
 
 
