@@ -1,12 +1,13 @@
 """Step caching (issue 13): FBCache / TeaCache on the lowered per-rank programs, every rank deciding alike.
 
-ONE ``run_spmd`` call on 2 ranks (Ulysses 2, inner "eager") runs, for the tiny PixArt-Sigma, SD3 and
+One ``run_spmd`` call on 2 ranks (Ulysses 2, inner "eager") runs, for the tiny PixArt-Sigma, SD3 and
 Flux pipelines (8 steps, ``examples/tiny_pipelines.py``) and an 8-step loop over the unseen zoo's Wan
 (``examples/tiny_dits_more.py``, the model the compiler was not written for): the uncached program,
 the cached one at threshold 0, and the cached one at a threshold that skips steps (FBCache; TeaCache on
 Flux and Wan). Exact checks: threshold 0 gives the uncached image bit for bit on every rank; the
 decisions (computed / skipped per call, and the statistic) are the same on every rank. Measured, not
-bounded tightly: the error of the skipping runs against the uncached image (printed with ``-s``).
+bounded tightly: the error of the skipping runs against the uncached image (printed with ``-s``). A
+second ``run_spmd`` (4 ranks, CFG 2 x Ulysses 2) runs PixArt-Sigma's batched CFG once.
 
 In this process (one rank, no process group): a skipped step runs no FLOPs of the blocks after the
 first (the part programs' FLOPs against the eager model's per-block FLOPs), and our decisions and
@@ -29,6 +30,7 @@ from xdit_compile.testing.harness import run_spmd
 
 EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "examples")
 ULYSSES = {"ulysses_degree": 2, "inner": "eager"}
+CFG_ULYSSES = {"use_cfg_parallel": True, "ulysses_degree": 2, "inner": "eager"}
 STEPS = 8
 # Thresholds that skip some (not all) of the 8 steps of these tiny random models (measured: their
 # first block's residual changes by 0.05-0.4 per step; the modulated input by ~0.07).
@@ -79,26 +81,35 @@ def _run(name: str, options: dict[str, Any] | None) -> dict[str, Any]:
     return {"img": img, "decisions": _decisions(), "reports": reports}
 
 
-def cache_job(names: list[str]) -> dict[str, Any]:
+def cache_job(names: list[str], base: dict[str, Any], tea: bool = True) -> dict[str, Any]:
     """On every rank: per model, the uncached, threshold-0 and skipping runs (FBCache, TeaCache)."""
     out: dict[str, Any] = {}
     for name in names:
-        runs = {"uncached": _run(name, ULYSSES),
-                "fb0": _run(name, {**ULYSSES, "use_fbcache": True}),
-                "fb": _run(name, {**ULYSSES, "use_fbcache": True, "cache_threshold": FB[name]})}
-        if name in TEA:
-            runs["tea"] = _run(name, {**ULYSSES, "use_teacache": True, "cache_threshold": TEA[name]})
+        runs = {"uncached": _run(name, base),
+                "fb0": _run(name, {**base, "use_fbcache": True}),
+                "fb": _run(name, {**base, "use_fbcache": True, "cache_threshold": FB[name]})}
+        if tea and name in TEA:
+            runs["tea"] = _run(name, {**base, "use_teacache": True, "cache_threshold": TEA[name]})
         out[name] = runs
     return out
 
 
 _cache: list[dict[str, Any]] = []
+_cfg_cache: list[dict[str, Any]] = []
 
 
 def _results() -> list[dict[str, Any]]:
     if not _cache:
-        _cache.extend(run_spmd(cache_job, 2, NAMES, timeout=900, env={"XDIT_STRICT": "1"}))
+        _cache.extend(run_spmd(cache_job, 2, NAMES, ULYSSES, timeout=900, env={"XDIT_STRICT": "1"}))
     return _cache
+
+
+def _cfg_results() -> list[dict[str, Any]]:
+    """PixArt-Sigma (batched CFG) under CFG 2 x Ulysses 2 on 4 ranks: the one 4-rank case."""
+    if not _cfg_cache:
+        _cfg_cache.extend(run_spmd(cache_job, 4, ["pixart"], CFG_ULYSSES, False, timeout=900,
+                                   env={"XDIT_STRICT": "1"}))
+    return _cfg_cache
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -129,6 +140,19 @@ def test_every_rank_skips_the_same_steps(name: str, kind: str) -> None:
     err = float((results[0][name][kind]["img"] - ref).abs().max()) / float(ref.abs().max())
     print(f"\n{name} {kind}: skipped {len(skipped)} of {len(calls)} calls, max error vs uncached {err:.3g} of scale")
     assert err < 1.0
+
+
+def test_cfg_ulysses_four_ranks_decide_alike_and_threshold_zero_is_exact() -> None:
+    """Each CFG half lives on its own pair of ranks; the statistic's sums span all four, so the decision
+    is the whole batch's: the same as on 2 Ulysses ranks holding both halves."""
+    results = _cfg_results()
+    first = [d[:3] for g in results[0]["pixart"]["fb"]["decisions"] for d in g]
+    assert any(not c for _, _, c in first), first
+    for rank, res in enumerate(results):
+        runs = res["pixart"]
+        assert torch.equal(runs["fb0"]["img"], runs["uncached"]["img"]), f"rank {rank}"
+        assert [d[:3] for g in runs["fb"]["decisions"] for d in g] == first, f"rank {rank}"
+    assert first == [d[:3] for g in _results()[0]["pixart"]["fb"]["decisions"] for d in g]
 
 
 def test_report_names_cut_and_options() -> None:
