@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Callable, Sequence
 
+import torch._guards
 import torch.fx as fx
 
 from ..passes.refresh_meta import refresh_meta
@@ -47,14 +48,15 @@ def build(plan: Any, gm: fx.GraphModule, example_inputs: Sequence[Any], report: 
           lowered: bool = False) -> Callable:
     """This rank's cached program of ``gm`` (or ``gm`` compiled whole when the cut is unusable).
 
-    ``lowered``: ``gm`` was rewritten per rank (its fake values are refreshed first, so the parts
-    get local shapes). ``group``: the ranks whose sums make the statistic (None: this rank alone).
+    ``lowered``: ``gm`` was rewritten per rank (kept for the report; the fake values are refreshed
+    in every case, so the parts get local shapes). ``group``: the ranks whose sums make the statistic (None: this rank alone).
     """
     why = cut if isinstance(cut, str) else None
     if why is None:
         assert isinstance(cut, CacheCut)
-        if lowered:
-            refresh_meta(gm, example_inputs)
+        # Fresh fake values (the local shapes of a lowered graph; and, for the inner compiler, none
+        # of Dynamo's symbols: inductor would guard on them in the frame being compiled).
+        refresh_meta(gm, example_inputs)
         names = {n.name for n in gm.graph.nodes}
         lost = [n for n in (cut.probe, cut.base, *[v for p in cut.pairs for v in p]) if n is not None and n not in names]
         if lost:
@@ -70,7 +72,8 @@ def build(plan: Any, gm: fx.GraphModule, example_inputs: Sequence[Any], report: 
         not_cached(plan, report, why)
         return inner(plan, gm, example_inputs)
     args = list(example_inputs)
-    fns = [inner(plan, p.gm, p.example_inputs(args)) for p in parts]
+    with torch._guards.tracing(None):  # the frame Dynamo is compiling must not guard on the parts' own shapes
+        fns = [inner(plan, p.gm, p.example_inputs(args)) for p in parts]
     phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
     steps = [phs.index(n) for n in _step_inputs(gm)]
     info = StepCacheReport(cut.describe(), options_text(plan))
