@@ -9,5 +9,5 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 .venv/bin/python -m pip install -q "torch==2.13.0"
-.venv/bin/python -m pip install -q -e ".[test]"
+.venv/bin/python -m pip install -q -e ".[test,demo]"
 .venv/bin/python -c "import torch, diffusers, xdit_compile; print('setup ok: torch', torch.__version__, '| diffusers', diffusers.__version__)"

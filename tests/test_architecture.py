@@ -138,6 +138,11 @@ ALLOWED: dict[tuple[str, str], str] = {
     ("xdit_compile.strategies.registry", "STRATEGIES"):
         "the attention-strategy registry: built-ins at import, strategies.register() adds (or unregister() "
         "removes) a strategy (an open registry, as the issue asks for)",
+    ("xdit_compile.axes", "MESH_DIMS"):
+        "the mesh-dimension registry: built-ins at import, register_mesh_dim() adds one (a new parallel method)",
+    ("xdit_compile.axes", "AXES"):
+        "the logical-axis registry: built-ins at import, register_axis() adds one (a new axis is one spec plus "
+        "its rules, as the issue asks for)",
     ("xdit_compile.runtime.agreement", "_SEQ"):
         "the agreement round counter: every rank advances it in lockstep for each compile, so the store keys "
         "match; resetting it on one rank (a context reset) would make the ranks wait on different keys",

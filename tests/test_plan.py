@@ -28,7 +28,7 @@ def test_degrees_must_multiply_to_world_size() -> None:
 
 def test_bad_degrees_rejected() -> None:
     with pytest.raises(PlanError):
-        ParallelPlan(cfg=3)
+        ParallelPlan(cfg=0)
     with pytest.raises(PlanError):
         ParallelPlan(ulysses=0)
     with pytest.raises(PlanError):

@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from .axes import SEQUENCE, axis_names
 from .errors import PlanError
-
-AXES = ("sp", "batch")
 
 
 @torch.library.custom_op("xdit::mark", mutates_args=())
@@ -26,10 +25,10 @@ def _(x: torch.Tensor, axis: str, dim: int) -> torch.Tensor:
     return torch.empty_like(x)
 
 
-def shard(x: torch.Tensor, dim: int, axis: str = "sp") -> torch.Tensor:
+def shard(x: torch.Tensor, dim: int, axis: str = SEQUENCE) -> torch.Tensor:
     """Mark ``x`` as split along ``dim`` over ``axis`` (``"sp"``: sequence ranks, ``"batch"``)."""
-    if axis not in AXES:
-        raise PlanError(f"annotation axis must be one of {AXES}, got {axis!r}")
+    if axis not in axis_names():
+        raise PlanError(f"annotation axis must be one of {list(axis_names())} (xdit_compile.axes), got {axis!r}")
     if not isinstance(dim, int) or isinstance(dim, bool) or not -x.dim() <= dim < x.dim():
         raise PlanError(
             f"xdit_compile.shard: dim {dim!r} is out of range for a tensor of shape {tuple(x.shape)} "
@@ -38,8 +37,8 @@ def shard(x: torch.Tensor, dim: int, axis: str = "sp") -> torch.Tensor:
     return _mark(x, axis, dim % x.dim())
 
 
-def replicate(x: torch.Tensor, axis: str = "sp") -> torch.Tensor:
+def replicate(x: torch.Tensor, axis: str = SEQUENCE) -> torch.Tensor:
     """Mark ``x`` as whole on every rank of ``axis`` (the ops it alone feeds stay replicated)."""
-    if axis not in AXES:
-        raise PlanError(f"annotation axis must be one of {AXES}, got {axis!r}")
+    if axis not in axis_names():
+        raise PlanError(f"annotation axis must be one of {list(axis_names())} (xdit_compile.axes), got {axis!r}")
     return _mark(x, axis, -1)

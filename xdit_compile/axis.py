@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .axes import AxisSpec, axis_spec
+
 
 @dataclass(frozen=True)
 class Axis:
-    """A logical axis: ``batch`` (dp x cfg) or ``sp`` (ring x ulysses).
+    """A logical axis of ``axes.AXES`` as lowered on this rank: ``batch`` (dp x cfg) or ``sp`` (ring x ulysses).
 
     ``rank`` is this process's index along the axis. For ``sp``, the index is
     ``ring_rank * ulysses + ulysses_rank`` and the sub-groups are given for USP. Which
@@ -22,6 +24,10 @@ class Axis:
     ring: int = 1
     ulysses_group: str | None = None
     ring_group: str | None = None
+
+    @property
+    def spec(self) -> AxisSpec:
+        return axis_spec(self.name)
 
     @property
     def ring_rank(self) -> int:

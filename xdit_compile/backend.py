@@ -17,7 +17,10 @@ dependents):
     unsettle_writes  drop settle_writes' clones again (planning needed them, the program does not)
     strip_marks      drop the annotation nodes
 
-Then the per-rank graph goes to the inner compiler (inductor by default, or eager).
+Then the per-rank graph goes to the inner compiler (inductor by default, or eager). With a cfg
+degree on a graph whose batch does not divide into the cfg groups (a pipeline calling the model once
+per guidance branch), the batch axis is not lowered and the program runs behind ``branches.CallStream``
+(the cfg groups compute a step's branches at once; ``docs/cfg_across_calls.md``).
 """
 
 from __future__ import annotations
@@ -30,10 +33,12 @@ import torch
 import torch.distributed as dist
 import torch.fx as fx
 
+from . import axes as axes_mod
 from . import plan as plan_mod
 from .cache import build as step_cache
 from .runtime.guard import checked
 from .axis import Axis
+from .branches import splits_calls, state_writes, stream_inputs, wrap_calls
 from .context import current
 from .errors import PassError, PassOrderError, PlanError
 from .facts import graph_facts, mesh_axes
@@ -169,7 +174,7 @@ def _axis_passes(axis: Axis, refresh: bool = True) -> list[Pass]:
     def plan_pass(gm: fx.GraphModule, state: State) -> bool:
         forced = state.forced.get(axis.name, {})
         # Marks for the other axis pass values through unchanged on this one.
-        state.plans.by_axis[axis.name] = choose_seeds(gm, axis.n, axis.name == "batch", graph_facts(gm)[0],
+        state.plans.by_axis[axis.name] = choose_seeds(gm, axis.n, axis.spec.seeds_batch_dim, graph_facts(gm)[0],
                                                       forced=forced)
         return False
 
@@ -187,8 +192,7 @@ def _axis_passes(axis: Axis, refresh: bool = True) -> list[Pass]:
         if not prop.seeds and not state.forced.get(axis.name):
             ar.note = f"nothing to split on the {axis.name} axis: every rank of it computes the same thing" + (
                 " (every input split was refused: see the replicated inputs below)" if refused else
-                " (batch too small: a pipeline that calls the model once per CFG half gives it"
-                " batch 1; see docs/pipelines.md)" if axis.name == "batch" else "")
+                axis.spec.empty_hint)
         state.report.axes.append(ar)
         return True
 
@@ -258,7 +262,7 @@ def xdit_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: dic
     """
     plan = ParallelPlan.from_options(options)
     if not (dist.is_available() and dist.is_initialized()):
-        if any(getattr(plan, a) not in (None, 1) for a in plan_mod.MESH_AXES):
+        if any(getattr(plan, a) not in (None, 1) for a in axes_mod.mesh_dim_names()):
             raise PlanError(
                 f"xdit plan {plan.describe()} needs a torch.distributed process group: launch with "
                 "torchrun and call torch.distributed.init_process_group() before compiling"
@@ -296,7 +300,7 @@ def xdit_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: dic
     if plan.degree("pp") > 1:
         # The batch axis (dp x cfg) first, so each batch group pipelines its own share; then
         # PipeFusion splits the graph into stages and lowers Ulysses inside each stage.
-        batch_axes = [a for a in mesh_axes(plan, rank) if a.name == "batch"]
+        batch_axes = [a for a in mesh_axes(plan, rank) if not a.spec.inside_stages]
         original = _copy(gm)
         try:
             run_passes(gm, State(plan, example_inputs, rank, batch_axes, report),
@@ -307,8 +311,27 @@ def xdit_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: dic
             report.axes.clear()
             log.warning("xdit: %s; every batch group pipelines the whole batch", e)
         return _guarded(plan, example_inputs, lambda: pipefusion_backend(gm, example_inputs, plan, report, _inner))
+    writes = state_writes(gm) if splits_calls(plan, batch) else None
+    if writes:
+        report.warnings.append(f"the cfg groups cannot take the guidance branches from separate calls: {writes} "
+                               "(a call answered from another group's output would skip that); the batch axis "
+                               "is planned as usual")
+        log.warning("xdit: %s", report.warnings[-1])
+    elif splits_calls(plan, batch):
+        # One call per guidance branch: the cfg groups take the calls, not the batch (branches/).
+        calls = stream_inputs(gm, example_inputs)
+        inner = _per_rank(gm, example_inputs, plan, rank, report, skip=(axes_mod.BATCH,))
+        stream = wrap_calls(inner, calls, plan, graph_name)
+        report.calls = stream.report
+        return stream
+    return _per_rank(gm, example_inputs, plan, rank, report)
+
+
+def _per_rank(gm: fx.GraphModule, example_inputs: Sequence[Any], plan: ParallelPlan, rank: int, report: PlanReport,
+              skip: tuple[str, ...] = ()) -> Callable:
+    """The passes over ``gm`` for every mesh axis but those in ``skip``, then the inner compiler."""
     mark_for_autograd(gm, example_inputs)  # the lowering adds gradient rules to a graph traced for autograd
-    state = State(plan, example_inputs, rank, mesh_axes(plan, rank), report)
+    state = State(plan, example_inputs, rank, [a for a in mesh_axes(plan, rank) if a.name not in skip], report)
     passes = _front_passes(settle=True)
     for i, axis in enumerate(state.axes):
         # The next axis reads fresh shapes; eager execution of the last one needs none.
@@ -337,7 +360,10 @@ def xdit_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: dic
     if isinstance(cut, str):
         step_cache.not_cached(plan, report, cut)
     elif cut is not None:
-        program = step_cache.build(plan, gm, example_inputs, report, cut, _inner, plan_mod.world_group(plan),
+        # Every rank decides alike; with the cfg groups taking separate calls (``skip``), each group runs
+        # its own branch and decides over its own sequence ranks only.
+        group = plan_mod.world_group(plan) if not skip else plan_mod.process_groups(plan).get(axes_mod.SEQUENCE)
+        program = step_cache.build(plan, gm, example_inputs, report, cut, _inner, group,
                                    lowered=report.fallback is None)
         publish(report)
         if current().settings.keeps_graphs():

@@ -56,6 +56,7 @@ from .errors import RankMismatchError
 from .gradients import needs_guard
 from .graph import eliminate_dead_code, has_side_effects, is_tensor, op_name, value, written_inputs
 from .passes.refresh_meta import refresh_meta
+from .runtime.devices import collective_device
 
 log = logging.getLogger("xdit_compile")
 
@@ -389,7 +390,7 @@ class PerValue:
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return
         world = dist.get_world_size()
-        mine = torch.tensor([_digest(key)], dtype=torch.int64)
+        mine = torch.tensor([_digest(key)], dtype=torch.int64, device=collective_device())  # nccl: on the GPU
         every = [torch.zeros_like(mine) for _ in range(world)]
         dist.all_gather(every, mine)
         odd = [r for r in range(world) if int(every[r]) != int(every[0])]

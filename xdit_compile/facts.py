@@ -3,7 +3,7 @@
 They live here, below all three, so that none of them imports another for them (no import cycle):
 
     graph_facts(gm)        -> (batch size, attention heads): what the automatic plan resolves against
-    mesh_axes(plan, rank)  -> the logical axes (batch, then sp) this rank lowers, with their groups
+    mesh_axes(plan, rank)  -> the logical axes (``axes.AXES``, in order) this rank lowers, with their groups
 
 Reads ``node.meta["val"]`` (through ``graph.shape`` / ``graph.value``); writes nothing.
 """
@@ -14,6 +14,7 @@ from typing import Any
 
 import torch.fx as fx
 
+from . import axes
 from . import plan as plan_mod
 from .axis import Axis
 from .graph import is_tensor, is_user_input, op_name, shape, value
@@ -39,17 +40,13 @@ def graph_facts(gm: fx.GraphModule) -> tuple[int | None, int | None]:
 
 
 def mesh_axes(plan: ParallelPlan, rank: int) -> list[Axis]:
-    """The logical axes (batch, then sp) this rank's passes lower, with their process groups."""
+    """The logical axes (``axes.AXES``, in order) this rank's passes lower, with their process groups."""
     groups = plan_mod.process_groups(plan)
-    axes = []
-    for name in ("batch", "sp"):
-        n = plan.degree(name)
+    out = []
+    for spec in axes.AXES:
+        n = plan.degree(spec.name)
         if n <= 1:
             continue
-        kw: dict[str, Any] = {}
-        if name == "sp":
-            kw = dict(ulysses=plan.degree("ulysses"), ring=plan.degree("ring"))
-            if kw["ulysses"] > 1 and kw["ring"] > 1:
-                kw.update(ulysses_group=groups["ulysses"].group_name, ring_group=groups["ring"].group_name)
-        axes.append(Axis(name, n, plan.axis_rank(name, rank), groups[name].group_name, **kw))
-    return axes
+        kw: dict[str, Any] = spec.sub_groups(plan.degree, groups) if spec.sub_groups else {}
+        out.append(Axis(spec.name, n, plan.axis_rank(spec.name, rank), groups[spec.name].group_name, **kw))
+    return out

@@ -1,55 +1,40 @@
-"""``ParallelPlan``: the degrees of every parallel method, validated, and the groups they use.
+"""``ParallelPlan``: the degrees of every parallel method, validated, and the device mesh they use.
 
-Mesh axis order, outermost first (rank = row-major index over these axes)::
-
-    dp -> cfg -> pp -> ring -> ulysses
-
-Ulysses is innermost because its all-to-alls are the most bandwidth-hungry: its ranks are
-neighbours (the same node under ``torchrun``). Two derived axes group several mesh axes:
-``batch`` = dp x cfg (the batch split) and ``sp`` = ring x ulysses (the token split), where
-a rank's sp index is ``ring_index * ulysses_degree + ulysses_index``.
+The mesh dimensions and the logical axes over them come from the axis registry
+(``axes.py``): ``dp -> cfg -> pp -> ring -> ulysses``, outermost first, with ``batch`` =
+dp x cfg and ``sp`` = ring x ulysses. ``device_mesh`` builds torch's ``DeviceMesh`` with
+those named dimensions (the ones of degree > 1) and flattens each logical axis of several
+dimensions into one sub-mesh; ``process_groups`` hands the passes one group per axis.
 """
 
 from __future__ import annotations
 
-import itertools
 import math
 from dataclasses import dataclass, fields
 from datetime import timedelta
 from typing import Any, Mapping
 
+import torch
 import torch.distributed as dist
 
+from . import axes
 from .cache.options import check_cache_options
 from .context import current
 from .errors import PlanError
 
-MESH_AXES = ("dp", "cfg", "pp", "ring", "ulysses")
-DERIVED_AXES = {"batch": ("dp", "cfg"), "sp": ("ring", "ulysses")}
 INNER_COMPILERS = ("inductor", "eager")
 
 # xDiT's flag names, so that its users can reuse their launch scripts.
-_OPTION_TO_FIELD = {
-    "data_parallel_degree": "dp",
-    "ulysses_degree": "ulysses",
-    "ring_degree": "ring",
-    "pipefusion_parallel_degree": "pp",
-    "num_pipeline_patch": "num_pipeline_patch",
-    "warmup_steps": "warmup_steps",
-    "inner": "inner",
-    "timeout": "timeout",
-    "check_inputs": "check_inputs",
-    # step caching (``cache/``; validated by ``cache/options.py``)
-    "use_fbcache": "use_fbcache",
-    "use_teacache": "use_teacache",
-    "cache_threshold": "cache_threshold",
-    "cache_first_steps": "cache_first_steps",
-    "cache_last_steps": "cache_last_steps",
-    "cache_num_steps": "cache_num_steps",
-    "teacache_coefficients": "teacache_coefficients",
-}
-# The xDiT flag name of each degree, for messages that tell the user what to pass.
-_FIELD_TO_OPTION = {field: option for option, field in _OPTION_TO_FIELD.items()}
+_SETTINGS = {name: name for name in ("num_pipeline_patch", "warmup_steps", "inner", "timeout", "check_inputs",
+                                     # step caching (``cache/``; validated by ``cache/options.py``)
+                                     "use_fbcache", "use_teacache", "cache_threshold", "cache_first_steps",
+                                     "cache_last_steps", "cache_num_steps", "teacache_coefficients")}
+
+
+def _option_to_field() -> dict[str, str]:
+    """xDiT's flag name -> plan field. The degrees' options come from the axis registry (read at each
+    call, so a dimension registered later counts); use_cfg_parallel (a bool for cfg 2) is parsed apart."""
+    return {**{d.option: d.name for d in axes.MESH_DIMS}, **_SETTINGS}
 
 
 @dataclass(frozen=True)
@@ -58,7 +43,9 @@ class ParallelPlan:
 
     Args:
         dp: data-parallel degree (splits the batch).
-        cfg: CFG-parallel degree, 1 or 2 (splits the batch into its cond/uncond halves).
+        cfg: CFG-parallel degree (``use_cfg_parallel=True``: 2; ``cfg_degree=k``: k guidance branches):
+            splits the batch into its cond/uncond halves, or, where the pipeline calls the model
+            once per branch (batch 1), runs those calls at once (``branches/``).
         pp: PipeFusion degree (pipeline stages).
         ring: Ring-attention degree (splits the tokens; K/V travel around a ring).
         ulysses: Ulysses degree (splits the tokens; all-to-all swaps tokens for heads).
@@ -94,11 +81,8 @@ class ParallelPlan:
 
     def __post_init__(self) -> None:
         # bool is an int subclass: True would pass as degree 1, so it is refused by name.
-        for axis in MESH_AXES:
+        for axis in axes.mesh_dim_names():
             _check_int(axis, getattr(self, axis), 1, "a positive int (1 = off)", optional=True)
-        if self.cfg not in (None, 1, 2):
-            raise PlanError(f"cfg degree must be 1 or 2 (the cond/uncond halves; option use_cfg_parallel=True or "
-                            f"False), got {self.cfg!r}")
         _check_int("num_pipeline_patch", self.num_pipeline_patch, 1,
                    "a positive int, or None for one patch per pipeline stage", optional=True)
         _check_int("warmup_steps", self.warmup_steps, 0, "an int >= 0")
@@ -140,13 +124,17 @@ class ParallelPlan:
                 raise PlanError(f"option use_cfg_parallel={use!r} ({type(use).__name__}) is not accepted: use "
                                 "True (CFG parallel, degree 2) or False")
             kwargs["cfg"] = 2 if use else 1
+            given = options.get("cfg_degree")
+            if given is not None and given != kwargs["cfg"] and not (use and isinstance(given, int) and given > 2):
+                raise PlanError(f"options use_cfg_parallel={use} and cfg_degree={given!r} disagree: pass "
+                                "cfg_degree alone (the number of guidance branches), or use_cfg_parallel alone")
         for key in list(options):
-            if key in _OPTION_TO_FIELD:
-                kwargs[_OPTION_TO_FIELD[key]] = options.pop(key)
+            if key in _option_to_field():
+                kwargs[_option_to_field()[key]] = options.pop(key)
         if isinstance(kwargs.get("teacache_coefficients"), list):  # a frozen plan keeps a tuple
             kwargs["teacache_coefficients"] = tuple(kwargs["teacache_coefficients"])
         if options:
-            known = sorted([*_OPTION_TO_FIELD, "use_cfg_parallel", "plan"])
+            known = sorted([*_option_to_field(), "use_cfg_parallel", "plan"])
             raise PlanError(f"unknown xdit option(s) {sorted(options)}; known options: {known}")
         if plan is not None:
             if kwargs:
@@ -159,16 +147,15 @@ class ParallelPlan:
     # ---------------------------------------------------------------- resolution
     @property
     def is_resolved(self) -> bool:
-        return all(getattr(self, a) is not None for a in MESH_AXES)
+        return all(getattr(self, a) is not None for a in axes.mesh_dim_names())
 
     def degree(self, axis: str) -> int:
-        """Degree of a mesh or derived axis (1 when unset)."""
-        names = DERIVED_AXES.get(axis, (axis,))
-        return math.prod(getattr(self, a) or 1 for a in names)
+        """Degree of a mesh dimension or logical axis (1 when unset)."""
+        return math.prod(getattr(self, a) or 1 for a in axes.members(axis))
 
     @property
     def world_size(self) -> int:
-        return math.prod(getattr(self, a) or 1 for a in MESH_AXES)
+        return math.prod(getattr(self, a) or 1 for a in axes.mesh_dim_names())
 
     def resolve(self, world_size: int, batch: int | None = None, heads: int | None = None) -> "ParallelPlan":
         """Fill unset degrees so that they multiply to ``world_size``.
@@ -177,11 +164,12 @@ class ParallelPlan:
         the heads divide, then Ring. With some degrees set, the rest default to 1 and the
         product must equal the world size.
         """
-        given = {a: getattr(self, a) for a in MESH_AXES if getattr(self, a) is not None}
+        dims = axes.mesh_dim_names()
+        given = {a: getattr(self, a) for a in dims if getattr(self, a) is not None}
         if given:
-            resolved = {a: given.get(a, 1) for a in MESH_AXES}
+            resolved = {a: given.get(a, 1) for a in dims}
         else:
-            resolved = dict.fromkeys(MESH_AXES, 1)
+            resolved = dict.fromkeys(dims, 1)
             left = world_size
             for axis in ("cfg", "dp"):
                 while batch and left % 2 == 0 and (batch // resolved["dp"] // resolved["cfg"]) % 2 == 0:
@@ -203,7 +191,7 @@ class ParallelPlan:
     def validate(self, world_size: int) -> None:
         """Raise ``PlanError`` unless the degrees multiply to ``world_size``."""
         if self.world_size != world_size:
-            listing = " x ".join(f"{a}={self.degree(a)}" for a in MESH_AXES)
+            listing = " x ".join(f"{a}={self.degree(a)}" for a in axes.mesh_dim_names())
             fixes = self._fitting_degrees(world_size)
             hint = f"change the degrees (e.g. {' or '.join(fixes)}) or " if fixes else ""
             raise PlanError(
@@ -214,12 +202,14 @@ class ParallelPlan:
     def _fitting_degrees(self, world_size: int) -> list[str]:
         """Option settings that change one degree so that the product is ``world_size`` (checked)."""
         out: list[str] = []
-        for axis in ("dp", "ring", "ulysses", "pp", "cfg"):
+        # Degrees users change most readily first; cfg last (it is only 1 or 2).
+        dims = sorted(axes.mesh_dim_names(), key=lambda d: (d == "cfg", d == "pp"))
+        for axis in dims:
             rest = self.world_size // self.degree(axis)
             if world_size % rest:
                 continue
             new = world_size // rest
-            if new == self.degree(axis) or (axis == "cfg" and new not in (1, 2)):
+            if new == self.degree(axis):
                 continue
             out.append(_spell(axis, new))  # rest x new == world_size, as world_size % rest == 0
             if len(out) == 2:
@@ -227,44 +217,33 @@ class ParallelPlan:
         return out
 
     # ---------------------------------------------------------------- ranks and groups
+    def _grid(self) -> torch.Tensor:
+        """Global ranks laid out on the mesh dimensions (row-major), as ``DeviceMesh`` lays them."""
+        return torch.arange(self.world_size, device="cpu").view(*[self.degree(a) for a in axes.mesh_dim_names()])
+
     def coords(self, rank: int) -> dict[str, int]:
-        """Index of ``rank`` along each mesh axis."""
-        shape = [self.degree(a) for a in MESH_AXES]
-        out: dict[str, int] = {}
-        for axis, size in zip(reversed(MESH_AXES), reversed(shape)):
-            out[axis] = rank % size
-            rank //= size
-        return {a: out[a] for a in MESH_AXES}
+        """Index of ``rank`` along each mesh dimension."""
+        where = (self._grid() == rank).nonzero()[0].tolist()
+        return dict(zip(axes.mesh_dim_names(), where))
 
     def axis_rank(self, axis: str, rank: int) -> int:
-        """Index of ``rank`` within a mesh or derived axis."""
+        """Index of ``rank`` within a mesh dimension or logical axis (row-major over its dimensions)."""
         c = self.coords(rank)
         idx = 0
-        for a in DERIVED_AXES.get(axis, (axis,)):
+        for a in axes.members(axis):
             idx = idx * self.degree(a) + c[a]
         return idx
 
     def axis_groups(self, axis: str) -> list[list[int]]:
         """Every group of ranks that vary along ``axis`` (others fixed), in axis-index order."""
-        members = DERIVED_AXES.get(axis, (axis,))
-        shape = [self.degree(a) for a in MESH_AXES]
-        others = [range(s) if a not in members else range(1) for a, s in zip(MESH_AXES, shape)]
-        groups = []
-        for fixed in itertools.product(*others):
-            ranks = []
-            for varying in itertools.product(*[range(self.degree(a)) for a in members]):
-                coord = list(fixed)
-                for a, v in zip(members, varying):
-                    coord[MESH_AXES.index(a)] = v
-                r = 0
-                for c, s in zip(coord, shape):
-                    r = r * s + c
-                ranks.append(r)
-            groups.append(ranks)
-        return groups
+        dims = axes.mesh_dim_names()
+        inner = [dims.index(a) for a in axes.members(axis)]
+        outer = [i for i in range(len(dims)) if i not in inner]
+        grid = self._grid().permute(*outer, *inner)
+        return grid.reshape(-1, self.degree(axis)).tolist()
 
     def describe(self) -> str:
-        return " x ".join(f"{a}={self.degree(a)}" for a in MESH_AXES if self.degree(a) > 1) or "single rank"
+        return " x ".join(f"{a}={self.degree(a)}" for a in axes.mesh_dim_names() if self.degree(a) > 1) or "single rank"
 
 
 def check_plan(options: Mapping[str, Any] | None, world_size: int | None = None) -> ParallelPlan:
@@ -281,7 +260,7 @@ def check_plan(options: Mapping[str, Any] | None, world_size: int | None = None)
     if world_size is None:
         return plan
     _check_int("world_size", world_size, 1, "a positive int")
-    if any(getattr(plan, a) is not None for a in MESH_AXES) or world_size == 1:
+    if any(getattr(plan, a) is not None for a in axes.mesh_dim_names()) or world_size == 1:
         return plan.resolve(world_size)
     return plan
 
@@ -289,8 +268,10 @@ def check_plan(options: Mapping[str, Any] | None, world_size: int | None = None)
 def _spell(field_name: str, value: Any = None) -> str:
     """The option users pass for a plan field (xDiT's flag name), with ``value`` when given."""
     if field_name == "cfg":
-        return "use_cfg_parallel" if value is None else f"use_cfg_parallel={value == 2}"
-    option = _FIELD_TO_OPTION.get(field_name, field_name)
+        if value is None:
+            return "use_cfg_parallel"
+        return f"use_cfg_parallel={value == 2}" if value in (1, 2) else f"cfg_degree={value}"
+    option = {f: o for o, f in _option_to_field().items()}.get(field_name, field_name)
     return option if value is None else f"{option}={value}"
 
 
@@ -304,7 +285,9 @@ def _check_int(name: str, value: Any, low: int, accepted: str, optional: bool = 
     if optional and value is None:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise PlanError(f"option {_spell(name)}={_short(value)} ({type(value).__name__}) is not accepted: "
+        # use_cfg_parallel is checked as a bool before: a bad cfg degree came as cfg_degree.
+        option = "cfg_degree" if name == "cfg" else _spell(name)
+        raise PlanError(f"option {option}={_short(value)} ({type(value).__name__}) is not accepted: "
                         f"use {accepted}")
 
 
@@ -318,36 +301,72 @@ def _prime_factors(n: int) -> list[int]:
     return out
 
 
-def process_groups(plan: ParallelPlan) -> dict[str, Any]:
-    """The ``ProcessGroup`` of this rank for every axis of degree > 1 (created once per plan).
+def device_mesh(plan: ParallelPlan) -> Any:
+    """torch's ``DeviceMesh`` over the plan's mesh dimensions of degree > 1 (None if there are none).
 
-    Every rank creates every group in the same order, as ``torch.distributed`` requires (the
-    backend checks first that the ranks agree on the plan: ``runtime/agreement.py``). With
-    ``plan.timeout`` set, every group gets that timeout, the whole world included (a new
-    group of every rank, not the default one, whose timeout belongs to the user).
+    Its dimensions are named as in ``axes.MESH_DIMS``; each logical axis spanning several of them
+    is flattened into a sub-mesh of its own name, kept beside the mesh (``process_groups`` reads
+    its group). Built once per plan and default group: every rank builds it in the same order, as
+    ``torch.distributed`` requires (the backend checks first that the ranks agree on the plan,
+    ``runtime/agreement.py``). With ``plan.timeout`` set, every group gets that timeout, the
+    whole world included (a new group of every rank, not the default one, whose timeout belongs
+    to the user).
     """
     if not dist.is_available() or not dist.is_initialized():
         raise PlanError(
             "xdit needs a torch.distributed process group: launch with torchrun and call "
             "torch.distributed.init_process_group() (gloo on CPU, nccl on GPU) before compiling"
         )
-    key = tuple(plan.degree(a) for a in MESH_AXES) + (dist.get_world_size(), plan.timeout)
+    from torch.distributed.device_mesh import init_device_mesh
+
+    dims = tuple(d for d in axes.mesh_dim_names() if plan.degree(d) > 1)
+    key = _mesh_key(plan)
     cache, _ = current().group_cache(dist.group.WORLD)
     if key not in cache:
-        rank = dist.get_rank()
-        mine: dict[str, Any] = {}
-        for axis in ("batch", "sp", *MESH_AXES):
-            if plan.degree(axis) <= 1:
-                continue
-            if plan.degree(axis) == dist.get_world_size():
-                mine[axis] = world_group(plan)
-                continue
-            for ranks in plan.axis_groups(axis):
-                g = dist.new_group(ranks, timeout=plan.timeout_delta)
-                if rank in ranks:
-                    mine[axis] = g
-        cache[key] = mine
-    return cache[key]
+        mesh, flat = None, {}
+        if dims:
+            override = None if plan.timeout is None else {d: _timeout_options(plan) for d in dims}
+            mesh = init_device_mesh(_device_type(), tuple(plan.degree(d) for d in dims), mesh_dim_names=dims,
+                                    backend_override=override)
+            for spec in axes.AXES:
+                live = tuple(d for d in spec.mesh_dims if d in dims)
+                if len(live) > 1:  # kept here: torch deprecates slicing a flattened dim off the root mesh
+                    flat[spec.name] = mesh[live]._flatten(spec.name, backend_override=None if plan.timeout is None
+                                                          else _timeout_options(plan))
+        cache[key] = {"mesh": mesh, **flat}
+    return cache[key]["mesh"]
+
+
+def process_groups(plan: ParallelPlan) -> dict[str, Any]:
+    """This rank's ``ProcessGroup`` for every mesh dimension and logical axis of degree > 1."""
+    mesh = device_mesh(plan)
+    if mesh is None:
+        return {}
+    flat = current().group_cache(dist.group.WORLD)[0][_mesh_key(plan)]
+    dims = {d: mesh.get_group(d) for d in mesh.mesh_dim_names}
+    out: dict[str, Any] = {}  # the logical axes first: messages name a group by its first axis
+    for spec in axes.AXES:
+        live = [d for d in spec.mesh_dims if plan.degree(d) > 1]
+        if len(live) == 1:
+            out[spec.name] = dims[live[0]]
+        elif live:
+            out[spec.name] = flat[spec.name].get_group()
+    return {**out, **dims}
+
+
+def _mesh_key(plan: ParallelPlan) -> tuple:
+    return tuple(plan.degree(a) for a in axes.mesh_dim_names()) + (dist.get_world_size(), plan.timeout)
+
+
+def _device_type() -> str:
+    """The mesh's device type: CUDA when the default group runs NCCL, else CPU (gloo)."""
+    return "cuda" if torch.cuda.is_available() and "nccl" in str(dist.get_backend()) else "cpu"
+
+
+def _timeout_options(plan: ParallelPlan) -> Any:
+    from torch._C._distributed_c10d import Backend as C10dBackend
+
+    return C10dBackend.Options(str(dist.get_backend()).split(":")[-1], plan.timeout_delta)
 
 
 def world_group(plan: ParallelPlan) -> Any:

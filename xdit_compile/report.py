@@ -42,6 +42,7 @@ class PlanReport:
     recognised: dict[str, int] = field(default_factory=dict)  # role -> count
     pass_seconds: dict[str, float] = field(default_factory=dict)
     graph_breaks: dict[str, int] = field(default_factory=dict)  # Dynamo's graph breaks so far: reason -> count
+    calls: Any = None  # branches.CallsReport when the cfg groups take the branches from separate calls (live)
     step_cache: Any = None  # cache.StepCacheReport (cut, options, generations) or a note why not cached
 
     def __str__(self) -> str:
@@ -68,6 +69,8 @@ class PlanReport:
             lines.append(f"    collectives: {len(ax.collectives)} inserted, {total} bytes per call in all")
             for kind, node, b in ax.collectives:
                 lines.append(f"      {kind} at {node}: {b} bytes")
+        if self.calls is not None:
+            lines.append(str(self.calls))
         if self.step_cache is not None:
             lines.extend("  " + line for line in str(self.step_cache).splitlines())
         if self.pass_seconds:

@@ -110,7 +110,7 @@ def test_stride_one_ops_keep_an_uneven_row_shard() -> None:
     assert _by_op(gm, prop, "interpolate") == [Shard(2, (7,), 2)]
     assert all(p == Shard(2, (7,), 2) for p in convs[1:])
     assert _by_op(gm, prop, "group_norm") == [shard(2, 7), Shard(2, (7,), 2)]
-    rewritten = [op_name(n) for n in gm.graph.nodes if n in prop.decisions and prop.decisions[n].rewrite is not None]
+    rewritten = [op_name(n) for n in gm.graph.nodes if n in prop.decisions and prop.decisions[n].local is not None]
     # 3x3, dilated and "same" convs need halos and the two norms global statistics; 1x1 does not.
     assert rewritten == ["conv2d", "group_norm", "conv2d", "conv2d", "group_norm"]
 

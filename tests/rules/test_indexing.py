@@ -113,7 +113,7 @@ def test_write_off_the_token_dim_is_local() -> None:
     assert len(writes) == 2
     for w in writes:
         assert w.args[0] not in prop.decisions[w].needs  # the buffer is written where it lives
-        assert prop.decisions[w].rewrite is None  # same index locally
+        assert prop.decisions[w].local is None  # same index locally
     assert not prop.fallbacks
 
 
@@ -122,7 +122,7 @@ def test_write_on_segment_boundary_is_rewritten() -> None:
     prop = seeded(capture(fn, *inputs()), 1)
     (w,) = [n for n in prop.decisions if op_name(n) == "setitem"]
     assert prop.placements[w.args[0]] == Shard(1, (6, 8), 1)
-    assert prop.decisions[w].rewrite is not None  # global offset 6 -> this rank's local offset
+    assert prop.decisions[w].local is not None  # global offset 6 -> this rank's local offset
 
 
 @pytest.mark.parametrize("case", ["write_strided_tokens", "write_one_token", "stale_view"])

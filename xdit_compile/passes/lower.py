@@ -1,8 +1,9 @@
 """Apply a propagation to the graph: the per-rank program for one axis.
 
 Reads: the ``Propagation`` of ``passes.propagate`` (placements, decisions, seeds).
-Writes: the graph (slices after seeded inputs, collectives where placements change, local
-shapes in view/split/slice args, attention lowered by the strategy registry (``strategies/``:
+Writes: the graph (slices after seeded inputs, collectives where placements change, each
+rule's ``LocalOp`` performed by the surgery of its kind (``local_ops/``: local shapes in
+view/split/slice args, halo exchanges, ...), attention lowered by the strategy registry (``strategies/``:
 Ulysses/Ring/USP), replicated outputs)
 and ``node.meta["xdit"][axis]`` = the node's placement on this axis, for the report;
 ``node.meta["xdit"]["strategy"]`` = the ``AttentionRecord`` of each attention (``strategies/base.py``).
@@ -36,9 +37,11 @@ from ..gradients import insert_grad_syncs, traced_for_autograd
 from ..graph import eliminate_dead_code, shape, value
 from ..placements import REPLICATE, Partial, Placement, Replicate, Shard, fmt, local_sizes, pieces
 from ..rules.attention import sdpa_args
+from ..rules.core import AttentionRole, LocalOp
 from ..runtime import redistribute as rt
 from .. import strategies
 from ..strategies.base import AttentionCall, Site, shard_bytes, stamp
+from .local_ops import SURGERIES, LocalContext
 from .propagate import Propagation
 
 
@@ -51,20 +54,18 @@ class Lowered:
 
 
 class _Ctx:
-    """What rewrites see: this rank, the axis size, and actual placements in the new graph."""
+    """What local-op surgeries see (``local_ops.LocalContext``): this rank, the axis, and actual
+    placements in the graph being lowered; collectives they insert go to the plan report."""
 
-    def __init__(self, axis: Axis, actual: dict[fx.Node, Any]):
-        self.axis = axis
-        self.n = axis.n
-        self.rank = axis.rank
-        self.actual = actual
+    def __init__(self, axis: Axis, actual: dict[fx.Node, Any], collectives: list[tuple[str, str, int]]):
+        self.rank, self.size, self.group = axis.rank, axis.n, axis.group
+        self._actual, self._collectives = actual, collectives
 
-    def pl(self, node: fx.Node) -> Any:
-        return self.actual.get(node, REPLICATE)
+    def placement(self, node: fx.Node) -> Any:
+        return self._actual.get(node, REPLICATE)
 
-    def record(self, kind: str, node: fx.Node, nbytes: int) -> None:
-        """Report a collective a rewrite inserted (halo exchange, statistics all-reduce)."""
-        self.collectives.append((kind, node.name, int(nbytes)))
+    def record_collective(self, kind: str, node: fx.Node, nbytes: int) -> None:
+        self._collectives.append((kind, node.name, int(nbytes)))
 
 
 _nbytes = shard_bytes  # bytes of this rank's part of a global value under a placement
@@ -97,8 +98,7 @@ class _Lowerer:
         self.actual: dict[fx.Node, Any] = dict(prop.placements)
         self.cache: dict[tuple[fx.Node, Any, fx.Node], fx.Node] = {}  # (value, placement, anchor)
         self.out = Lowered()
-        self.ctx = _Ctx(axis, self.actual)
-        self.ctx.collectives = self.out.collectives
+        self.ctx: LocalContext = _Ctx(axis, self.actual, self.out.collectives)
 
     # ------------------------------------------------------------------ redistribution
     def redistribute(self, x: fx.Node, want: Placement, user: fx.Node, at: fx.Node | None = None) -> fx.Node:
@@ -179,11 +179,11 @@ class _Lowerer:
                 continue
             if node in self.prop.placements:
                 self.actual[node] = d.out
-            if d.attention == "sequence":
+            if d.attention is AttentionRole.SEQUENCE:
                 self.lower_attention(node)
-            elif d.rewrite is not None:
-                d.rewrite(self.graph, node, self.ctx)
-            elif d.attention == "local":
+            elif d.local is not None:
+                node = self.apply_local(node, d.local)
+            elif d.attention is AttentionRole.LOCAL:
                 self.keep_local(node)
             elif node.op == "call_function" and str(getattr(node.target, "__name__", "")) == "scaled_dot_product_attention":
                 self.out.attention.append((node.name, self._kind(node), "replicated"))
@@ -212,6 +212,44 @@ class _Lowerer:
             if self.actual.get(y) is not None and y.args and y.args[0] is x:
                 return y
         return None
+
+    def apply_local(self, node: fx.Node, op: LocalOp) -> fx.Node:
+        """Perform the rule's local op on ``node`` with the surgery registered for its kind
+        (``local_ops.SURGERIES``); a surgery that returns a new node replaces ``node``. Returns the
+        node that now computes the value."""
+        surgery = SURGERIES.get(op.kind)
+        if surgery is None:
+            raise ShardingError(
+                f"node {node.name} ({node.target}) on axis {self.axis.name}: its rule asked for local op {op}, "
+                f"but no surgery is registered for kind {op.kind!r} (known: {sorted(SURGERIES)}); add one to the "
+                f"TABLE of its family in xdit_compile/passes/local_ops/"
+            )
+        new = surgery(self.graph, node, op, self.ctx)
+        if new is None or new is node:
+            return node
+        new.meta.update({k: v for k, v in node.meta.items() if k not in new.meta})  # global shape, stage
+        if "xdit" in node.meta:  # its own copy: the lowering writes this axis's placement into it
+            new.meta["xdit"] = {**node.meta["xdit"], **new.meta.get("xdit", {})}
+        self._replace(node, new, self.actual.get(node))
+        return new
+
+    def _replace(self, node: fx.Node, new: fx.Node, placement: Any) -> None:
+        """``new`` takes ``node``'s place: its users, its placement, the needs of later decisions
+        (users, the output too, still name ``node``), its position and its alias group's writes.
+        ``node`` is erased unless ``new`` reads it."""
+        node.replace_all_uses_with(new, delete_user_cb=lambda u: u is not new)
+        if not node.users:
+            self.graph.erase_node(node)
+        self.actual[new] = placement
+        self.prop.placements[new] = placement
+        for user, d in self.prop.decisions.items():
+            if node in d.needs:  # Decisions are frozen: a renamed copy
+                needs = {x: p for x, p in d.needs.items() if x is not node}
+                needs[new] = d.needs[node]
+                self.prop.decisions[user] = dataclasses.replace(d, needs=needs)
+        self.pos[new] = self.pos[node]  # its copies still go after writes to its storage
+        if node in self.prop.group_writes:
+            self.prop.group_writes[new] = self.prop.group_writes[node]
 
     def _pin_sizes(self, node: fx.Node) -> None:
         """Sizes read off a sharded tensor must stay the global sizes."""
@@ -258,16 +296,7 @@ class _Lowerer:
         with self.graph.inserting_before(node):
             new, record = strategy.emit(self.graph, site, call)
         stamp(new, node, dataclasses.replace(record, rejected=rejected))
-        node.replace_all_uses_with(new)
-        self.graph.erase_node(node)
-        self.actual[new] = pq
-        self.prop.placements[new] = pq
-        for d in self.prop.decisions.values():  # users (the output too) still name the old node
-            if node in d.needs:
-                d.needs[new] = d.needs.pop(node)
-        self.pos[new] = self.pos[node]  # its copies still go after writes to its storage
-        if node in self.prop.group_writes:
-            self.prop.group_writes[new] = self.prop.group_writes[node]
+        self._replace(node, new, pq)
         kind = "joint" if len(pq.segments) > 1 or len(pk.segments) > 1 else "self"
         self.out.attention.append((node.name, kind, f"{strategy.name} ({record.why})"))
         for label, nbytes in strategy.report(site):

@@ -21,7 +21,7 @@ import torch.fx as fx
 from ..errors import ShardingError
 from ..graph import has_symbolic_shape, is_tensor, op_name, shape, value, written_inputs
 from ..placements import REPLICATE, Partial, Placement, Replicate, Shard, fmt, local_length
-from ..rules.core import Decision, OpView, replicate_all
+from ..rules.core import AttentionRole, Decision, OpView, replicate_all
 from ..rules.factory import FROM_SIZES, LIKE
 from ..rules.table import RULES
 from ..strategies.registry import planning_cost
@@ -199,11 +199,11 @@ def propagate(
             result.fallbacks.append((node, d.note))
         for x, want in d.needs.items():
             _count(result, pl.get(x), want, value(x), n)
-        result.collectives += d.collectives
-        result.comm_bytes += d.comm_bytes
+        result.collectives += d.comm.collectives
+        result.comm_bytes += d.comm.nbytes
         work = estimate_flops(node, name)
         share = _share(d.out, n)
-        if d.attention == "sequence":  # the registry's planning strategy says what it moves
+        if d.attention is AttentionRole.SEQUENCE:  # the registry's planning strategy says what it moves
             q = node.args[0] if node.args else node.kwargs["query"]
             k = node.args[1] if len(node.args) > 1 else node.kwargs["key"]
             cost = planning_cost(node.name, _numel(value(q)) * _elsize(value(q)), _numel(value(k)) * _elsize(value(k)), n)
@@ -244,7 +244,7 @@ def _fresh_out_buffer(node: fx.Node, d: Decision, pl: dict[fx.Node, Any], decisi
     its shape: the write replaces every value, so the buffer's own values never matter.
     """
     w = node.kwargs.get("out")
-    if not isinstance(w, fx.Node) or not isinstance(d.out, Shard) or d.needs.get(w) != d.out or d.rewrite:
+    if not isinstance(w, fx.Node) or not isinstance(d.out, Shard) or d.needs.get(w) != d.out or d.local is not None:
         return d
     if op_name(w) not in _FRESH or not isinstance(pl.get(w), Replicate) or any(u in decisions for u in w.users):
         return d
@@ -371,7 +371,7 @@ def _decide(node: fx.Node, name: str | None, pl: dict[fx.Node, Any], n: int, for
         reduced = {**pl, **{x: REPLICATE for x in partial}}
         d = rule(OpView(node, reduced, n, name or str(node.target)))
         if d is not None:
-            d.needs = {**{x: REPLICATE for x in partial}, **d.needs}
+            d = dataclasses.replace(d, needs={**{x: REPLICATE for x in partial}, **d.needs})
     if d is None:
         reason = node.meta.get("xdit", {}).get("why_replicated") or (f"no sharding rule for op {name!r}" if rule is None else (
             f"{name} has no rule for inputs " + ", ".join(f"{x.name}: {fmt(pl.get(x))}" for x in inputs)))

@@ -25,6 +25,7 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..context import current
+from ..runtime.devices import device_of
 from . import p2p
 from .kv import KVStore, StepState
 from .programs import Assembly
@@ -95,7 +96,7 @@ class PipelineDriver:
 
     def _capture(self, args: tuple[Any, ...]) -> Any:
         """Record the call's flat arguments; return zeros shaped like the output (nothing runs)."""
-        out = [torch.zeros(leaf.shape, dtype=leaf.dtype) if isinstance(leaf, OutTensor) else leaf
+        out = [torch.zeros(leaf.shape, dtype=leaf.dtype, device=leaf.device) if isinstance(leaf, OutTensor) else leaf
                for leaf in self.out_leaves]
         current().captures[-1].append((self, args, out))
         return tree_unflatten(out, self.out_spec)
@@ -103,7 +104,9 @@ class PipelineDriver:
     def _run(self, programs: list[StageProgram], args: Sequence[Any], assembly: Assembly | None) -> Any:
         t = self.topo
         start, compute = time.perf_counter(), 0.0
-        recvs = [p2p.irecv(p.graph.recv, t.prev, tag=i) for i, p in enumerate(programs)] if t.prev is not None else []
+        device = device_of(args, t.group)  # buffers live where the stage inputs do (CUDA under nccl)
+        recvs = [p2p.irecv(p.graph.recv, t.prev, tag=i, device=device) for i, p in enumerate(programs)] \
+            if t.prev is not None else []
         sends, results = [], []
         for i, p in enumerate(programs):
             vals = [args[j] for j in p.graph.inputs] + (recvs[i].wait() if recvs else [])
@@ -122,7 +125,7 @@ class PipelineDriver:
             leaves = assembly(results) if assembly is not None else results[0]
             final = [x for x in leaves if isinstance(x, torch.Tensor)]
         metas = [(leaf.shape, leaf.dtype) for leaf in self.out_leaves if isinstance(leaf, OutTensor)]
-        tensors = iter(p2p.broadcast(final, metas, t.last, t.group))
+        tensors = iter(p2p.broadcast(final, metas, t.last, t.group, device))
         out = [next(tensors) if isinstance(leaf, OutTensor) else leaf for leaf in self.out_leaves]
         kind = "patches" if programs is self.patches else "full"
         self.timings.append(Timing(kind, 1, time.perf_counter() - start, compute))
@@ -135,5 +138,6 @@ class OutTensor:
 
     shape: tuple[int, ...]
     dtype: torch.dtype
+    device: torch.device
 
 

@@ -22,6 +22,7 @@ import torch.fx as fx
 from torch.utils._pytree import tree_flatten
 
 from .. import plan as plan_mod
+from ..axes import axis_spec
 from ..axis import Axis
 from ..context import current
 from ..errors import PlanError
@@ -109,7 +110,7 @@ def _check_plan(plan: ParallelPlan, gm: fx.GraphModule) -> list[str]:
     ignored = []
     for n in list(gm.graph.nodes):
         if op_name(n) == "mark":
-            if n.args[1] != "batch":  # batch annotations were used by the batch axis already
+            if axis_spec(n.args[1]).inside_stages:  # marks of the axes lowered before the stages were used
                 ignored.append(f"{n.args[0].name} ({n.args[1]})")
             n.replace_all_uses_with(n.args[0])
             gm.graph.erase_node(n)
@@ -125,7 +126,7 @@ def _usable_inputs(example_inputs: Sequence[Any]) -> list[Any]:
     out = []
     for x in example_inputs:
         if isinstance(x, torch.Tensor) and x.numel() and x.untyped_storage().nbytes() == 0:
-            x = torch.zeros(x.shape, dtype=x.dtype)
+            x = torch.zeros(x.shape, dtype=x.dtype, device=x.device)
         out.append(x)
     return out
 
@@ -225,7 +226,7 @@ def _sp_axis(plan: ParallelPlan, rank: int) -> Axis | None:
     The core's own sp axis: sub-groups are named only when both degrees are > 1; with one of
     them, the sp group is that group (``programs.sp_groups``).
     """
-    return next((a for a in mesh_axes(plan, rank) if a.name == "sp"), None)
+    return next((a for a in mesh_axes(plan, rank) if a.spec.inside_stages), None)
 
 
 @dataclass
@@ -355,7 +356,7 @@ def pipefusion_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], plan: 
 
     out = next(n for n in gm.graph.nodes if n.op == "output")
     leaves, spec = tree_flatten(out.args[0])
-    template = [OutTensor(tuple(value(x).shape), value(x).dtype) if is_tensor(x) else
+    template = [OutTensor(tuple(value(x).shape), value(x).dtype, value(x).device) if is_tensor(x) else
                 (value(x) if isinstance(x, fx.Node) else x) for x in leaves]
     topo = Topology(stage, stages, ranks[stage - 1] if stage > 0 else None,
                     ranks[stage + 1] if stage < stages - 1 else None, ranks[-1], group, tuple(ranks))
@@ -379,7 +380,7 @@ def pipefusion_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], plan: 
         ar.collectives.append((f"p2p send to rank {topo.next}", "stage boundary", p2p.nbytes(full_prog.graph.send)))
     report.axes.append(ar)
     if sp is not None:
-        ar_sp = AxisReport("sp", sp.n)
+        ar_sp = AxisReport(sp.name, sp.n)
         how = " x ".join(f"{d}={getattr(sp, d)}" for d in ("ring", "ulysses") if getattr(sp, d) > 1)
         ar_sp.attention = [(layer, "self/joint", f"{how} inside the stage; stale K/V buffer of the whole sequence "
                             "(head slice after the Ulysses all-to-all; the patch's K/V all-gathered over the ring)")

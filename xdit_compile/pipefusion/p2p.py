@@ -25,6 +25,7 @@ import torch.distributed as dist
 from ..errors import CollectiveTimeoutError
 from ..context import current
 from ..runtime.collectives import log_into
+from ..runtime.devices import collective_device
 
 Meta = tuple[tuple[int, ...], torch.dtype]
 
@@ -48,19 +49,19 @@ def _record(kind: str, peer: int, nbytes: int) -> None:
 
 
 def nbytes(metas: Sequence[Meta]) -> int:
-    return sum(math.prod(s) * torch.empty((), dtype=d).element_size() for s, d in metas)
+    return sum(math.prod(s) * d.itemsize for s, d in metas)
 
 
-def pack(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+def pack(tensors: Sequence[torch.Tensor], device: torch.device | None = None) -> torch.Tensor:
     if not tensors:
-        return torch.empty(0, dtype=torch.uint8)
+        return torch.empty(0, dtype=torch.uint8, device=device if device is not None else collective_device())
     return torch.cat([t.detach().contiguous().reshape(-1).view(torch.uint8) for t in tensors])
 
 
 def unpack(buf: torch.Tensor, metas: Sequence[Meta]) -> list[torch.Tensor]:
     out, off = [], 0
     for shape, dtype in metas:
-        size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        size = math.prod(shape) * dtype.itemsize
         out.append(buf.narrow(0, off, size).view(dtype).view(shape))
         off += size
     return out
@@ -107,17 +108,20 @@ class Pending(NamedTuple):
         return unpack(self.buf, self.metas)
 
 
-def irecv(metas: Sequence[Meta], peer: int, tag: int) -> Pending:
-    buf = torch.empty(nbytes(metas), dtype=torch.uint8)
+def irecv(metas: Sequence[Meta], peer: int, tag: int, device: torch.device | None = None) -> Pending:
+    """Post the receive of ``metas`` from ``peer`` into a buffer on ``device`` (default: the default group's)."""
+    buf = torch.empty(nbytes(metas), dtype=torch.uint8, device=device if device is not None else collective_device())
     if buf.numel() == 0:
         return Pending(buf, None, list(metas))
     _record("recv", peer, buf.numel())
     return Pending(buf, dist.irecv(buf, peer, tag=tag), list(metas), "recv", peer, tag)
 
 
-def broadcast(tensors: list[torch.Tensor] | None, metas: Sequence[Meta], src: int, group: dist.ProcessGroup) -> list[torch.Tensor]:
-    """The last stage's output tensors on every rank of the pipeline group."""
-    buf = pack(tensors) if tensors is not None else torch.empty(nbytes(metas), dtype=torch.uint8)
+def broadcast(tensors: list[torch.Tensor] | None, metas: Sequence[Meta], src: int, group: dist.ProcessGroup,
+              device: torch.device | None = None) -> list[torch.Tensor]:
+    """The last stage's output tensors on every rank of the pipeline group (received on ``device``)."""
+    device = device if device is not None else collective_device(group)
+    buf = pack(tensors, device) if tensors is not None else torch.empty(nbytes(metas), dtype=torch.uint8, device=device)
     if buf.numel():
         _record("broadcast", src, buf.numel())
         try:

@@ -201,7 +201,7 @@ def patch_program(gm: fx.GraphModule, m: int, i: int, batch: int | None, example
     if sp is None:
         axis = Axis("patch", m, i, PATCH_GROUP)
     else:
-        axis = Axis("sp", m * n_sp, i * n_sp + sp.rank, PATCH_GROUP, ulysses=sp.ulysses, ring=m * sp.ring,
+        axis = Axis(sp.name, m * n_sp, i * n_sp + sp.rank, PATCH_GROUP, ulysses=sp.ulysses, ring=m * sp.ring,
                     ulysses_group=sp_groups(sp)[0], ring_group=PATCH_GROUP)
     g = copy_graph(gm)
     prop = choose_seeds(g, axis.n, False, batch)

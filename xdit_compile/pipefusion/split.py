@@ -25,6 +25,7 @@ from torch.fx.node import map_arg
 
 from ..errors import PlanError
 from ..graph import op_name, value
+from ..runtime.devices import device_of
 
 STAGE = "pf_stage"
 
@@ -41,7 +42,9 @@ class StageGraph:
     send_names: list[str]
 
     def example_inputs(self, flat_args: list[Any]) -> list[Any]:
-        return [flat_args[i] for i in self.inputs] + [torch.zeros(s, dtype=d) for s, d in self.recv]
+        # The received boundary values live where the stage's own inputs do (CUDA under nccl).
+        device = device_of(flat_args)
+        return [flat_args[i] for i in self.inputs] + [torch.zeros(s, dtype=d, device=device) for s, d in self.recv]
 
 
 def stage_of(node: fx.Node) -> int | None:

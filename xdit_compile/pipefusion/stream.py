@@ -251,9 +251,9 @@ def _stream(driver: PipelineDriver, records: list[list[Any]], index: int, leaf: 
                 raise PlanError(f"run_steps: step {step} would need a full-sequence call (stream {stream}); "
                                 "the recorded steps must all be patch steps of one stream")
             driver.calls.append((step, stream, False))
-            recvs = [p2p.irecv(p.graph.recv, topo.prev, tag=_tag(t, i, m)) for i, p in enumerate(progs)] \
+            recvs = [p2p.irecv(p.graph.recv, topo.prev, tag=_tag(t, i, m), device=x.device) for i, p in enumerate(progs)] \
                 if topo.prev is not None else []
-            updates = [p2p.irecv([meta[i]], ranks[last], tag=_tag(t - 1, i, m, True)) for i in range(m)] \
+            updates = [p2p.irecv([meta[i]], ranks[last], tag=_tag(t - 1, i, m, True), device=x.device) for i in range(m)] \
                 if gets_updates and t > 0 else []
             applied = 0
             for i, p in enumerate(progs):
@@ -276,6 +276,7 @@ def _stream(driver: PipelineDriver, records: list[list[Any]], index: int, leaf: 
                 cur.copy_(nxt)
         for work in pending:
             work.wait()
-    out = p2p.broadcast([cur] if topo.stage == last else None, [(tuple(x.shape), x.dtype)], topo.last, topo.group)[0]
+    out = p2p.broadcast([cur] if topo.stage == last else None, [(tuple(x.shape), x.dtype)], topo.last, topo.group,
+                        x.device)[0]
     driver.timings.append(Timing("stream", len(records), time.perf_counter() - start, compute))
     return out

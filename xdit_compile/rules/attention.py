@@ -15,7 +15,7 @@ import torch.fx as fx
 
 from ..graph import shape
 from ..placements import REPLICATE, Placement, Replicate, Shard
-from .core import Decision, OpView, replicate_all
+from .core import AttentionRole, Decision, OpView, replicate_all
 
 SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 
@@ -65,7 +65,7 @@ def sdpa(op: OpView) -> Decision | None:
         if m is None:
             return None
         needs.update(m)
-        return Decision(pq, needs, attention="local")
+        return Decision(pq, needs, attention=AttentionRole.LOCAL)
     if not isinstance(pq, Shard) or pq.dim != seq:
         return replicate_all(op, "attention inputs are sharded on a dim it cannot split")
     if a.get("is_causal"):
@@ -75,7 +75,7 @@ def sdpa(op: OpView) -> Decision | None:
         m = _mask_need(mask, 2, pq, op)
         if m is None:
             return replicate_all(op, "mask rows do not match the sharded queries")
-        return Decision(pq, m, attention="local")
+        return Decision(pq, m, attention=AttentionRole.LOCAL)
     if not isinstance(pk, Shard) or pk.dim != seq:
         return replicate_all(op, "keys are sharded on a dim attention cannot split")
     needs = {}
@@ -85,7 +85,7 @@ def sdpa(op: OpView) -> Decision | None:
         needs[v] = pk
     if isinstance(mask, fx.Node) and not isinstance(pm, Replicate):
         needs[mask] = REPLICATE
-    return Decision(pq, needs, attention="sequence")
+    return Decision(pq, needs, attention=AttentionRole.SEQUENCE)
 
 
 TABLE = [

@@ -1,7 +1,7 @@
 """Concatenation and splitting along the token dim: segments appear and disappear.
 
     cat([txt: R[B, T, D], img: S(1)[B, I, D]], dim=1) -> S(1:T+I)   txt is sliced (free)
-    split_with_sizes(x: S(1:T+I), [T, I], dim=1)      -> (S(1), S(1))  local sizes rewritten
+    split_with_sizes(x: S(1:T+I), [T, I], dim=1)      -> (S(1), S(1))  local sizes (passes/local_ops/cat_split.py)
     chunk(x: S(1), 6, dim=-1)                         -> six S(1)
     cat([x: S(1), pad: R[B, 0, D]], dim=1)            -> S(1)            empty inputs dropped locally (free)
     split(x: S(1:T+I), [0, T, I], dim=1)              -> (R, S(1), S(1)) an empty piece is replicated (free)
@@ -11,15 +11,13 @@
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import torch.fx as fx
 
 from ..graph import shape, value
-from ..placements import REPLICATE, Placement, Replicate, Shard, chunk_bounds, local_length
-from ..runtime import redistribute as rt
-from .core import Decision, OpView, regroup, split_segments
+from ..placements import REPLICATE, Placement, Replicate, Shard
+from .core import Decision, LocalOp, OpView, local_op, regroup, split_segments
 
 
 def _tensors_and_dim(op: OpView) -> tuple[list[Any], int]:
@@ -38,11 +36,11 @@ def cat(op: OpView) -> Decision | None:
     # Empty tensors contribute nothing: take them out of the local cat (no communication).
     live = [t for t in nodes if len(shape(t)) == ndim and shape(t)[dim] > 0]
     empty = [t for t in nodes if t not in live]
-    drop = _drop_rewrite(op, live, empty)
+    drop = _drop_empty(op, live, empty)
     pls = [op.pl(t) for t in live]
     if all(isinstance(p, Replicate) for p in pls):
         if drop is not None:
-            return Decision(REPLICATE, rewrite=drop)
+            return Decision(REPLICATE, local=drop)
         return Decision(REPLICATE, {t: REPLICATE for t in empty if not isinstance(op.pl(t), Replicate)})
     shards = [p for p in pls if isinstance(p, Shard)]
     if any(not isinstance(p, (Replicate, Shard)) for p in pls):
@@ -68,7 +66,7 @@ def cat(op: OpView) -> Decision | None:
                 seg = Shard(dim, (shape(t)[dim] // inner,), inner)
                 needs[t] = seg
                 segs.extend(seg.segments)
-        return Decision(Shard(dim, tuple(segs), inner), needs, rewrite=drop)
+        return Decision(Shard(dim, tuple(segs), inner), needs, local=drop)
     # Along another dim: every input must be sharded like the first shard (R inputs sliced),
     # empty ones too (their other dims must match the local pieces).
     target = next(p for p in shards if p.dim != dim)
@@ -83,11 +81,11 @@ def cat(op: OpView) -> Decision | None:
         if shape(t)[target.dim] != target.length:
             return None
         needs[t] = target
-    return Decision(target, needs, rewrite=drop)
+    return Decision(target, needs, local=drop)
 
 
-def _drop_rewrite(op: OpView, live: list[fx.Node], empty: list[fx.Node]) -> Any:
-    """A rewrite taking ``empty`` inputs out of the local cat, or ``None`` when there are none,
+def _drop_empty(op: OpView, live: list[fx.Node], empty: list[fx.Node]) -> LocalOp | None:
+    """The local op taking ``empty`` inputs out of the local cat, or ``None`` when there are none,
     nothing is left, or dropping them would change the result's dtype (cat promotes over all)."""
     if not empty or not live:
         return None
@@ -95,19 +93,8 @@ def _drop_rewrite(op: OpView, live: list[fx.Node], empty: list[fx.Node]) -> Any:
     if any(value(t).dtype != out.dtype for t in live):
         return None
     tensors = _tensors_and_dim(op)[0]
-    return functools.partial(_drop_empty, positions=tuple(i for i, t in enumerate(tensors) if t in empty))
-
-
-def _drop_empty(graph: fx.Graph, node: fx.Node, ctx: Any, positions: tuple[int, ...]) -> None:
-    # Their local shapes need not match the local pieces (an empty tensor sharded on another
-    # dim); without them the local cat is the same values. (By position: the lowering may have
-    # put a sliced copy of an input in its place.)
-    if node.args and isinstance(node.args[0], (list, tuple)):
-        kept = [t for i, t in enumerate(node.args[0]) if i not in positions]
-        node.args = (kept, *node.args[1:])
-    else:
-        kept = [t for i, t in enumerate(node.kwargs["tensors"]) if i not in positions]
-        node.kwargs = {**node.kwargs, "tensors": kept}
+    # By position: the lowering may have put a sliced copy of an input in its place.
+    return local_op("cat_drop_empty", positions=tuple(i for i, t in enumerate(tensors) if t in empty))
 
 
 def stack(op: OpView) -> Decision | None:
@@ -196,33 +183,6 @@ def _split_dim(op: OpView) -> int:
     return op.arg(2, "dim", 0)
 
 
-def _local_split(graph: fx.Graph, node: fx.Node, ctx: Any) -> None:
-    # Each output is sharded on the split dim (empty pieces replicated, of length 0 everywhere):
-    # split the local tensor by local sizes.
-    src = node.args[0]
-    pls = ctx.pl(node)
-    dim = next(p.dim for p in pls if isinstance(p, Shard))
-    sizes = [local_length(p, ctx.n, ctx.rank) if isinstance(p, Shard) else 0 for p in pls]
-    node.op, node.target = "call_method", "split"
-    node.args, node.kwargs = (src, sizes), {"dim": dim}
-
-
-def _regathered_split(graph: fx.Graph, node: fx.Node, ctx: Any, bounds: tuple[int, ...]) -> None:
-    # The source arrives whole: take this rank's chunk of every piece, then split by their lengths.
-    src, pls = node.args[0], ctx.pl(node)
-    dim = next(p.dim for p in pls if isinstance(p, Shard))
-    ranges, sizes = [], []
-    for lo, hi in zip(bounds[:-1], bounds[1:]):
-        a, b = chunk_bounds(hi - lo, ctx.n, ctx.rank) if hi > lo else (0, 0)
-        if b > a:
-            ranges.append((lo + a, b - a))
-        sizes.append(b - a)
-    with graph.inserting_before(node):
-        local = graph.call_function(rt.shard_slice, (src, dim, tuple(ranges) or ((0, 0),)))
-    node.op, node.target = "call_method", "split"
-    node.args, node.kwargs = (local, sizes), {"dim": dim}
-
-
 def _pieces(p: Shard, bounds: list[int]) -> list[Placement] | None:
     """Placements of the pieces between ``bounds`` when each is made of whole segments of ``p``
     (an empty piece is replicated: it has no rows to hold)."""
@@ -263,11 +223,11 @@ def split(op: OpView) -> Decision | None:
         return Decision(tuple(REPLICATE for _ in range(count)), {src: REPLICATE})
     parts = _pieces(p, bounds)
     if parts is not None:
-        return Decision(tuple(parts), rewrite=_local_split)
+        return Decision(tuple(parts), local=local_op("split_local"))
     # A cut inside a shard: gather the source once and re-split every piece evenly. The seed
     # search tries seeds whose segments fall on such cuts (then this is not met).
     fresh = tuple(Shard(dim, (hi - lo,), 1) if hi > lo else REPLICATE for lo, hi in zip(bounds[:-1], bounds[1:]))
-    return Decision(fresh, {src: REPLICATE}, rewrite=functools.partial(_regathered_split, bounds=tuple(bounds)))
+    return Decision(fresh, {src: REPLICATE}, local=local_op("split_regathered", bounds=tuple(bounds)))
 
 
 def cut_offsets(node: fx.Node, name: str, src: fx.Node) -> list[int]:

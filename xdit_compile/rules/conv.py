@@ -3,8 +3,8 @@
 Output row ``o`` of a convolution (kernel k, stride s, padding p, dilation d) reads input rows
 ``o*s - p .. o*s - p + d*(k-1)``, so a rank's rows need ``before = p`` rows of the previous
 rank and ``after = d*(k-1) - p - s + 1`` of the next one (zeros at the global edges). The
-rewrite exchanges those halos (``runtime.halo.halo_exchange``) and runs the convolution with
-no padding on the sharded dim:
+local op ``conv_halo`` (``passes/local_ops/conv.py``) exchanges those halos
+(``runtime.halo.halo_exchange``) and runs the convolution with no padding on the sharded dim:
 
     conv2d(x: S(2)[B, C, H, W], k=3, s=1, p=1)  -> S(2)[B, D, H, W]      halo 1 + 1 rows
     conv2d(x: S(2), k=1)                        -> S(2)                  no halo
@@ -23,14 +23,11 @@ rank must hold at least as many rows as the halo is deep.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch.fx as fx
 
 from ..graph import shape, value
 from ..placements import REPLICATE, Replicate, Shard, is_even, local_sizes
-from ..runtime import halo
-from .core import Decision, OpView, on_first_shard, regroup, replicate_all
+from .core import Comm, Decision, OpView, local_op, on_first_shard, regroup, replicate_all
 
 
 def _tuple(v: object, k: int) -> tuple[int, ...]:
@@ -53,31 +50,6 @@ def _padding(raw: object, k: tuple[int, ...], dilation: tuple[int, ...]) -> list
     if isinstance(raw, str):
         return None
     return [(p, p) for p in _tuple(raw, spatial)]
-
-
-def _halo_rewrite(dim: int, before: int, after: int, pads: list[tuple[int, int]], spatial_i: int) -> Any:
-    """The rewrite: exchange halos of ``dim``, then convolve with zero padding on it."""
-    new_padding = tuple(0 if i == spatial_i else pads[i][0] for i in range(len(pads)))
-
-    def rewrite(graph: fx.Graph, node: fx.Node, ctx: Any) -> None:
-        x = node.args[0]
-        if before or after:
-            with graph.inserting_before(node):
-                x = graph.call_function(halo.halo_exchange, (x, dim, before, after, ctx.axis.group))
-            if hasattr(ctx, "record"):
-                v = value(node.args[0])
-                ctx.record("halo exchange", node, v.numel() // v.shape[dim] * (before + after) * v.element_size())
-        args = list(node.args)
-        args[0] = x
-        if "padding" in node.kwargs:
-            node.kwargs = {**node.kwargs, "padding": new_padding}
-        else:
-            while len(args) < 5:
-                args.append({3: 1, 4: 0}.get(len(args), None))
-            args[4] = new_padding
-        node.args = tuple(args)
-
-    return rewrite
 
 
 @on_first_shard
@@ -132,8 +104,9 @@ def conv(op: OpView, x: fx.Node, p: Shard, params: dict) -> Decision | None:
         return Decision(out, params)
     v = value(x)
     halo_bytes = v.numel() // max(v.shape[p.dim], 1) * (before + after) * v.element_size()
-    return Decision(out, params, rewrite=_halo_rewrite(p.dim, before, after, pads, i),
-                    collectives=1 if before or after else 0, comm_bytes=float(halo_bytes))
+    padding = tuple(0 if j == i else pads[j][0] for j in range(len(pads)))  # none on the sharded dim
+    halo = local_op("conv_halo", dim=p.dim, before=before, after=after, padding=padding)
+    return Decision(out, params, local=halo, comm=Comm(1 if before or after else 0, float(halo_bytes)))
 
 
 def halo_rule(op: OpView) -> Decision | None:

@@ -3,13 +3,16 @@
 A rule is a function ``rule(op: OpView) -> Decision | None`` registered for a list of op
 names in the table of its op family. Rules are written for one mesh axis of ``op.n`` ranks.
 Returning ``None`` means "no opinion": the propagation then replicates the op (always correct)
-and records the reason.
+and records the reason. A ``Decision`` is data: when this rank must run something other than
+the global op (local sizes, a halo exchange), the rule names it with a ``LocalOp`` and the
+lowering performs the surgery registered for its kind (``passes/local_ops/``).
 """
 
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any, Callable
 
 import torch.fx as fx
@@ -17,23 +20,91 @@ import torch.fx as fx
 from ..graph import arg, is_tensor, shape, value
 from ..placements import REPLICATE, Placement, Replicate, Shard, pieces, same_layout
 
-# A local rewrite: called by the lowering with (graph, node, LocalContext); it edits the node
-# in place (new args) or returns a replacement node.
-Rewrite = Callable[..., Any]
+
+class AttentionRole(str, Enum):
+    """How the lowering treats an attention node the rule placed (``Decision.attention``). A ``str``
+    enum, so code that still compares with "sequence" / "local" keeps working."""
+
+    SEQUENCE = "sequence"  # sequence-sharded queries and keys: the strategy registry lowers it
+    LOCAL = "local"  # every rank attends its own rows with what it holds: the call stays
 
 
-@dataclass
+# Constants a ``LocalOp`` may carry: what can be compared, hashed and printed without a graph.
+_CONSTANTS = (int, float, bool, str, type(None))
+
+
+def _is_constant(v: Any) -> bool:
+    if isinstance(v, tuple):
+        return all(_is_constant(x) for x in v)
+    return isinstance(v, _CONSTANTS)
+
+
+@dataclass(frozen=True)
+class LocalOp:
+    """What this rank computes in place of the global op: a ``kind`` and its constant parameters.
+
+    Data only (no nodes, no callables), so a plan can be compared, logged and tested without
+    running it. The lowering performs it with the surgery registered for ``kind``
+    (``passes/local_ops/``); what depends on the rank (local sizes, offsets) is computed there::
+
+        LocalOp("conv_halo", (("dim", 2), ("before", 1), ("after", 1), ("padding", (0, 1))))
+        str(...) == "conv_halo(dim=2, before=1, after=1, padding=(0, 1))"
+    """
+
+    kind: str
+    params: tuple[tuple[str, Any], ...] = ()
+
+    def __post_init__(self) -> None:
+        bad = [k for k, v in self.params if not isinstance(k, str) or not _is_constant(v)]
+        if not self.kind or bad:
+            raise TypeError(
+                f"LocalOp {self.kind!r}: parameters {bad} are not constants (ints, floats, bools, strings, None "
+                f"or tuples of them); pass the numbers the surgery needs, not nodes or functions"
+            )
+
+    def __getitem__(self, name: str) -> Any:
+        for k, v in self.params:
+            if k == name:
+                return v
+        raise KeyError(f"LocalOp {self} has no parameter {name!r}")
+
+    def __str__(self) -> str:
+        return f"{self.kind}({', '.join(f'{k}={v!r}' for k, v in self.params)})"
+
+
+def local_op(kind: str, **params: Any) -> LocalOp:
+    """``LocalOp(kind, params)`` written with keyword arguments (kept in the order given)."""
+    return LocalOp(kind, tuple(params.items()))
+
+
+@dataclass(frozen=True)
+class Comm:
+    """Communication a local op issues itself (halo exchanges, statistics), for the cost model:
+    the number of collectives and the bytes a rank receives."""
+
+    collectives: int = 0
+    nbytes: float = 0.0
+
+
+NO_COMM = Comm()
+
+
+@dataclass(frozen=True)
 class Decision:
-    """Output placement(s) of a node and the placements it needs its tensor inputs in."""
+    """Output placement(s) of a node, the placements it needs its tensor inputs in, and what the
+    lowering does with it: data only, so two propagations of one graph give equal decisions.
+
+    ``local``: the op this rank runs instead of the global one (``None``: the node as it is);
+    ``attention``: how an attention node is lowered; ``note``: why the op runs replicated, for
+    the plan report; ``comm``: collectives ``local`` issues beyond the redistributions of ``needs``.
+    """
 
     out: Any  # a Placement, or a (nested) tuple of them for multi-output ops, or None
     needs: dict[fx.Node, Placement] = field(default_factory=dict)
-    rewrite: Rewrite | None = None
-    note: str | None = None  # why the op runs replicated, for the plan report
-    attention: str | None = None  # lowering strategy for attention nodes
-    # Collectives the rewrite itself will issue (halo exchanges, statistics), for the cost model.
-    collectives: int = 0
-    comm_bytes: float = 0.0
+    local: LocalOp | None = None
+    note: str | None = None
+    attention: AttentionRole | None = None
+    comm: Comm = NO_COMM
 
 
 class OpView:

@@ -6,43 +6,19 @@
     group_norm(x: S(1))                   -> needs R (a group's channels would be split)
 
 Any shard of a spatial dim qualifies (uneven, several segments, rows of tokens): the sums do
-not care which elements a rank holds. The rewrite calls ``runtime.halo.group_norm``.
+not care which elements a rank holds. The local op ``group_norm_stats`` calls
+``runtime.halo.group_norm`` (``passes/local_ops/group_norm.py``).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch.fx as fx
 
-from ..graph import shape, value
+from ..graph import shape
 from ..placements import REPLICATE, Replicate, Shard
-from ..runtime import halo
-from .core import Decision, OpView, on_first_shard, replicate_all
-
-# F.group_norm(input, num_groups, weight=None, bias=None, eps=1e-05)
-_ARGS = ("input", "num_groups", "weight", "bias", "eps")
-_DEFAULTS = {"weight": None, "bias": None, "eps": 1e-5}
-
-
-def _global_stats_rewrite(count: int) -> Any:
-    """The rewrite: ``group_norm`` -> ``halo.group_norm`` with ``count`` elements per group."""
-
-    def rewrite(graph: fx.Graph, node: fx.Node, ctx: Any) -> None:
-        a = dict(zip(_ARGS, node.args))
-        a.update(node.kwargs)
-        for key, default in _DEFAULTS.items():
-            a.setdefault(key, default)
-        if hasattr(ctx, "record"):
-            v = value(a["input"])
-            ctx.record("all_reduce (group_norm statistics)", node, v.shape[0] * a["num_groups"] * 2 * 4)
-        node.target = halo.group_norm
-        node.args = (a["input"], a["num_groups"], a["weight"], a["bias"], a["eps"], count, ctx.axis.group)
-        node.kwargs = {}
-
-    return rewrite
-
+from .core import Comm, Decision, OpView, local_op, on_first_shard, replicate_all
 
 @on_first_shard
 def group_norm(op: OpView, x: fx.Node, p: Shard, params: dict) -> Decision | None:
@@ -53,8 +29,8 @@ def group_norm(op: OpView, x: fx.Node, p: Shard, params: dict) -> Decision | Non
     s = shape(x)
     groups = op.arg(1, "num_groups")
     count = (int(s[1]) // int(groups)) * math.prod(int(d) for d in s[2:])  # global shape here
-    return Decision(p, params, rewrite=_global_stats_rewrite(count), collectives=1,
-                    comm_bytes=float(shape(x)[0] * op.arg(1, "num_groups", 1) * 8))
+    return Decision(p, params, local=local_op("group_norm_stats", count=count),
+                    comm=Comm(1, float(shape(x)[0] * op.arg(1, "num_groups", 1) * 8)))
 
 
 def group_norm_rule(op: OpView) -> Decision | None:

@@ -1,7 +1,7 @@
 """Indexing: basic slicing keeps a shard when a sharded dim is taken whole or cut on segments.
 
     x: S(1)[B, S, D]     x[:, None]          -> S(2)
-    x: S(1:T+I)          x[:, :T]            -> S(1)   the local slice is rewritten
+    x: S(1:T+I)          x[:, :T]            -> S(1)   local op getitem_local: this rank's slice
     x: S(1)              x[:, 0]             -> needs R (one token lives on one rank)
     (a, b): (S(1), R)    tuple[0]            -> S(1)
     q: S(2)              q[..., :d].copy_(r: S(2)), q.narrow(-1, 0, d).fill_(0)   -> local writes
@@ -9,15 +9,14 @@
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import torch.fx as fx
 import torch.nn.functional as F
 
 from ..graph import is_tensor, shape
-from ..placements import REPLICATE, Replicate, Shard, chunk_bounds
-from .core import Decision, OpView, on_first_shard, align_to, local_range, replicate_all, split_segments
+from ..placements import REPLICATE, Replicate, Shard
+from .core import Decision, OpView, on_first_shard, align_to, local_op, replicate_all, split_segments
 
 
 def _walk(index: tuple, ndim: int):
@@ -62,31 +61,6 @@ def _slice_bounds(e: slice, length: int) -> tuple[int, int] | None:
     if step != 1:
         return None
     return start, max(start, stop)
-
-
-def _local_index(index: Any, src: fx.Node, ctx: Any) -> tuple:
-    """``index`` with the slice of the sharded dim replaced by this rank's local range."""
-    index = index if isinstance(index, tuple) else (index,)
-    p = ctx.pl(src)
-    new = list(index)
-    for pos, e, in_dim, _ in _walk(index, len(shape(src))):
-        if in_dim == p.dim:
-            lo, hi = _slice_bounds(e, p.length)
-            a, b = local_range(p, ctx.n, ctx.rank, lo, hi)
-            if pos >= len(new):
-                new.extend([slice(None)] * (pos - len(new) + 1))
-            new[pos] = slice(a, b)
-    return tuple(new)
-
-
-def _local_getitem(graph: fx.Graph, node: fx.Node, ctx: Any) -> None:
-    src, index = node.args
-    node.args = (src, _local_index(index, src, ctx))
-
-
-def _local_setitem(graph: fx.Graph, node: fx.Node, ctx: Any) -> None:
-    dst, index, val = node.args
-    node.args = (dst, _local_index(index, dst, ctx), val)
 
 
 def index_view(p: Shard, index: Any, ndim: int) -> tuple[Shard | None, bool, str | None]:
@@ -135,7 +109,7 @@ def getitem(op: OpView) -> Decision | None:
     q, rewrite, why = index_view(p, index, len(shape(src)))
     if q is None:
         return regathered_slice(op, src, p, index) or replicate_all(op, why)
-    return Decision(q, rewrite=_local_getitem if rewrite else None)
+    return Decision(q, local=local_op("getitem_local") if rewrite else None)
 
 
 def regathered_slice(op: OpView, src: fx.Node, p: Shard, index: Any) -> Decision | None:
@@ -160,24 +134,10 @@ def regathered_slice(op: OpView, src: fx.Node, p: Shard, index: Any) -> Decision
             return None
         lo, hi = bounds
         if hi == lo:
-            return Decision(REPLICATE, rewrite=functools.partial(_slice_getitem, pos=pos, lo=0, hi=0, whole=False))
+            return Decision(REPLICATE, local=local_op("slice_chunk", pos=pos, lo=0, hi=0, whole=False))
         return Decision(Shard(out_dim, (hi - lo,), 1), {src: REPLICATE},
-                        rewrite=functools.partial(_slice_getitem, pos=pos, lo=lo, hi=hi, whole=True))
+                        local=local_op("slice_chunk", pos=pos, lo=lo, hi=hi, whole=True))
     return None
-
-
-def _slice_getitem(graph: fx.Graph, node: fx.Node, ctx: Any, pos: int, lo: int, hi: int, whole: bool) -> None:
-    # ``whole``: the source arrives gathered; take this rank's chunk of [lo, hi). Else an empty slice.
-    src, index = node.args
-    new = list(index if isinstance(index, tuple) else (index,))
-    if pos >= len(new):
-        new.extend([slice(None)] * (pos - len(new) + 1))
-    if whole:
-        a, b = chunk_bounds(hi - lo, ctx.n, ctx.rank)
-        new[pos] = slice(lo + a, lo + b)
-    else:
-        new[pos] = slice(0, 0)
-    node.args = (src, tuple(new))
 
 
 def setitem(op: OpView) -> Decision | None:
@@ -207,14 +167,7 @@ def setitem(op: OpView) -> Decision | None:
         needs.update(aligned)
     elif isinstance(val, fx.Node):
         return None
-    return Decision(None, needs, rewrite=_local_setitem if rewrite else None)
-
-
-def _local_narrow(graph: fx.Graph, node: fx.Node, ctx: Any) -> None:
-    src, dim, start, length = node.args[0], node.args[1], node.args[2], node.args[3]
-    p = ctx.pl(src)
-    a, b = local_range(p, ctx.n, ctx.rank, start, start + length)
-    node.args = (src, dim, a, b - a)
+    return Decision(None, needs, local=local_op("setitem_local") if rewrite else None)
 
 
 @on_first_shard
@@ -229,7 +182,7 @@ def narrow(op: OpView, src: fx.Node, p: Shard, others: dict) -> Decision | None:
     parts = split_segments(p, [start, start + length])
     if parts is None:
         return regathered_narrow(op, src, dim, start, length)
-    return Decision(parts[0], rewrite=_local_narrow)
+    return Decision(parts[0], local=local_op("narrow_local"))
 
 
 def regathered_narrow(op: OpView, src: fx.Node, dim: int, start: int, length: int) -> Decision:
@@ -237,14 +190,9 @@ def regathered_narrow(op: OpView, src: fx.Node, dim: int, start: int, length: in
     shard of the piece; an empty piece is replicated for free)."""
     start = start + shape(src)[dim] if start < 0 else start
     if length == 0:
-        return Decision(REPLICATE, rewrite=functools.partial(_chunk_narrow, start=0, length=0, whole=False))
+        return Decision(REPLICATE, local=local_op("narrow_chunk", start=0, length=0, whole=False))
     return Decision(Shard(dim, (length,), 1), {src: REPLICATE},
-                    rewrite=functools.partial(_chunk_narrow, start=start, length=length, whole=True))
-
-
-def _chunk_narrow(graph: fx.Graph, node: fx.Node, ctx: Any, start: int, length: int, whole: bool) -> None:
-    a, b = chunk_bounds(length, ctx.n, ctx.rank) if whole else (0, 0)
-    node.args = (node.args[0], node.args[1], start + a, b - a)
+                    local=local_op("narrow_chunk", start=start, length=length, whole=True))
 
 
 @on_first_shard

@@ -2,20 +2,19 @@
 
     sum(x: S(1), dim=-1)  -> S(1)
     sum(k: S(1), dim=1)   -> P         (an all-reduce is inserted only where R is needed)
-    mean(x: S(1), dim=1)  -> P         rewritten locally as sum(x) / global_count
+    mean(x: S(1), dim=1)  -> P         local op mean_as_sum: sum(x) / global_count
     amax(x: S(1), dim=1)  -> needs R
 """
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
 
-import torch
 import torch.fx as fx
 
 from ..graph import shape
 from ..placements import PARTIAL, Shard
-from .core import Decision, OpView, on_first_shard
+from .core import Decision, OpView, local_op, on_first_shard
 from .pointwise import pointwise
 
 
@@ -41,38 +40,12 @@ def _keepdim(op: OpView) -> bool:
     return bool(op.arg(index, "keepdim", False))
 
 
-def _mean_as_partial(graph: fx.Graph, node: fx.Node, ctx: Any) -> None:
-    # mean over the sharded dim = sum of (local sum / global count) over ranks.
-    src = node.args[0]
-    dims = _reduced_dims_of(node, len(shape(src)))
-    count = 1
-    for d in dims:
-        count *= shape(src)[d]
-    kwargs = dict(node.kwargs)
-    with graph.inserting_before(node):
-        summed = graph.call_method("sum", (src, tuple(dims)), {"keepdim": _keepdim_of(node), **(
-            {"dtype": kwargs["dtype"]} if "dtype" in kwargs else {})})
-    node.op, node.target = "call_function", torch.div
-    node.args, node.kwargs = (summed, count), {}
-
-
-def _reduced_dims_of(node: fx.Node, ndim: int) -> list[int]:
-    dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
-    if dim is None:
-        return list(range(ndim))
-    return [dim % ndim] if isinstance(dim, int) else [d % ndim for d in dim]
-
-
-def _keepdim_of(node: fx.Node) -> bool:
-    return bool(node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False))
-
-
 def reduction(op: OpView) -> Decision | None:
     if isinstance(op.arg(1, "other"), fx.Node):  # torch.max(a, b) is elementwise
         return pointwise(op)
     d = _reduction(op)
     if d is not None and isinstance(op.out_value, tuple):  # (values, indices)
-        d.out = (d.out, d.out)
+        d = dataclasses.replace(d, out=(d.out, d.out))
     return d
 
 
@@ -88,7 +61,7 @@ def _reduction(op: OpView, x: fx.Node, p: Shard, others: dict) -> Decision | Non
     if op.name == "sum":
         return Decision(PARTIAL)
     if op.name == "mean":
-        return Decision(PARTIAL, rewrite=_mean_as_partial)
+        return Decision(PARTIAL, local=local_op("mean_as_sum"))
     return None
 
 

@@ -6,7 +6,7 @@ just grows ``s`` times (``inner * s``), uneven and multi-segment shards included
 
     interpolate(x: S(2)[B, C, H, W], scale_factor=2, mode="nearest") -> S(2)[B, C, 2H, 2W]
         (written S(2:Hx2) when the split is uneven, S(2) otherwise)
-    interpolate(x: S(2), size=(2H, 2W))      -> S(2)        size rewritten to the local rows
+    interpolate(x: S(2), size=(2H, 2W))      -> S(2)        local op: size of the local rows
     interpolate(x: S(0) or S(1), ...)        -> same        batch / channels untouched
     bilinear, bicubic, non-integer factors   -> needs R     (they would need halos)
 """
@@ -18,8 +18,8 @@ from typing import Any
 import torch.fx as fx
 
 from ..graph import shape
-from ..placements import Shard, local_shape
-from .core import Decision, OpView, on_first_shard, regroup, replicate_all
+from ..placements import Shard
+from .core import Decision, OpView, local_op, on_first_shard, regroup, replicate_all
 
 INTERPOLATE = ["interpolate", "upsample", "upsample_nearest"]
 ATEN_NEAREST = ["upsample_nearest1d", "upsample_nearest2d", "upsample_nearest3d",
@@ -29,19 +29,6 @@ _NEAREST_MODES = ("nearest", "nearest-exact")
 
 def _size_index(op: OpView) -> tuple[int, str]:
     return (1, "output_size") if op.name in ATEN_NEAREST else (1, "size")
-
-
-def _local_size(graph: fx.Graph, node: fx.Node, ctx: Any) -> None:
-    """Replace an explicit output size by this rank's local output size."""
-    index, name = (1, "output_size") if "output_size" in node.kwargs else (1, "size")
-    local = local_shape(shape(node), ctx.pl(node), ctx.n, ctx.rank)[2:]
-    size = tuple(int(s) for s in local)
-    if name in node.kwargs:
-        node.kwargs = {**node.kwargs, name: size}
-    else:
-        args = list(node.args)
-        args[index] = size
-        node.args = tuple(args)
 
 
 def _scale_factors(raw: Any, spatial: int) -> tuple[float, ...] | None:
@@ -72,7 +59,7 @@ def upsample(op: OpView, x: fx.Node, p: Shard, others: dict) -> Decision | None:
     out = regroup(out, 1, op.n) or out
     index, name = _size_index(op)
     explicit = op.arg(index, name) is not None
-    return Decision(out, rewrite=_local_size if explicit else None)
+    return Decision(out, local=local_op("interpolate_local_size") if explicit else None)
 
 
 TABLE = [

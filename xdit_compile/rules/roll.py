@@ -1,8 +1,8 @@
 """``torch.roll`` over a sharded tensor: local on other dims, a neighbour exchange on the sharded one.
 
-Roll is separable (``roll(x, (a, b), (d, e)) == roll(roll(x, a, d), b, e)``), so the rewrite
-rolls the unsharded dims locally and replaces the roll of the sharded dim by
-``runtime.halo.roll_exchange``, which sends each rank the rows that leave its neighbours' shards
+Roll is separable (``roll(x, (a, b), (d, e)) == roll(roll(x, a, d), b, e)``), so the local op
+``roll_exchange`` (``passes/local_ops/roll.py``) rolls the unsharded dims locally and replaces
+the roll of the sharded dim by ``runtime.halo.roll_exchange``, which sends each rank the rows that leave its neighbours' shards
 (``shift`` rows per rank when the shift is smaller than a shard):
 
     roll(x: S(1)[B, H, W, C], (-2, -2), (1, 2))  -> S(1)   local roll of W, exchange of 2 rows of H
@@ -16,15 +16,12 @@ The shard keeps its placement (any single-segment shard, uneven and ``inner``-un
 
 from __future__ import annotations
 
-from typing import Any
-
-import torch
 import torch.fx as fx
 
 from ..graph import shape, value
 from ..placements import REPLICATE, Replicate, Shard, local_sizes
 from ..runtime import halo
-from .core import Decision, OpView, on_first_shard, replicate_all
+from .core import Comm, Decision, OpView, local_op, on_first_shard, replicate_all
 
 
 def _shifts_by_dim(op: OpView, ndim: int) -> dict[int, int] | None:
@@ -40,27 +37,6 @@ def _shifts_by_dim(op: OpView, ndim: int) -> dict[int, int] | None:
     for s, d in zip(shifts, dims):
         out[d % ndim] = out.get(d % ndim, 0) + s
     return out
-
-
-def _exchange_rewrite(dim: int, shift: int, sizes: list[int], others: dict[int, int]) -> Any:
-    """The rewrite: roll the other dims locally, then exchange rows of the sharded ``dim``."""
-
-    def rewrite(graph: fx.Graph, node: fx.Node, ctx: Any) -> None:
-        x = node.args[0]
-        if others:
-            with graph.inserting_before(node):
-                x = graph.call_function(torch.roll, (x, tuple(others.values()), tuple(others)))
-        if shift % sum(sizes) == 0:
-            node.op, node.target, node.args, node.kwargs = "call_function", torch.clone, (x,), {}
-            return
-        v = value(node.args[0])
-        plan = halo.roll_plan(sizes, shift)
-        moved = sum(length for src, _, length in plan[ctx.rank] if src != ctx.rank)
-        ctx.record("roll exchange", node, v.numel() // max(v.shape[dim], 1) * moved * v.element_size())
-        node.op, node.target = "call_function", halo.roll_exchange
-        node.args, node.kwargs = (x, dim, shift, tuple(sizes), ctx.axis.group), {}
-
-    return rewrite
 
 
 @on_first_shard
@@ -79,8 +55,9 @@ def roll(op: OpView, x: fx.Node, p: Shard, others: dict) -> Decision | None:
     moved = max(sum(length for src, _, length in plan[r] if src != r) for r in range(op.n))
     v = value(x)
     row_bytes = v.numel() // max(p.length, 1) * v.element_size()
-    return Decision(p, others, rewrite=_exchange_rewrite(p.dim, shift, sizes, by_dim),
-                    collectives=1 if moved else 0, comm_bytes=float(moved * row_bytes))
+    # ``others``: the shifts of the unsharded dims as (dim, shift) pairs, rolled locally first.
+    exchange = local_op("roll_exchange", dim=p.dim, shift=shift, sizes=tuple(sizes), others=tuple(by_dim.items()))
+    return Decision(p, others, local=exchange, comm=Comm(1 if moved else 0, float(moved * row_bytes)))
 
 
 def roll_exchange_rule(op: OpView) -> Decision | None:

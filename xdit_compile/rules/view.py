@@ -8,19 +8,19 @@ handled by one rule that groups input and output dims with equal products:
     [B, S, D] --view--> [B*S, D]              S(1) -> S(0:S+S)        (one segment per batch)
     [B*S, D] --view--> [B, S, D]              S(0:S+S) -> S(1)
 
-The rewrite replaces the op by ``reshape`` to this rank's local shape.
+The local op ``reshape_local`` (``passes/local_ops/view.py``) replaces the op by ``reshape`` to
+this rank's local shape.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch.fx as fx
 
 from ..graph import shape
-from ..placements import REPLICATE, Replicate, Shard, local_shape
-from .core import Decision, OpView, on_first_shard, regroup
+from ..placements import REPLICATE, Replicate, Shard
+from .core import Decision, OpView, local_op, on_first_shard, regroup
 
 RESHAPES = ["view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as", "reshape_as",
             "_unsafe_view"]
@@ -90,13 +90,6 @@ def reshape_placement(p: Shard, a: tuple[int, ...], b: tuple[int, ...], n: int) 
     return None
 
 
-def _local_reshape(graph: fx.Graph, node: fx.Node, ctx: Any) -> None:
-    src = node.args[0]
-    node.op, node.target = "call_method", "reshape"
-    node.args = (src, tuple(int(s) for s in local_shape(shape(node), ctx.pl(node), ctx.n, ctx.rank)))
-    node.kwargs = {}
-
-
 def reshape_rule(op: OpView) -> Decision | None:
     src = op.node.args[0]
     p = op.pl(src)
@@ -104,14 +97,14 @@ def reshape_rule(op: OpView) -> Decision | None:
         other = op.node.args[1] if op.name in ("view_as", "reshape_as") and len(op.node.args) > 1 else None
         if isinstance(other, fx.Node) and not isinstance(op.pl(other), Replicate):
             # view_as(other) would read the local shape of a sharded other: spell the shape out.
-            return Decision(REPLICATE, rewrite=_local_reshape)
+            return Decision(REPLICATE, local=local_op("reshape_local"))
         return Decision(REPLICATE)
     if not isinstance(p, Shard):
         return None
     out = reshape_placement(p, shape(src), tuple(op.out_value.shape), op.n)
     if out is None:
         return None
-    return Decision(out, rewrite=_local_reshape)
+    return Decision(out, local=local_op("reshape_local"))
 
 
 def _permutation(op: OpView) -> list[int]:
@@ -147,19 +140,12 @@ def permute_rule(op: OpView, src: fx.Node, p: Shard, others: dict) -> Decision |
     return Decision(p.with_dim(_permutation(op).index(p.dim)))
 
 
-def _local_expand(graph: fx.Graph, node: fx.Node, ctx: Any) -> None:
-    src = node.args[0]
-    node.op, node.target = "call_method", "expand"
-    node.args = (src, tuple(int(s) for s in local_shape(shape(node), ctx.pl(node), ctx.n, ctx.rank)))
-    node.kwargs = {}
-
-
 @on_first_shard
 def expand_rule(op: OpView, src: fx.Node, p: Shard, needs: dict) -> Decision | None:
     out = p.with_dim(p.dim + op.out_ndim - len(shape(src)))
     if op.out_value.shape[out.dim] != p.length:  # a size-1 sharded dim broadcast to many
         return None
-    return Decision(out, needs, rewrite=_local_expand)
+    return Decision(out, needs, local=local_op("expand_local"))
 
 
 @on_first_shard

@@ -40,7 +40,8 @@ import torch.fx as fx
 from ..errors import CollectiveTimeoutError, PlanError, RankMismatchError
 from ..facts import graph_facts
 from ..graph import input_label, is_user_input
-from ..plan import MESH_AXES, ParallelPlan
+from ..axes import mesh_dim_names
+from ..plan import ParallelPlan
 
 _SEQ = itertools.count()  # agreement rounds of this process; every rank counts the same ones
 _PREFIX = "xdit/agree"
@@ -272,7 +273,7 @@ def _differences(who: str, ref_who: str, fp: Fingerprint, ref: Fingerprint) -> l
         if fp.describe != ref.describe:
             out.append(f"{who} {has} plan {fp.describe} but {ref_who} has {ref.describe} "
                        f"(options {fp.options} vs {ref.options})")
-        others = [f for f in fp.plan if f not in MESH_AXES and fp.plan[f] != ref.plan.get(f)]
+        others = [f for f in fp.plan if f not in mesh_dim_names() and fp.plan[f] != ref.plan.get(f)]
         out += [f"{who} {has} {f}={fp.plan[f]} but {ref_who} has {f}={ref.plan.get(f)}" for f in others]
     shapes = len(out)
     mine, theirs = {i[0]: i[1:] for i in fp.inputs}, {i[0]: i[1:] for i in ref.inputs}

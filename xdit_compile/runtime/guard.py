@@ -146,12 +146,12 @@ def _mixer(counts: list[int], device: torch.device) -> torch.Tensor:
     Equal inputs give equal checksums on every rank; the weighted one tells apart inputs whose
     rows were swapped (the CFG halves), which the plain sum cannot.
     """
-    mix = torch.zeros(2 * len(counts), sum(counts), dtype=torch.float64)
+    mix = torch.zeros(2 * len(counts), sum(counts), dtype=torch.float64, device=device)
     start = 0
     for k, n in enumerate(counts):
         mix[2 * k, start:start + n] = 1
-        mix[2 * k + 1, start:start + n] = torch.arange(1, n + 1, dtype=torch.float64)
+        mix[2 * k + 1, start:start + n] = torch.arange(1, n + 1, dtype=torch.float64, device=device)
         start += n
-    return mix.to(device)
+    return mix
 
 

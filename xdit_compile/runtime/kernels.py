@@ -115,6 +115,13 @@ def _flash_attn_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     return out.transpose(1, 2), lse
 
 
+def _cuda_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                scale: float) -> Block:
+    """SDPA's CUDA flash backend (unmasked fp16/bf16, equal head counts), which returns the LSE [B, H, Sq]."""
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False, scale=scale)[:2]
+    return out, lse.float()
+
+
 def _cuda_efficient(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                     scale: float) -> Block:
     out, lse, _, _ = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, scale=scale)
@@ -128,6 +135,9 @@ KERNELS: tuple[Kernel, ...] = (
         torch.float32, torch.float64, torch.bfloat16, torch.float16), _cpu_flash_attention),
     Kernel("flash_attn", lambda q, k, v, m: _FLASH_ATTN_FUNC is not None and q.device.type == "cuda" and m is None
            and _same_head_dim(q, k, v) and q.dtype in (torch.float16, torch.bfloat16), _flash_attn_cuda),
+    Kernel("cuda_flash", lambda q, k, v, m: q.device.type == "cuda" and m is None and q.size(1) == k.size(1)
+           and _same_head_dim(q, k, v) and q.size(-1) <= 256 and q.size(-1) % 8 == 0
+           and q.dtype in (torch.float16, torch.bfloat16), _cuda_flash),
     Kernel("cuda_efficient", lambda q, k, v, m: q.device.type == "cuda" and m is None and q.size(1) == k.size(1),
            _cuda_efficient),
     Kernel("math", lambda q, k, v, m: True, _math_attention),

@@ -11,7 +11,7 @@ from .base import AttentionCall, AttentionRecord, Site, Strategy
 
 class Local(Strategy):
     name = "local"
-    auto = False  # chosen by the attention rule (``Decision.attention == "local"``), not by ``lower``
+    auto = False  # chosen by the attention rule (``Decision.attention is AttentionRole.LOCAL``), not by ``lower``
 
     def why_not(self, site: Site) -> str | None:
         return "the tokens are sharded: every query needs every rank's keys"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 from typing import Iterator
 
+from ..axes import SEQUENCE, axis_names, axis_spec
 from ..axis import Axis
 from ..errors import PassError
 from .base import Cost, Site, Strategy
@@ -43,10 +44,13 @@ def get(name: str) -> Strategy:
 def choose(site: Site) -> tuple[Strategy, tuple[tuple[str, str], ...]]:
     """The first automatic strategy that applies to ``site``, and (name, why not) of those before it."""
     rejected: list[tuple[str, str]] = []
+    # A registered axis names its strategies (axes.py); PipeFusion's patch axis is not registered.
+    allowed = axis_spec(site.axis.name).strategies if site.axis.name in axis_names() else None
     for s in STRATEGIES:
         if not s.auto:
             continue
-        reason = s.why_not(site)
+        reason = (f"not used on the {site.axis.name} axis (its AxisSpec.strategies: {list(allowed)})"
+                  if allowed is not None and s.name not in allowed else s.why_not(site))
         if reason is None:
             return s, tuple(rejected)
         rejected.append((s.name, reason))
@@ -56,7 +60,7 @@ def choose(site: Site) -> tuple[Strategy, tuple[tuple[str, str], ...]]:
 
 def planning_cost(node: str, q_bytes: float, k_bytes: float, n: int) -> Cost:
     """What the plan search charges one sequence-sharded attention on an axis of ``n`` ranks."""
-    site = Site(node, Axis("sp", n, 0, "", ulysses=n), 1, 1, q_bytes, k_bytes)
+    site = Site(node, Axis(SEQUENCE, n, 0, "", ulysses=n), 1, 1, q_bytes, k_bytes)
     return get(PLANNING).cost(site)
 
 

@@ -18,7 +18,7 @@ class Ring(Strategy):
 
     def why(self, site: Site) -> str:
         ax = site.axis
-        if ax.name != "sp":
+        if ax.ring == 1 and ax.ulysses == 1:  # an axis with no sequence sub-groups (batch, patches)
             return f"tokens sharded on the {ax.name} axis: ring over it"
         if ax.ulysses > 1 and not site.heads_divide_ulysses:
             return f"{site.heads_text()}: ring attention over all {ax.n} sequence ranks instead"

@@ -18,8 +18,8 @@ class Ulysses(Strategy):
 
     def why_not(self, site: Site) -> str | None:
         ax = site.axis
-        if ax.name != "sp":
-            return f"tokens sharded on the {ax.name} axis, which splits no heads"
+        if ax.ulysses <= 1:
+            return f"the {ax.name} axis has no Ulysses ranks to split heads over"
         if ax.ring > 1:
             return f"ring={ax.ring}: K/V must also travel around the ring"
         if not site.heads_divide_ulysses:

@@ -20,8 +20,6 @@ class Usp(Strategy):
 
     def why_not(self, site: Site) -> str | None:
         ax = site.axis
-        if ax.name != "sp":
-            return f"tokens sharded on the {ax.name} axis, which splits no heads"
         if ax.ulysses == 1 or ax.ring == 1:
             return f"needs ulysses > 1 and ring > 1 (ulysses={ax.ulysses}, ring={ax.ring})"
         if not site.heads_divide_ulysses:

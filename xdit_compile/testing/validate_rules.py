@@ -41,6 +41,7 @@ from typing import Any, Callable, Iterable
 import torch
 import torch.fx as fx
 
+from ..axes import SEQUENCE
 from ..axis import Axis
 from ..graph import op_name
 from ..placements import PARTIAL, REPLICATE, Partial, Placement, Replicate, Shard, fmt
@@ -380,8 +381,8 @@ def _rank_inputs(sample: Sample, combo: tuple[Placement, ...], n: int, seed: int
 
 def _axis(sample: Sample, n: int, rank: int, group: str) -> Axis:
     if sample.attention == "ring":
-        return Axis("sp", n, rank, group, ulysses=1, ring=n)
-    return Axis("sp", n, rank, group, ulysses=n, ring=1)
+        return Axis(SEQUENCE, n, rank, group, ulysses=1, ring=n)
+    return Axis(SEQUENCE, n, rank, group, ulysses=n, ring=1)
 
 
 # Full results of samples whose inputs are their own (no Partial summing to something else).
