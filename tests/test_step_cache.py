@@ -169,6 +169,15 @@ def _wan() -> tuple[torch.nn.Module, dict[str, Any]]:
     return tiny_dits_more.make_more("wan")
 
 
+def test_threshold_zero_equals_uncached_on_one_rank() -> None:
+    """No process group: the three part programs chained give the uncached program's output bit for bit."""
+    for name in NAMES:
+        plain = _run(name, {"inner": "eager"})
+        cached = _run(name, {"use_fbcache": True, "inner": "eager"})
+        assert cached["decisions"] and len(cached["decisions"][0]) == STEPS, (name, cached["reports"])
+        assert torch.equal(cached["img"], plain["img"]), name
+
+
 def test_skipped_step_runs_only_the_first_block() -> None:
     from xdit_compile.testing.parity import _flops
 
