@@ -34,6 +34,8 @@ import torch.distributed as dist
 import torch.fx as fx
 
 from . import axes as axes_mod
+from . import plan as plan_mod
+from .cache import build as step_cache
 from .runtime.guard import checked
 from .axis import Axis
 from .branches import splits_calls, state_writes, stream_inputs, wrap_calls
@@ -265,6 +267,10 @@ def xdit_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: dic
                 f"xdit plan {plan.describe()} needs a torch.distributed process group: launch with "
                 "torchrun and call torch.distributed.init_process_group() before compiling"
             )
+        if step_cache.method(plan):  # one process: the cache needs no collective
+            report = PlanReport(f"graph {len(reports())}", plan.describe(), 0, 1, len(gm.graph.nodes))
+            publish(report)
+            return step_cache.build(plan, gm, example_inputs, report, _cached_cut(gm, plan, example_inputs), _inner)
         return _inner(plan, gm, example_inputs)
     world, rank = dist.get_world_size(), dist.get_rank()
     if world > 1 and symbolic_inputs(gm):  # a new shape under dynamic=None: one static program per shape
@@ -288,6 +294,8 @@ def xdit_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: dic
         log.warning("xdit: graph breaks: %s", graph_break_text(report.graph_breaks))
     if world == 1:
         publish(report)
+        if step_cache.method(plan):
+            return step_cache.build(plan, gm, example_inputs, report, _cached_cut(gm, plan, example_inputs), _inner)
         return _inner(plan, gm, example_inputs)
     if plan.degree("pp") > 1:
         # The batch axis (dp x cfg) first, so each batch group pipelines its own share; then
@@ -329,6 +337,7 @@ def _per_rank(gm: fx.GraphModule, example_inputs: Sequence[Any], plan: ParallelP
         # The next axis reads fresh shapes; eager execution of the last one needs none.
         passes += _axis_passes(axis, refresh=not (i == len(state.axes) - 1 and plan.inner == "eager"))
     passes += [Pass("unsettle_writes", _unsettle, requires=("settled",)), Pass("strip_marks", _strip_marks)]
+    cut = _cached_cut(gm, plan, example_inputs) if step_cache.method(plan) else None  # marks survive the lowering
     original = _copy(gm)
     try:
         run_passes(gm, state, passes)
@@ -348,12 +357,32 @@ def _per_rank(gm: fx.GraphModule, example_inputs: Sequence[Any], plan: ParallelP
         report.fallback = f"internal error, ran replicated: {e}"
         report.axes.clear()
         log.warning("xdit: %s; this graph runs replicated on every rank (set XDIT_STRICT=1 to raise)", e)
+    if isinstance(cut, str):
+        step_cache.not_cached(plan, report, cut)
+    elif cut is not None:
+        # Every rank decides alike; with the cfg groups taking separate calls (``skip``), each group runs
+        # its own branch and decides over its own sequence ranks only.
+        group = plan_mod.world_group(plan) if not skip else plan_mod.process_groups(plan).get(axes_mod.SEQUENCE)
+        program = step_cache.build(plan, gm, example_inputs, report, cut, _inner, group,
+                                   lowered=report.fallback is None)
+        publish(report)
+        if current().settings.keeps_graphs():
+            current().graphs.append((report, gm, list(example_inputs)))
+        return program
     publish(report)
     if current().settings.keeps_graphs():
         current().graphs.append((report, gm, list(example_inputs)))
     if not any(ax.collectives for ax in report.axes):
         return _inner(plan, gm, example_inputs)  # nothing moves between ranks: autograd through it is exact
     return _guarded(plan, example_inputs, lambda: _inner(plan, gm, example_inputs), gm)
+
+
+def _cached_cut(gm: fx.GraphModule, plan: ParallelPlan, example_inputs: Sequence[Any]) -> Any:
+    """The step cache's cut of ``gm`` (stamped on its nodes), or why it has none (``cache/``)."""
+    if needs_guard(example_inputs):
+        return ("traced for autograd (an input requires grad): step caching is for inference; call the model "
+                "under torch.no_grad()")
+    return step_cache.mark(gm, plan)
 
 
 def compiled_graphs() -> list[tuple[PlanReport, fx.GraphModule, list[Any]]]:

@@ -18,13 +18,17 @@ import torch
 import torch.distributed as dist
 
 from . import axes
+from .cache.options import check_cache_options
 from .context import current
 from .errors import PlanError
 
 INNER_COMPILERS = ("inductor", "eager")
 
 # xDiT's flag names, so that its users can reuse their launch scripts.
-_SETTINGS = {name: name for name in ("num_pipeline_patch", "warmup_steps", "inner", "timeout", "check_inputs")}
+_SETTINGS = {name: name for name in ("num_pipeline_patch", "warmup_steps", "inner", "timeout", "check_inputs",
+                                     # step caching (``cache/``; validated by ``cache/options.py``)
+                                     "use_fbcache", "use_teacache", "cache_threshold", "cache_first_steps",
+                                     "cache_last_steps", "cache_num_steps", "teacache_coefficients")}
 
 
 def _option_to_field() -> dict[str, str]:
@@ -53,6 +57,8 @@ class ParallelPlan:
             raises; ``None`` keeps the default group's timeout (``init_process_group(timeout=)``).
         check_inputs: per call, check with one tiny collective that every rank got the same
             inputs (``runtime/agreement.py``); ``False`` skips it.
+        use_fbcache / use_teacache / cache_threshold / cache_first_steps / cache_last_steps /
+            cache_num_steps / teacache_coefficients: step caching (``cache/``, docs/step_cache.md).
     """
 
     dp: int | None = None
@@ -65,6 +71,13 @@ class ParallelPlan:
     inner: str = "inductor"
     timeout: float | None = None
     check_inputs: bool = True
+    use_fbcache: bool = False
+    use_teacache: bool = False
+    cache_threshold: float = 0.0
+    cache_first_steps: int = 1
+    cache_last_steps: int = 0
+    cache_num_steps: int | None = None
+    teacache_coefficients: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         # bool is an int subclass: True would pass as degree 1, so it is refused by name.
@@ -82,6 +95,7 @@ class ParallelPlan:
         if not isinstance(self.check_inputs, bool):
             raise PlanError(f"option check_inputs={self.check_inputs!r} ({type(self.check_inputs).__name__}) is not "
                             "accepted: use True or False")
+        check_cache_options(self)
 
     @property
     def timeout_delta(self) -> timedelta | None:
@@ -117,6 +131,8 @@ class ParallelPlan:
         for key in list(options):
             if key in _option_to_field():
                 kwargs[_option_to_field()[key]] = options.pop(key)
+        if isinstance(kwargs.get("teacache_coefficients"), list):  # a frozen plan keeps a tuple
+            kwargs["teacache_coefficients"] = tuple(kwargs["teacache_coefficients"])
         if options:
             known = sorted([*_option_to_field(), "use_cfg_parallel", "plan"])
             raise PlanError(f"unknown xdit option(s) {sorted(options)}; known options: {known}")

@@ -43,6 +43,7 @@ class PlanReport:
     pass_seconds: dict[str, float] = field(default_factory=dict)
     graph_breaks: dict[str, int] = field(default_factory=dict)  # Dynamo's graph breaks so far: reason -> count
     calls: Any = None  # branches.CallsReport when the cfg groups take the branches from separate calls (live)
+    step_cache: Any = None  # cache.StepCacheReport (cut, options, generations) or a note why not cached
 
     def __str__(self) -> str:
         lines = [f"xdit plan for {self.graph} (rank {self.rank}/{self.world_size}, {self.nodes} nodes): {self.plan}"]
@@ -70,6 +71,8 @@ class PlanReport:
                 lines.append(f"      {kind} at {node}: {b} bytes")
         if self.calls is not None:
             lines.append(str(self.calls))
+        if self.step_cache is not None:
+            lines.extend("  " + line for line in str(self.step_cache).splitlines())
         if self.pass_seconds:
             lines.append("  pass time: " + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in self.pass_seconds.items()))
         return "\n".join(lines)
