@@ -43,7 +43,8 @@ class Part:
     def example_inputs(self, args: list[Any]) -> list[Any]:
         """The caller's inputs and zeros shaped like the received values (to compile the program)."""
         phs = [n for n in self.gm.graph.nodes if n.op == "placeholder"][len(self.inputs):]
-        return [args[i] for i in self.inputs] + [torch.zeros(value(p).shape, dtype=value(p).dtype, device=value(p).device) for p in phs]
+        return [args[i] for i in self.inputs] + [
+            torch.zeros(value(p).shape, dtype=value(p).dtype, device=value(p).device) for p in phs]
 
 
 def part_of(node: fx.Node) -> int | None:
