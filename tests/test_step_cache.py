@@ -45,6 +45,10 @@ FB.update(wan_pipe=0.1, flux_cfg=0.4)
 CFG = {"use_cfg_parallel": True, "inner": "eager"}
 # (case, model, options) run in the 2-rank spawn besides NAMES under Ulysses 2.
 CASES_2 = [("wan_pipe", "wan_pipe", ULYSSES), ("wan_pipe_cfg", "wan_pipe", CFG), ("flux_cfg_cfg", "flux_cfg", CFG)]
+# Besides PixArt-Sigma, in the 4-rank spawn (CFG 2 x Ulysses 2): the Wan pipeline across calls, and SD3 (batched
+# CFG) and Flux (no CFG: batch 1, one call per step) at threshold 0 only.
+CASES_4 = [("wan_pipe_cfg", "wan_pipe", CFG_ULYSSES), ("sd3", "sd3", CFG_ULYSSES, False),
+           ("flux", "flux", CFG_ULYSSES, False)]
 
 
 def _decisions() -> list[list[tuple[int, int, bool, float | None]]]:
@@ -97,14 +101,16 @@ def _run(name: str, options: dict[str, Any] | None) -> dict[str, Any]:
 
 
 def cache_job(names: list[str], base: dict[str, Any], tea: bool = True,
-              cases: list[tuple[str, str, dict[str, Any]]] = ()) -> dict[str, Any]:
+              cases: list[tuple] = ()) -> dict[str, Any]:
     """On every rank: per model, the uncached, threshold-0 and skipping runs (FBCache, TeaCache);
-    then each (case, model, options) of ``cases`` the same way (FBCache only)."""
+    then each (case, model, options[, skipping]) of ``cases`` the same way (FBCache only; without the
+    skipping run when ``skipping`` is False)."""
     out: dict[str, Any] = {}
-    for case, name, options in [(n, n, base) for n in names] + list(cases):
+    for case, name, options, *skipping in [(n, n, base) for n in names] + list(cases):
         runs = {"uncached": _run(name, options),
-                "fb0": _run(name, {**options, "use_fbcache": True}),
-                "fb": _run(name, {**options, "use_fbcache": True, "cache_threshold": FB[name]})}
+                "fb0": _run(name, {**options, "use_fbcache": True})}
+        if not skipping or skipping[0]:
+            runs["fb"] = _run(name, {**options, "use_fbcache": True, "cache_threshold": FB[name]})
         if tea and name in TEA and case == name:
             runs["tea"] = _run(name, {**options, "use_teacache": True, "cache_threshold": TEA[name]})
         out[case] = runs
@@ -125,7 +131,7 @@ def _results() -> list[dict[str, Any]]:
 def _cfg_results() -> list[dict[str, Any]]:
     """PixArt-Sigma (batched CFG) under CFG 2 x Ulysses 2 on 4 ranks: the one 4-rank case."""
     if not _cfg_cache:
-        _cfg_cache.extend(run_spmd(cache_job, 4, ["pixart"], CFG_ULYSSES, False, timeout=900,
+        _cfg_cache.extend(run_spmd(cache_job, 4, ["pixart"], CFG_ULYSSES, False, CASES_4, timeout=900,
                                    env={"XDIT_STRICT": "1"}))
     return _cfg_cache
 
@@ -210,6 +216,32 @@ def test_cfg_across_calls_keeps_a_cache_per_branch(case: str, name: str) -> None
     skipped = [(d[0], d[1]) for d in single if not d[2]]
     err = float((ref - plain).abs().max()) / float(plain.abs().max())
     print(f"\n{case}: skipped (step, branch) {skipped} of {len(single)} calls; error vs uncached {err:.3g} of scale")
+
+
+@pytest.mark.parametrize("case", [c[0] for c in CASES_4])
+def test_cfg_ulysses_four_ranks_threshold_zero_is_exact(case: str) -> None:
+    for rank, res in enumerate(_cfg_results()):
+        runs = res[case]
+        assert runs["fb0"]["decisions"], f"{case} rank {rank}: not step-cached\n" + "\n".join(runs["fb0"]["reports"])
+        assert torch.equal(runs["fb0"]["img"], runs["uncached"]["img"]), f"{case} rank {rank}"
+
+
+def test_cfg_ulysses_across_calls_keeps_a_cache_per_branch() -> None:
+    """The Wan pipeline (one call per branch) on CFG 2 x Ulysses 2: the two ranks of a cfg group decide
+    alike (their sums all-reduced), each group for its own branch, as one rank would for that branch."""
+    one = [d for g in _single("wan_pipe")["fb"]["decisions"] for d in g]
+    ref = _single("wan_pipe")["fb"]["img"]
+    by_branch: dict[int, list] = {}
+    for rank, res in enumerate(_cfg_results()):
+        calls = [d for g in res["wan_pipe_cfg"]["fb"]["decisions"] for d in g]
+        branch = calls[2][1]
+        by_branch.setdefault(branch, []).append(calls)
+        assert [d[:3] for d in calls[2:]] == [d[:3] for d in one if d[1] == branch and d[0] > 0], (rank, calls, one)
+        img = res["wan_pipe_cfg"]["fb"]["img"]
+        err = float((img - ref).abs().max()) / float(ref.abs().max())
+        print(f"\nwan_pipe CFG 2 x Ulysses 2 rank {rank} (branch {branch}): {err:.3g} of scale from one rank's cached image")
+        assert err < 1e-4, (rank, err)
+    assert sorted(by_branch) == [0, 1] and all(len(v) == 2 and v[0] == v[1] for v in by_branch.values())
 
 
 def test_report_names_cut_and_options() -> None:
