@@ -37,6 +37,18 @@ STEPS = 8
 FB = {"pixart": 0.15, "sd3": 0.4, "flux": 0.5, "wan": 0.12}
 TEA = {"flux": 0.15, "wan": 0.15}
 NAMES = ["pixart", "sd3", "flux", "wan"]
+# Real diffusers pipelines calling the transformer once per guidance branch (examples/tiny_cfg_pipelines.py):
+# WanPipeline with a negative prompt, FluxPipeline with true CFG. Their skipping thresholds (one rank,
+# measured): Wan 0.1 skips steps 1, 2, 6 in both branches; Flux 0.4 skips different steps per branch.
+CALL_PIPELINES = {"wan_pipe": "wan", "flux_cfg": "flux"}
+FB.update(wan_pipe=0.1, flux_cfg=0.4)
+CFG = {"use_cfg_parallel": True, "inner": "eager"}
+# (case, model, options) run in the 2-rank spawn besides NAMES under Ulysses 2.
+CASES_2 = [("wan_pipe", "wan_pipe", ULYSSES), ("wan_pipe_cfg", "wan_pipe", CFG), ("flux_cfg_cfg", "flux_cfg", CFG)]
+# Besides PixArt-Sigma, in the 4-rank spawn (CFG 2 x Ulysses 2): the Wan pipeline across calls, and SD3 (batched
+# CFG) and Flux (no CFG: batch 1, one call per step) at threshold 0 only.
+CASES_4 = [("wan_pipe_cfg", "wan_pipe", CFG_ULYSSES), ("sd3", "sd3", CFG_ULYSSES, False),
+           ("flux", "flux", CFG_ULYSSES, False)]
 
 
 def _decisions() -> list[list[tuple[int, int, bool, float | None]]]:
@@ -68,7 +80,14 @@ def _run(name: str, options: dict[str, Any] | None) -> dict[str, Any]:
 
     torch._dynamo.reset()
     xdit_compile.clear_reports()
-    if name == "wan":
+    if name in CALL_PIPELINES:  # one transformer call per guidance branch (negative prompt / true CFG)
+        import tiny_cfg_pipelines
+
+        pipe = tiny_cfg_pipelines.build(CALL_PIPELINES[name])
+        if options is not None:
+            pipe.transformer = torch.compile(pipe.transformer, backend="xdit", options=dict(options))
+        img = tiny_cfg_pipelines.generate(pipe, CALL_PIPELINES[name], steps=STEPS)
+    elif name == "wan":
         model, kwargs = tiny_dits_more.make_more("wan")
         fn = model if options is None else torch.compile(model, backend="xdit", options=dict(options))
         img = _wan_loop(fn, kwargs)
@@ -81,16 +100,20 @@ def _run(name: str, options: dict[str, Any] | None) -> dict[str, Any]:
     return {"img": img, "decisions": _decisions(), "reports": reports}
 
 
-def cache_job(names: list[str], base: dict[str, Any], tea: bool = True) -> dict[str, Any]:
-    """On every rank: per model, the uncached, threshold-0 and skipping runs (FBCache, TeaCache)."""
+def cache_job(names: list[str], base: dict[str, Any], tea: bool = True,
+              cases: list[tuple] = ()) -> dict[str, Any]:
+    """On every rank: per model, the uncached, threshold-0 and skipping runs (FBCache, TeaCache);
+    then each (case, model, options[, skipping]) of ``cases`` the same way (FBCache only; without the
+    skipping run when ``skipping`` is False)."""
     out: dict[str, Any] = {}
-    for name in names:
-        runs = {"uncached": _run(name, base),
-                "fb0": _run(name, {**base, "use_fbcache": True}),
-                "fb": _run(name, {**base, "use_fbcache": True, "cache_threshold": FB[name]})}
-        if tea and name in TEA:
-            runs["tea"] = _run(name, {**base, "use_teacache": True, "cache_threshold": TEA[name]})
-        out[name] = runs
+    for case, name, options, *skipping in [(n, n, base) for n in names] + list(cases):
+        runs = {"uncached": _run(name, options),
+                "fb0": _run(name, {**options, "use_fbcache": True})}
+        if not skipping or skipping[0]:
+            runs["fb"] = _run(name, {**options, "use_fbcache": True, "cache_threshold": FB[name]})
+        if tea and name in TEA and case == name:
+            runs["tea"] = _run(name, {**options, "use_teacache": True, "cache_threshold": TEA[name]})
+        out[case] = runs
     return out
 
 
@@ -100,19 +123,20 @@ _cfg_cache: list[dict[str, Any]] = []
 
 def _results() -> list[dict[str, Any]]:
     if not _cache:
-        _cache.extend(run_spmd(cache_job, 2, NAMES, ULYSSES, timeout=900, env={"XDIT_STRICT": "1"}))
+        _cache.extend(run_spmd(cache_job, 2, NAMES, ULYSSES, True, CASES_2, timeout=900,
+                               env={"XDIT_STRICT": "1"}))
     return _cache
 
 
 def _cfg_results() -> list[dict[str, Any]]:
     """PixArt-Sigma (batched CFG) under CFG 2 x Ulysses 2 on 4 ranks: the one 4-rank case."""
     if not _cfg_cache:
-        _cfg_cache.extend(run_spmd(cache_job, 4, ["pixart"], CFG_ULYSSES, False, timeout=900,
+        _cfg_cache.extend(run_spmd(cache_job, 4, ["pixart"], CFG_ULYSSES, False, CASES_4, timeout=900,
                                    env={"XDIT_STRICT": "1"}))
     return _cfg_cache
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", NAMES + [c for c, _, _ in CASES_2])
 def test_threshold_zero_equals_uncached_on_every_rank(name: str) -> None:
     for rank, res in enumerate(_results()):
         runs = res[name]
@@ -121,7 +145,7 @@ def test_threshold_zero_equals_uncached_on_every_rank(name: str) -> None:
         assert torch.equal(runs["fb0"]["img"], runs["uncached"]["img"]), f"{name} rank {rank}"
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", NAMES + ["wan_pipe"])
 @pytest.mark.parametrize("kind", ["fb", "tea"])
 def test_every_rank_skips_the_same_steps(name: str, kind: str) -> None:
     if kind == "tea" and name not in TEA:
@@ -155,6 +179,71 @@ def test_cfg_ulysses_four_ranks_decide_alike_and_threshold_zero_is_exact() -> No
     assert first == [d[:3] for g in _results()[0]["pixart"]["fb"]["decisions"] for d in g]
 
 
+_one_rank: dict[str, dict[str, Any]] = {}
+
+
+def _single(name: str) -> dict[str, Any]:
+    """``name``'s uncached and skipping runs in this process (one rank, no process group)."""
+    if name not in _one_rank:
+        _one_rank[name] = {"uncached": _run(name, {"inner": "eager"}),
+                           "fb": _run(name, {"use_fbcache": True, "cache_threshold": FB[name], "inner": "eager"})}
+    return _one_rank[name]
+
+
+@pytest.mark.parametrize("case,name", [("wan_pipe_cfg", "wan_pipe"), ("flux_cfg_cfg", "flux_cfg")])
+def test_cfg_across_calls_keeps_a_cache_per_branch(case: str, name: str) -> None:
+    """CFG 2 across separate calls (2 ranks, one branch per rank from the second step): each rank caches
+    and decides for its own branch, so its decisions are one rank's decisions for that branch (stream),
+    and every rank's image is one rank's cached image."""
+    one = _single(name)
+    single = [d for g in one["fb"]["decisions"] for d in g]
+    assert any(not c for _, _, c, _ in single), single
+    ref, plain = one["fb"]["img"], one["uncached"]["img"]
+    groups = set()
+    for rank, res in enumerate(_results()):
+        calls = [d for g in res[case]["fb"]["decisions"] for d in g]
+        assert [d[:3] for d in calls[:2]] == [(0, 0, True), (0, 1, True)], (rank, calls)  # the learning step
+        branch = calls[2][1]  # the branch this rank's group computes from step 1 on
+        groups.add(branch)
+        mine = [d for d in single if d[1] == branch and d[0] > 0]
+        assert [d[:3] for d in calls[2:]] == [d[:3] for d in mine], (rank, calls, single)
+        for a, b in zip(calls[2:], mine):
+            assert (a[3] is None) == (b[3] is None) and (a[3] is None or a[3] == pytest.approx(b[3], rel=1e-6))
+        img = res[case]["fb"]["img"]
+        err = float((img - ref).abs().max()) / float(ref.abs().max())
+        assert err < 1e-5, f"{case} rank {rank}: {err:.3g} of scale from one rank's cached image"
+    assert groups == {0, 1}
+    skipped = [(d[0], d[1]) for d in single if not d[2]]
+    err = float((ref - plain).abs().max()) / float(plain.abs().max())
+    print(f"\n{case}: skipped (step, branch) {skipped} of {len(single)} calls; error vs uncached {err:.3g} of scale")
+
+
+@pytest.mark.parametrize("case", [c[0] for c in CASES_4])
+def test_cfg_ulysses_four_ranks_threshold_zero_is_exact(case: str) -> None:
+    for rank, res in enumerate(_cfg_results()):
+        runs = res[case]
+        assert runs["fb0"]["decisions"], f"{case} rank {rank}: not step-cached\n" + "\n".join(runs["fb0"]["reports"])
+        assert torch.equal(runs["fb0"]["img"], runs["uncached"]["img"]), f"{case} rank {rank}"
+
+
+def test_cfg_ulysses_across_calls_keeps_a_cache_per_branch() -> None:
+    """The Wan pipeline (one call per branch) on CFG 2 x Ulysses 2: the two ranks of a cfg group decide
+    alike (their sums all-reduced), each group for its own branch, as one rank would for that branch."""
+    one = [d for g in _single("wan_pipe")["fb"]["decisions"] for d in g]
+    ref = _single("wan_pipe")["fb"]["img"]
+    by_branch: dict[int, list] = {}
+    for rank, res in enumerate(_cfg_results()):
+        calls = [d for g in res["wan_pipe_cfg"]["fb"]["decisions"] for d in g]
+        branch = calls[2][1]
+        by_branch.setdefault(branch, []).append(calls)
+        assert [d[:3] for d in calls[2:]] == [d[:3] for d in one if d[1] == branch and d[0] > 0], (rank, calls, one)
+        img = res["wan_pipe_cfg"]["fb"]["img"]
+        err = float((img - ref).abs().max()) / float(ref.abs().max())
+        print(f"\nwan_pipe CFG 2 x Ulysses 2 rank {rank} (branch {branch}): {err:.3g} of scale from one rank's cached image")
+        assert err < 1e-4, (rank, err)
+    assert sorted(by_branch) == [0, 1] and all(len(v) == 2 and v[0] == v[1] for v in by_branch.values())
+
+
 def test_report_names_cut_and_options() -> None:
     text = "\n".join(_results()[0]["pixart"]["fb"]["reports"])
     assert "fbcache: cut after the first block" in text and "cache_threshold=0.15" in text
@@ -171,10 +260,11 @@ def _wan() -> tuple[torch.nn.Module, dict[str, Any]]:
 
 def test_threshold_zero_equals_uncached_on_one_rank() -> None:
     """No process group: the three part programs chained give the uncached program's output bit for bit."""
-    for name in NAMES:
+    for name in NAMES + ["wan_pipe"]:
         plain = _run(name, {"inner": "eager"})
         cached = _run(name, {"use_fbcache": True, "inner": "eager"})
-        assert cached["decisions"] and len(cached["decisions"][0]) == STEPS, (name, cached["reports"])
+        calls = STEPS * (2 if name in CALL_PIPELINES else 1)
+        assert cached["decisions"] and len(cached["decisions"][0]) == calls, (name, cached["reports"])
         assert torch.equal(cached["img"], plain["img"]), name
 
 

@@ -364,7 +364,7 @@ def _per_rank(gm: fx.GraphModule, example_inputs: Sequence[Any], plan: ParallelP
         # its own branch and decides over its own sequence ranks only.
         group = plan_mod.world_group(plan) if not skip else plan_mod.process_groups(plan).get(axes_mod.SEQUENCE)
         program = step_cache.build(plan, gm, example_inputs, report, cut, _inner, group,
-                                   lowered=report.fallback is None)
+                                   lowered=report.fallback is None, across_calls=bool(skip))
         publish(report)
         if current().settings.keeps_graphs():
             current().graphs.append((report, gm, list(example_inputs)))

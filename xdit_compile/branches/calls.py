@@ -212,10 +212,12 @@ class CallStream:
     def _key(self, args: Sequence[Any]) -> tuple:
         return tuple(float(v) for i in self.key_inputs for v in args[i].detach().reshape(-1).tolist())
 
-    def _run(self, args: Sequence[Any]) -> Any:
+    def _run(self, args: Sequence[Any], branch: int | None = None) -> Any:
         self.report.runs += 1
         if self.report.runs_by_step:
             self.report.runs_by_step[-1] += 1
+        if hasattr(self.fn, "call_branch"):  # a step cache keeps one cache per branch (cache/runtime.py)
+            self.fn.call_branch = branch  # None: every group runs this call alike
         return self.fn(*args)
 
     def _miss(self, why: str) -> None:
@@ -317,7 +319,7 @@ class CallStream:
         for start in range(0, n, self.k):
             # A group past the last branch recomputes one already taken: it would idle otherwise.
             mine = (start + self.me) % n
-            out = self._run(branch_args[mine])
+            out = self._run(branch_args[mine], mine)
             gathered = self._exchange(out)
             for j, g in enumerate(gathered):
                 b = start + j

@@ -45,11 +45,12 @@ def mark(gm: fx.GraphModule, plan: Any) -> CacheCut | str:
 
 def build(plan: Any, gm: fx.GraphModule, example_inputs: Sequence[Any], report: Any, cut: CacheCut | str,
           inner: Callable[[Any, fx.GraphModule, Sequence[Any]], Callable], group: Any = None,
-          lowered: bool = False) -> Callable:
+          lowered: bool = False, across_calls: bool = False) -> Callable:
     """This rank's cached program of ``gm`` (or ``gm`` compiled whole when the cut is unusable).
 
     ``lowered``: ``gm`` was rewritten per rank (kept for the report; the fake values are refreshed
     in every case, so the parts get local shapes). ``group``: the ranks whose sums make the statistic (None: this rank alone).
+    ``across_calls``: the program runs behind ``branches.CallStream`` (one cache per guidance branch).
     """
     why = cut if isinstance(cut, str) else None
     if why is None:
@@ -80,7 +81,7 @@ def build(plan: Any, gm: fx.GraphModule, example_inputs: Sequence[Any], report: 
     report.step_cache = info
     log.info("xdit: %s: %s", report.graph, info)
     return StepCache(parts, fns, cut.method, cut.pairs, cut.probe, cut.base, steps, [p.name for p in phs], info,
-                     plan, group, args)
+                     plan, group, args, across_calls)
 
 
 def not_cached(plan: Any, report: Any, why: str) -> None:

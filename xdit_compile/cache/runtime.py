@@ -25,6 +25,13 @@ stream's cache. The first ``cache_first_steps`` steps, the last ``cache_last_ste
 
 Each rank's cache holds its own shard of its own batch group (sequence and CFG / data
 parallel ranks never mix), so only the decision is shared.
+
+Behind ``branches.CallStream`` (CFG across separate calls, ``across_calls``): a cfg group runs
+one branch per predicted step, so the stream is the branch the call stream names
+(``call_branch``, set before each call), not the call's place in the step: group ``g`` keeps
+branch ``g``'s cache and decides over its own sequence ranks, as one rank running every call
+would for that branch. A call every group runs alike (the learning step, a miss) computes the
+blocks, so that every group's cache of its branch stays what one rank's would be.
 """
 
 from __future__ import annotations
@@ -146,7 +153,7 @@ class StepCache:
     def __init__(self, parts: Sequence[Part], fns: Sequence[Callable[..., Any]], method: str,
                  pairs: Sequence[tuple[str, str]], probe: str, base: str | None, step_inputs: Sequence[int],
                  placeholder_names: Sequence[str], report: StepCacheReport, plan: Any, group: Any = None,
-                 example_inputs: Sequence[Any] = ()):
+                 example_inputs: Sequence[Any] = (), across_calls: bool = False):
         self.parts, self.fns, self.method = list(parts), list(fns), method
         self.pairs, self.probe, self.base = list(pairs), probe, base
         self.step_inputs, self.names = list(step_inputs), list(placeholder_names)
@@ -158,6 +165,10 @@ class StepCache:
         self.streams: dict[int, _Stream] = {}
         self.example_inputs = list(example_inputs)  # for ``run_part`` (the parts' FLOPs, in tests and benchmarks)
         report.program_ref = weakref.ref(self)
+        self.across_calls = across_calls
+        # Set by ``branches.CallStream`` before each call: the guidance branch it computes, or None
+        # for a call every cfg group runs alike (read only with ``across_calls``).
+        self.call_branch: int | None = None
 
     def run_part(self, k: int) -> Any:
         """Run part ``k`` alone on the example inputs (zeros for what earlier parts hand it)."""
@@ -169,6 +180,10 @@ class StepCache:
         key = tuple(float(x) for i in self.step_inputs for x in args[i].detach().reshape(-1).tolist()) \
             if self.step_inputs else None
         new, step, stream = self.steps.on_call(key)
+        branch, self.call_branch = self.call_branch, None
+        replicated = self.across_calls and branch is None
+        if self.across_calls and branch is not None:
+            stream = branch
         if new:
             if self.report.generations:
                 log.info("xdit: step cache %s", self.report.generations[-1])
@@ -178,7 +193,7 @@ class StepCache:
         env: dict[str, Any] = dict(zip(self.names, args))
         self._run(0, args, env)
         with torch.no_grad():
-            compute, statistic, why = self._decide(step, state, env)
+            compute, statistic, why = self._decide(step, state, env, replicated)
         if compute:
             self._run(1, args, env)
             with torch.no_grad():
@@ -196,13 +211,17 @@ class StepCache:
         env.update(zip(p.send, out))
 
     # ------------------------------------------------------------------ the decision
-    def _decide(self, step: int, state: _Stream, env: dict[str, Any]) -> tuple[bool, float | None, str]:
-        """(compute the blocks, statistic, why); updates the stream's memory."""
+    def _decide(self, step: int, state: _Stream, env: dict[str, Any],
+                replicated: bool = False) -> tuple[bool, float | None, str]:
+        """(compute the blocks, statistic, why); updates the stream's memory. ``replicated``: every cfg
+        group runs this call (behind a ``CallStream``): computed, so the groups' caches stay alike."""
         if self.method == "fbcache":
             now = env[self.probe] - env[self.base]
         else:
             now = env[self.probe]
         previous, forced = state.previous, self._forced(step, state)
+        if forced is None and replicated:
+            forced = "a call every cfg group runs (learning step or a miss of the call stream)"
         if self.method == "teacache":
             state.previous = now  # TeaCache compares consecutive calls, computed or not
         if forced is not None:
