@@ -19,16 +19,18 @@ import torch.fx as fx
 from .. import plan as plan_mod
 from ..graph import input_label, is_tensor, is_user_input, op_name, value, written_inputs
 from ..plan import ParallelPlan
-from .calls import CallsReport, CallStream, Miss, same_bits
+from .calls import CallsReport, CallStream, Miss, current_branch, same_bits
 
-__all__ = ["CallStream", "CallsReport", "Miss", "same_bits", "splits_calls", "state_writes", "stream_inputs",
-           "wrap_calls"]
+__all__ = ["CallStream", "CallsReport", "Miss", "current_branch", "same_bits", "splits_calls", "state_writes",
+           "stream_inputs", "wrap_calls"]
 
 
 def splits_calls(plan: ParallelPlan, batch: int | None) -> bool:
     """Whether the cfg groups take the branches from separate calls: the batch has fewer rows than
-    there are batch groups, so the batch split cannot give every cfg group a branch."""
-    return plan.degree("cfg") > 1 and plan.degree("pp") == 1 and batch is not None and batch < plan.degree("batch")
+    there are batch groups, so the batch split cannot give every cfg group a branch. With
+    PipeFusion (pp > 1) each cfg group's pipeline computes its branch (``current_branch`` names
+    the branch to the driver, which keeps one K/V stream per branch)."""
+    return plan.degree("cfg") > 1 and batch is not None and batch < plan.degree("batch")
 
 
 # Ops through which an in-place write reaches the tensor they were taken from.

@@ -38,6 +38,8 @@ an output computed by another group carries no history here.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -48,6 +50,26 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from ..runtime.collectives import all_gather
 
 log = logging.getLogger("xdit_compile")
+
+# The guidance branch the running call computes (None outside a call stream). A program that keeps
+# per-branch state across steps reads it (PipeFusion's driver: one K/V stream per branch), since a
+# cfg group that computes only branch b in a predicted step cannot tell b from the call count.
+_BRANCH: contextvars.ContextVar[int | None] = contextvars.ContextVar("xdit_branch", default=None)
+
+
+def current_branch() -> int | None:
+    """The guidance branch the ``CallStream`` is running now (its index in the step), or None."""
+    return _BRANCH.get()
+
+
+@contextlib.contextmanager
+def _branch(b: int) -> Any:
+    token = _BRANCH.set(b)
+    try:
+        yield
+    finally:
+        _BRANCH.reset(token)
+
 
 # More calls than this in one step are no guidance pattern (e.g. a loop calling the model with one
 # timestep and latent over and over): the step stops being learned, and its calls just run.
@@ -212,11 +234,13 @@ class CallStream:
     def _key(self, args: Sequence[Any]) -> tuple:
         return tuple(float(v) for i in self.key_inputs for v in args[i].detach().reshape(-1).tolist())
 
-    def _run(self, args: Sequence[Any]) -> Any:
+    def _run(self, args: Sequence[Any], branch: int | None = None) -> Any:
+        """Run the program on ``args`` as guidance branch ``branch`` (default: this call's index in the step)."""
         self.report.runs += 1
         if self.report.runs_by_step:
             self.report.runs_by_step[-1] += 1
-        return self.fn(*args)
+        with _branch(self.call_in_step if branch is None else branch):
+            return self.fn(*args)
 
     def _miss(self, why: str) -> None:
         m = Miss(self.report.steps - 1, self.call_in_step, why)
@@ -317,7 +341,7 @@ class CallStream:
         for start in range(0, n, self.k):
             # A group past the last branch recomputes one already taken: it would idle otherwise.
             mine = (start + self.me) % n
-            out = self._run(branch_args[mine])
+            out = self._run(branch_args[mine], mine)
             gathered = self._exchange(out)
             for j, g in enumerate(gathered):
                 b = start + j
