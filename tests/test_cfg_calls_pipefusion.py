@@ -38,8 +38,8 @@ def _pf(m: int) -> dict[str, Any]:
             "inner": "eager"}
 
 
-def _job(cases: list[tuple[str, str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
-    """Run every case on this rank: (case name, "wan" / "flux", options)."""
+def _job(cases: list[tuple[str, str, dict[str, Any], dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Run every case on this rank: (case name, "wan" / "flux" / "sampler", options, sampler flags)."""
     sys.path.insert(0, EXAMPLES)
     import tiny_cfg_pipelines as tiny
 
@@ -48,14 +48,19 @@ def _job(cases: list[tuple[str, str, dict[str, Any]]]) -> dict[str, dict[str, An
     from xdit_compile.pipefusion.entry import clear_reports
 
     results = {}
-    for case, kind, options in cases:
+    for case, kind, options, flags in cases:
         torch._dynamo.reset()
         xdit_compile.clear_reports()
         clear_reports()
-        pipe = tiny.build(kind)
-        ref = tiny.generate(pipe, kind, steps=STEPS)
-        pipe.transformer = torch.compile(pipe.transformer, backend="xdit", options=dict(options))
-        out = tiny.generate(pipe, kind, steps=STEPS)
+        if kind == "sampler":
+            model = tiny.sampler_model()
+            ref = tiny.sampler(model, steps=STEPS, **flags)
+            out = tiny.sampler(torch.compile(model, backend="xdit", options=dict(options)), steps=STEPS, **flags)
+        else:
+            pipe = tiny.build(kind)
+            ref = tiny.generate(pipe, kind, steps=STEPS)
+            pipe.transformer = torch.compile(pipe.transformer, backend="xdit", options=dict(options))
+            out = tiny.generate(pipe, kind, steps=STEPS)
         streams = [r for r in xdit_compile.reports() if r.calls is not None]
         got: dict[str, Any] = {"err": float((out - ref).abs().max()), "scale": float(ref.abs().max()),
                                "streams": len(streams),
@@ -65,14 +70,21 @@ def _job(cases: list[tuple[str, str, dict[str, Any]]]) -> dict[str, dict[str, An
             c = streams[-1].calls
             drivers = [p.driver for p in pf_reports() if p.driver is not None]
             got.update(hits_by_step=list(c.hits_by_step), runs_by_step=list(c.runs_by_step),
-                       misses=[m.why for m in c.misses], branches=c.branches, exchanges=c.exchanges,
+                       misses=[m.why for m in c.misses], miss_steps=[m.step for m in c.misses], branches=c.branches, exchanges=c.exchanges,
                        group=c.group, report=str(streams[-1]),
                        driver_calls=list(drivers[-1].calls) if drivers else [])
         results[case] = got
     return results
 
 
-CASES = [("wan_m1", "wan", _pf(1)), ("flux_m1", "flux", _pf(1)), ("flux_m2", "flux", _pf(2))]
+# PipeFusion alone on the same 4 ranks (dp 2 replicas of one pipeline, both branches per step):
+# the stale-K/V error CFG x PipeFusion must reproduce, since each branch keeps its own K/V stream.
+ALONE_M2 = {"data_parallel_degree": 2, "pipefusion_parallel_degree": 2, "num_pipeline_patch": 2, "warmup_steps": 1,
+            "inner": "eager"}
+CASES = [("wan_m1", "wan", _pf(1), {}), ("flux_m1", "flux", _pf(1), {}), ("flux_m2", "flux", _pf(2), {}),
+         ("flux_alone_m2", "flux", ALONE_M2, {}),
+         ("skipped", "sampler", _pf(1), {"branches": 2, "skip_alternate": True}),
+         ("swapped", "sampler", _pf(1), {"branches": 2, "swap_at": 4})]
 
 
 @pytest.fixture(scope="module")
@@ -112,8 +124,27 @@ def test_cfg2_pipefusion2_stale_kv_within_bound(four_ranks: list[dict[str, Any]]
         assert 0 < got["err"] <= BOUND * got["scale"], f"rank {rank}: error {got['err']} (scale {got['scale']})"
         # Patch steps after the warmup step: every step after the first runs in patches.
         assert [full for _, _, full in got["driver_calls"]] == [True, True] + [False] * (STEPS - 1), got["driver_calls"]
-    # Both groups' pipelines agree on the image (the exchange gives every rank both branches).
-    assert all(abs(r["flux_m2"]["err"] - four_ranks[0]["flux_m2"]["err"]) < 1e-6 for r in four_ranks)
+    # Both groups' pipelines agree on the image (the exchange gives every rank both branches), and the
+    # error is PipeFusion alone's: each branch attends over its own previous step's K/V, as there.
+    for r in four_ranks:
+        rel, alone = r["flux_m2"]["err"] / r["flux_m2"]["scale"], r["flux_alone_m2"]["err"] / r["flux_alone_m2"]["scale"]
+        assert alone > 0 and abs(rel - alone) < 1e-6, (rel, alone)
+
+
+@pytest.mark.parametrize("case,words", [("skipped", "branch"), ("swapped", "first call")])
+def test_misses_under_pipefusion_are_exact_and_reported(four_ranks: list[dict[str, Any]], case: str,
+                                                         words: str) -> None:
+    for rank, r in enumerate(four_ranks):
+        got = r[case]
+        assert got["streams"] == 1 and not got["fallbacks"], got
+        assert got["err"] <= 1e-4 * got["scale"], f"{case} rank {rank}: error {got['err']} (scale {got['scale']})"
+        assert any(words in m for m in got["misses"]), got["report"]
+    got = four_ranks[0][case]
+    if case == "skipped":  # branch 1 skipped on odd steps: a miss there, a hit on every even step
+        assert set(got["miss_steps"]) == set(range(1, STEPS, 2)), got["report"]
+        assert all(got["hits_by_step"][s] == 1 for s in range(2, STEPS, 2)), got["report"]
+    if case == "swapped":  # one miss where the order changes, learned again, hits after
+        assert got["miss_steps"] == [4] and got["hits_by_step"][5:] == [1] * (STEPS - 5), got["report"]
 
 
 def test_pipefusion_takes_branches_from_calls() -> None:
