@@ -190,3 +190,19 @@ def test_pipefusion_stream_is_the_branch() -> None:
     named.done(1, True)
     assert named.on_call((0.25,), 1) == (2, 1, False)  # filled in an earlier step: patches, stale K/V
     assert named.on_call((0.125,), 2) == (3, 2, True)  # a stream never filled runs the full sequence
+
+
+def test_run_steps_capture_is_not_a_call() -> None:
+    """``pipefusion.run_steps`` records each step by calling the compiled function while the drivers
+    run nothing: the stream passes such calls through without counting or learning from them (a
+    recorded call and the real one with the same arguments would look like two branches)."""
+    from xdit_compile.branches.calls import CallsReport, CallStream
+    from xdit_compile.pipefusion.stream import capture
+
+    stream = CallStream(lambda x, t: x * t, ["x", "t"], [1], 0, None, 1, 0, [0], CallsReport("toy", 1, 0))
+    x, t = torch.ones(3), torch.tensor([0.5])
+    with capture():
+        stream(x, t)
+    assert stream.report.calls == 0 and stream.learning is None
+    stream(x, t)
+    assert stream.report.calls == 1 and len(stream.learning or []) == 1

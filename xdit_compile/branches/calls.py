@@ -47,6 +47,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from ..context import current
 from ..runtime.collectives import all_gather
 
 log = logging.getLogger("xdit_compile")
@@ -258,6 +259,9 @@ class CallStream:
 
     # ------------------------------------------------------------------ the call
     def __call__(self, *args: Any) -> Any:
+        if current().captures:
+            # ``pipefusion.run_steps`` recording a step (the driver runs nothing): not a call of the stream.
+            return self.fn(*args)
         r = self.report
         r.calls += 1
         if self._needs_grad(args):
