@@ -20,7 +20,8 @@ dependents):
 Then the per-rank graph goes to the inner compiler (inductor by default, or eager). With a cfg
 degree on a graph whose batch does not divide into the cfg groups (a pipeline calling the model once
 per guidance branch), the batch axis is not lowered and the program runs behind ``branches.CallStream``
-(the cfg groups compute a step's branches at once; ``docs/cfg_across_calls.md``).
+(the cfg groups compute a step's branches at once; ``docs/cfg_across_calls.md``); under PipeFusion
+each cfg group's pipeline computes its branch.
 """
 
 from __future__ import annotations

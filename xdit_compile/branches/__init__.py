@@ -4,7 +4,8 @@
 cfg x dp groups (a pipeline calling the transformer once per guidance branch, batch 1), and
 ``state_writes(gm)`` finds nothing that makes a call's effect more than its output. The backend
 then plans the graph for the sequence axes only (each cfg group's ranks split the tokens; the cfg
-groups are replicas of each other) and ``wrap_calls`` puts the ``CallStream`` around the program.
+groups are replicas of each other; under PipeFusion each cfg group is one pipeline) and
+``wrap_calls`` puts the ``CallStream`` around the program.
 Reads ``node.meta["val"]`` of the placeholders and the output; writes nothing.
 """
 
