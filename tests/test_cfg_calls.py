@@ -248,7 +248,7 @@ def test_when_branches_come_as_calls_and_options() -> None:
     assert splits_calls(plan, 1) and not splits_calls(plan, 2)
     three = ParallelPlan.from_options({"cfg_degree": 3}).resolve(3)
     assert three.cfg == 3 and splits_calls(three, 1) and splits_calls(three, 2) and not splits_calls(three, 3)
-    assert not splits_calls(ParallelPlan(cfg=2, pp=2).resolve(4), 1)  # PipeFusion keeps its own path
+    assert splits_calls(ParallelPlan(cfg=2, pp=2).resolve(4), 1)  # each cfg group's pipeline takes a branch
     assert not splits_calls(ParallelPlan(ulysses=2).resolve(2), 1)
     with pytest.raises(PlanError, match="disagree"):
         ParallelPlan.from_options({"use_cfg_parallel": False, "cfg_degree": 2})

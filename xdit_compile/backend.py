@@ -20,7 +20,8 @@ dependents):
 Then the per-rank graph goes to the inner compiler (inductor by default, or eager). With a cfg
 degree on a graph whose batch does not divide into the cfg groups (a pipeline calling the model once
 per guidance branch), the batch axis is not lowered and the program runs behind ``branches.CallStream``
-(the cfg groups compute a step's branches at once; ``docs/cfg_across_calls.md``).
+(the cfg groups compute a step's branches at once; ``docs/cfg_across_calls.md``); under PipeFusion
+each cfg group's pipeline computes its branch.
 """
 
 from __future__ import annotations
@@ -299,8 +300,11 @@ def xdit_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: dic
         return _inner(plan, gm, example_inputs)
     if plan.degree("pp") > 1:
         # The batch axis (dp x cfg) first, so each batch group pipelines its own share; then
-        # PipeFusion splits the graph into stages and lowers Ulysses inside each stage.
-        batch_axes = [a for a in mesh_axes(plan, rank) if not a.spec.inside_stages]
+        # PipeFusion splits the graph into stages and lowers Ulysses inside each stage. With one
+        # call per guidance branch, the batch axis is skipped: each cfg group pipelines a branch.
+        calls = _calls_inputs(gm, example_inputs, plan, batch, report)
+        batch_axes = [a for a in mesh_axes(plan, rank) if not a.spec.inside_stages
+                      and (calls is None or a.name != axes_mod.BATCH)]
         original = _copy(gm)
         try:
             run_passes(gm, State(plan, example_inputs, rank, batch_axes, report),
@@ -310,7 +314,12 @@ def xdit_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: dic
             gm = original
             report.axes.clear()
             log.warning("xdit: %s; every batch group pipelines the whole batch", e)
-        return _guarded(plan, example_inputs, lambda: pipefusion_backend(gm, example_inputs, plan, report, _inner))
+        program = _guarded(plan, example_inputs, lambda: pipefusion_backend(gm, example_inputs, plan, report, _inner))
+        if calls is None:
+            return program
+        stream = wrap_calls(program, calls, plan, graph_name)
+        report.calls = stream.report
+        return stream
     writes = state_writes(gm) if splits_calls(plan, batch) else None
     if writes:
         report.warnings.append(f"the cfg groups cannot take the guidance branches from separate calls: {writes} "
@@ -325,6 +334,22 @@ def xdit_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: dic
         report.calls = stream.report
         return stream
     return _per_rank(gm, example_inputs, plan, rank, report)
+
+
+def _calls_inputs(gm: fx.GraphModule, example_inputs: Sequence[Any], plan: ParallelPlan, batch: int | None,
+                  report: PlanReport) -> tuple[list[str], list[int], int | None] | None:
+    """``stream_inputs`` of ``gm`` when the cfg groups take the guidance branches from separate calls
+    (``branches.splits_calls``) under PipeFusion, else None (a graph writing state gets a warning)."""
+    if not splits_calls(plan, batch):
+        return None
+    writes = state_writes(gm)
+    if writes:
+        report.warnings.append(f"the cfg groups cannot take the guidance branches from separate calls: {writes} "
+                               "(a call answered from another group's output would skip that); the batch axis "
+                               "is planned as usual")
+        log.warning("xdit: %s", report.warnings[-1])
+        return None
+    return stream_inputs(gm, example_inputs)
 
 
 def _per_rank(gm: fx.GraphModule, example_inputs: Sequence[Any], plan: ParallelPlan, rank: int, report: PlanReport,

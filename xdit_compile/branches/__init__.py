@@ -4,7 +4,8 @@
 cfg x dp groups (a pipeline calling the transformer once per guidance branch, batch 1), and
 ``state_writes(gm)`` finds nothing that makes a call's effect more than its output. The backend
 then plans the graph for the sequence axes only (each cfg group's ranks split the tokens; the cfg
-groups are replicas of each other) and ``wrap_calls`` puts the ``CallStream`` around the program.
+groups are replicas of each other; under PipeFusion each cfg group is one pipeline) and
+``wrap_calls`` puts the ``CallStream`` around the program.
 Reads ``node.meta["val"]`` of the placeholders and the output; writes nothing.
 """
 
@@ -19,16 +20,18 @@ import torch.fx as fx
 from .. import plan as plan_mod
 from ..graph import input_label, is_tensor, is_user_input, op_name, value, written_inputs
 from ..plan import ParallelPlan
-from .calls import CallsReport, CallStream, Miss, same_bits
+from .calls import CallsReport, CallStream, Miss, current_branch, same_bits
 
-__all__ = ["CallStream", "CallsReport", "Miss", "same_bits", "splits_calls", "state_writes", "stream_inputs",
-           "wrap_calls"]
+__all__ = ["CallStream", "CallsReport", "Miss", "current_branch", "same_bits", "splits_calls", "state_writes",
+           "stream_inputs", "wrap_calls"]
 
 
 def splits_calls(plan: ParallelPlan, batch: int | None) -> bool:
     """Whether the cfg groups take the branches from separate calls: the batch has fewer rows than
-    there are batch groups, so the batch split cannot give every cfg group a branch."""
-    return plan.degree("cfg") > 1 and plan.degree("pp") == 1 and batch is not None and batch < plan.degree("batch")
+    there are batch groups, so the batch split cannot give every cfg group a branch. With
+    PipeFusion (pp > 1) each cfg group's pipeline computes its branch (``current_branch`` names
+    the branch to the driver, which keeps one K/V stream per branch)."""
+    return plan.degree("cfg") > 1 and batch is not None and batch < plan.degree("batch")
 
 
 # Ops through which an in-place write reaches the tensor they were taken from.

@@ -38,6 +38,8 @@ an output computed by another group carries no history here.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -45,9 +47,30 @@ from typing import Any, Callable, Sequence
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from ..context import current
 from ..runtime.collectives import all_gather
 
 log = logging.getLogger("xdit_compile")
+
+# The guidance branch the running call computes (None outside a call stream). A program that keeps
+# per-branch state across steps reads it (PipeFusion's driver: one K/V stream per branch), since a
+# cfg group that computes only branch b in a predicted step cannot tell b from the call count.
+_BRANCH: contextvars.ContextVar[int | None] = contextvars.ContextVar("xdit_branch", default=None)
+
+
+def current_branch() -> int | None:
+    """The guidance branch the ``CallStream`` is running now (its index in the step), or None."""
+    return _BRANCH.get()
+
+
+@contextlib.contextmanager
+def _branch(b: int) -> Any:
+    token = _BRANCH.set(b)
+    try:
+        yield
+    finally:
+        _BRANCH.reset(token)
+
 
 # More calls than this in one step are no guidance pattern (e.g. a loop calling the model with one
 # timestep and latent over and over): the step stops being learned, and its calls just run.
@@ -213,12 +236,15 @@ class CallStream:
         return tuple(float(v) for i in self.key_inputs for v in args[i].detach().reshape(-1).tolist())
 
     def _run(self, args: Sequence[Any], branch: int | None = None) -> Any:
+        """Run the program on ``args`` as guidance branch ``branch`` (``None``: a call every group runs
+        alike; PipeFusion's K/V then follow this call's index in the step)."""
         self.report.runs += 1
         if self.report.runs_by_step:
             self.report.runs_by_step[-1] += 1
         if hasattr(self.fn, "call_branch"):  # a step cache keeps one cache per branch (cache/runtime.py)
             self.fn.call_branch = branch  # None: every group runs this call alike
-        return self.fn(*args)
+        with _branch(self.call_in_step if branch is None else branch):
+            return self.fn(*args)
 
     def _miss(self, why: str) -> None:
         m = Miss(self.report.steps - 1, self.call_in_step, why)
@@ -236,6 +262,9 @@ class CallStream:
 
     # ------------------------------------------------------------------ the call
     def __call__(self, *args: Any) -> Any:
+        if current().captures:
+            # ``pipefusion.run_steps`` recording a step (the driver runs nothing): not a call of the stream.
+            return self.fn(*args)
         r = self.report
         r.calls += 1
         if self._needs_grad(args):

@@ -24,6 +24,7 @@ import time
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from ..branches.calls import current_branch
 from ..context import current
 from ..runtime.devices import device_of
 from . import p2p
@@ -86,7 +87,7 @@ class PipelineDriver:
     def __call__(self, *args: Any) -> Any:
         if current().captures:  # inside ``stream.capture()``: record the flat arguments, run nothing
             return self._capture(args)
-        step, stream, full = self.state.on_call(self.step_key(args))
+        step, stream, full = self.state.on_call(self.step_key(args), current_branch())
         full = full or not self.patches
         self.calls.append((step, stream, full))
         with torch.no_grad(), self.store.current(stream):

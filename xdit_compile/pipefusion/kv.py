@@ -214,8 +214,12 @@ class StepState:
     epoch: int = 0
     generations: int = 0
 
-    def on_call(self, key: tuple | None) -> tuple[int, int, bool]:
-        """(step, stream, full) for the next call; ``full``: run the whole sequence synchronously."""
+    def on_call(self, key: tuple | None, branch: int | None = None) -> tuple[int, int, bool]:
+        """(step, stream, full) for the next call; ``full``: run the whole sequence synchronously.
+
+        ``branch``: the guidance branch the call computes when the caller knows it (CFG across
+        calls: a cfg group computes branch ``b`` as its only call of a step), used as the stream
+        instead of counting the step's calls, so each branch keeps its own K/V buffers."""
         new_gen = self.step < 0 or self.epoch != context().kv_epoch
         if key is None:
             same = False
@@ -228,9 +232,9 @@ class StepState:
             self.seen, self.filled = set(), set()
             self.generations += 1
         elif same:
-            self.stream += 1
+            self.stream = self.stream + 1 if branch is None else branch
         else:
-            self.step, self.stream = self.step + 1, 0
+            self.step, self.stream = self.step + 1, 0 if branch is None else branch
         if key is not None:
             self.seen.add(key)
         self.last_key = key
