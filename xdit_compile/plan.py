@@ -49,6 +49,7 @@ class ParallelPlan:
         timeout: seconds a collective or pipeline transfer of the groups the backend creates
             (and the ranks' agreement check at compile time) may wait for a peer before it
             raises; ``None`` keeps the default group's timeout (``init_process_group(timeout=)``).
+        tp: tensor-parallel degree: weights split across ranks (``tensor_parallel.py``).
         check_inputs: per call, check with one tiny collective that every rank got the same
             inputs (``runtime/agreement.py``); ``False`` skips it.
     """
@@ -63,6 +64,7 @@ class ParallelPlan:
     inner: str = "inductor"
     timeout: float | None = None
     check_inputs: bool = True
+    tp: int | None = None  # tensor-parallel degree (tensor_parallel.py registers the mesh dim); last: positional args keep their meaning
 
     def __post_init__(self) -> None:
         # bool is an int subclass: True would pass as degree 1, so it is refused by name.

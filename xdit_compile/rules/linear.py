@@ -13,7 +13,7 @@ import string
 import torch.fx as fx
 
 from ..graph import shape
-from ..placements import PARTIAL, REPLICATE, Placement, Replicate, Shard
+from ..placements import PARTIAL, REPLICATE, Placement, Replicate, Shard, same_layout
 from .core import Decision, OpView
 
 
@@ -56,7 +56,7 @@ def einsum_rule(op: OpView, spec: str, operands: list[fx.Node]) -> Decision | No
             if shape(y)[d] != p.length:
                 ok = False
                 break
-            if q != want:
+            if q != want and not same_layout(q, want, op.n):  # heads x head_dim vs its flat split: same rows
                 needs[y] = want
         if not ok:
             continue
@@ -92,6 +92,8 @@ def linear(op: OpView) -> Decision | None:
     xl = _letters(nd - 1) + "z"
     spec = f"{xl},yz->{xl[:-1]}y"
     d = einsum_rule(op, spec, [x, w])
+    if d is not None and d.out is PARTIAL and isinstance(op.pl(w), Shard) and not d.needs.get(w):
+        return _row_parallel(op, d, b)
     if d is None or d.out is PARTIAL:
         return None
     if isinstance(b, fx.Node):
@@ -103,6 +105,30 @@ def linear(op: OpView) -> Decision | None:
         if op.pl(b) != want:
             d.needs[b] = want
     return d
+
+
+def _row_parallel(op: OpView, d: Decision, b: object) -> Decision:
+    """A linear whose weight is split on its in-features (a tensor-parallel seed): each rank sums
+    its share of the features, so the output is ``P``; the bias, whole on every rank, is added
+    by rank 0 only (else the all-reduce would add it ``n`` times).
+
+        linear(x: S(2)[B, S, K], W: S(1)[N, K], b: R)  ->  P   (rank > 0: linear(x, W))
+    """
+    if not isinstance(b, fx.Node):
+        return d
+    if not isinstance(op.pl(b), Replicate):
+        d.needs[b] = REPLICATE
+    d.rewrite = _bias_on_rank0
+    return d
+
+
+def _bias_on_rank0(graph: fx.Graph, node: fx.Node, ctx: object) -> None:
+    if getattr(ctx, "rank", 0) == 0:
+        return
+    if len(node.args) > 2:
+        node.args = (*node.args[:2], None, *node.args[3:])
+    else:
+        node.kwargs = {**node.kwargs, "bias": None}
 
 
 def matmul(op: OpView) -> Decision | None:
