@@ -14,8 +14,9 @@ activations are token shards and ``tp`` splits the features of those shards.
 The plan search (``choose_tp``) seeds **weights**, never user inputs:
 
 * column parallel: a linear's weight split on its out-features, ``W: S(0)`` (bias ``S(0)``), in
-  graph order, when that adds no gather and at most one all-reduce to the plan (so the
-  modulation linears, whose split outputs would spread over the residual stream, stay whole);
+  graph order, when that adds no gather and no more all-reduces than the row-parallel linears
+  it brings (Megatron's price; so the modulation linears, whose split outputs would spread over
+  the residual stream, stay whole);
   the split is re-segmented where the graph chunks the output (fused projections: GEGLU,
   q/k/v in one linear), as ``choose_seeds._refine_at_cuts`` does for inputs;
 * row parallel, derived: a linear whose input arrives split on its features gets its weight
@@ -41,11 +42,12 @@ from typing import Any, Mapping, Sequence
 import torch
 import torch.fx as fx
 
+from . import annotate as _annotate  # noqa: F401  (defines torch.ops.xdit.mark)
 from . import axes
 from .context import current
 from .errors import PlanError
 from .graph import input_label, is_user_input, op_name, shape, value
-from .placements import Partial, Placement, Replicate, Shard, fmt, pieces, shard
+from .placements import REPLICATE, Partial, Placement, Replicate, Shard, fmt, pieces, shard
 from .passes.choose_seeds import _refine_at_cuts
 from .passes.propagate import Propagation, WholeGraphFallback, propagate
 from .runtime import redistribute as rt
@@ -75,19 +77,22 @@ def _bias(node: fx.Node) -> fx.Node | None:
     return None
 
 
-def _moves(prop: Propagation) -> tuple[int, int]:
-    """(gathers or other reshards, all-reduces) the plan inserts."""
-    gathers = reduces = 0
-    for node, d in prop.decisions.items():
+def _moves(prop: Propagation) -> tuple[int, int, int]:
+    """(gathers or other reshards, all-reduces, row-parallel weights) of a plan; a value
+    redistributed for several users counts once (the lowering shares the copy)."""
+    gathers: set[tuple[fx.Node, Any]] = set()
+    reduces: set[fx.Node] = set()
+    for d in prop.decisions.values():
         for x, want in d.needs.items():
             have = prop.placements.get(x)
             if have == want or isinstance(have, Replicate) or have is None:
                 continue
             if isinstance(have, Partial):
-                reduces += 1
+                reduces.add(x)
             else:
-                gathers += 1
-    return gathers, reduces
+                gathers.add((x, want))
+    rows = sum(1 for w, p in prop.seeds.items() if isinstance(p, Shard) and p.dim == 1 and len(shape(w)) == 2)
+    return len(gathers), len(reduces), rows
 
 
 def _try(gm: fx.GraphModule, n: int, seeds: Mapping[fx.Node, Placement],
@@ -123,6 +128,30 @@ def _with_rows(gm: fx.GraphModule, n: int, prop: Propagation, forced: Mapping[fx
     return prop
 
 
+SMALL_OUTPUT = 1 / 16  # a linear output at most this share of the largest activation is "small"
+
+
+def _largest(gm: fx.GraphModule) -> int:
+    return max((value(n).numel() for n in gm.graph.nodes
+                if isinstance(value(n), torch.Tensor) and value(n).is_floating_point()), default=1)
+
+
+def _mark_whole(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
+    """An ``xdit::mark`` replicate annotation on ``node`` for the tp axis (``strip_marks`` drops it)."""
+    with gm.graph.inserting_after(node):
+        m = gm.graph.call_function(torch.ops.xdit.mark.default, (node, TP, -1))
+    node.replace_all_uses_with(m, delete_user_cb=lambda u: u is not m)
+    for key in ("val", "example_value"):
+        if key in node.meta:
+            m.meta[key] = node.meta[key]
+    return m
+
+
+def _unmark(gm: fx.GraphModule, m: fx.Node) -> None:
+    m.replace_all_uses_with(m.args[0])
+    gm.graph.erase_node(m)
+
+
 def choose_tp(gm: fx.GraphModule, n: int, forced: Mapping[fx.Node, Placement] | None = None) -> Propagation:
     """The tensor-parallel plan of ``gm`` on ``n`` ranks (see the module docstring).
 
@@ -132,6 +161,7 @@ def choose_tp(gm: fx.GraphModule, n: int, forced: Mapping[fx.Node, Placement] | 
     """
     forced = dict(forced or {})
     best = propagate(gm, n, {}, forced)
+    largest = _largest(gm)
     skipped: list[tuple[fx.Node, str]] = []
     for node in list(gm.graph.nodes):
         w = _weight(node)
@@ -149,18 +179,37 @@ def choose_tp(gm: fx.GraphModule, n: int, forced: Mapping[fx.Node, Placement] | 
         b = _bias(node)
         if b is not None and all(op_name(u) == "linear" for u in b.users):
             seeds[b] = shard(0, out_features)
-        trial = _try(gm, n, seeds, forced)
-        if trial is None:
+        # First as Megatron: the split output flows on to row-parallel linears. Else, for a small
+        # output (adaLN modulation of [B, 6D], no token dim): gathered whole right away, a few
+        # bytes, where its shards would spread into the residual stream.
+        (g0, r0, rows0) = _moves(best)
+        small = value(node).numel() <= SMALL_OUTPUT * largest
+        accepted = None
+        for whole in ((False, True) if small else (False,)):
+            mark = _mark_whole(gm, node) if whole else None
+            here = {**forced, mark: REPLICATE} if mark is not None else forced
+            trial = _try(gm, n, seeds, here)
+            if trial is not None:
+                trial = _with_rows(gm, n, trial, here)
+                trial = _refine_at_cuts(gm, n, trial, here)
+                g1, r1, rows1 = _moves(trial)
+                # Megatron's price: one all-reduce per row-parallel linear (and the small gather).
+                if g1 <= g0 + whole and r1 - r0 <= max(rows1 - rows0, 0):
+                    accepted = (trial, here)
+                    break
+                why = f"would add {g1 - g0} gather(s) and {r1 - r0} all-reduce(s)"
+            else:
+                why = "would change the graph's meaning (refused by the propagation)"
+            if mark is not None:
+                _unmark(gm, mark)
+        if accepted is None:
+            skipped.append((node, f"column-parallel {input_label(w)} {why}: kept whole (a layer whose heads or "
+                                  "features the degree does not divide, or one whose output spreads over the "
+                                  "residual stream)"))
             continue
-        trial = _with_rows(gm, n, trial, forced)
-        trial = _refine_at_cuts(gm, n, trial, forced)
-        (g0, r0), (g1, r1) = _moves(best), _moves(trial)
-        if g1 > g0 or r1 > r0 + 1:
-            skipped.append((node, f"column-parallel {input_label(w)} would add {g1 - g0} gather(s) and {r1 - r0} "
-                                  "all-reduce(s): kept whole (a layer whose heads or features the degree does not "
-                                  "divide, or one whose output spreads over the residual stream)"))
-            continue
+        trial, here = accepted
         best = trial
+        forced = here
     if not best.seeds:
         best.fallbacks.extend(skipped)
     else:
