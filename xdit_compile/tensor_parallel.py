@@ -91,7 +91,10 @@ def _moves(prop: Propagation) -> tuple[int, int, int]:
                 reduces.add(x)
             else:
                 gathers.add((x, want))
-    rows = sum(1 for w, p in prop.seeds.items() if isinstance(p, Shard) and p.dim == 1 and len(shape(w)) == 2)
+    # Row-parallel linears, not weights: a weight read by two linears (one MLP applied to text and
+    # to image apart) makes two partial sums.
+    rows = sum(1 for w, p in prop.seeds.items() if isinstance(p, Shard) and p.dim == 1 and len(shape(w)) == 2
+               for u in w.users if op_name(u) == "linear")
     return len(gathers), len(reduces), rows
 
 

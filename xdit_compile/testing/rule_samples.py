@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from ..runtime import halo
 from ..runtime import redistribute as rt
-from ..placements import Placement, Shard
+from ..placements import Placement, Replicate, Shard
 
 @dataclass(frozen=True)
 class In:
@@ -371,7 +371,13 @@ def _linear(name: str, n: int) -> list[Sample]:
         w, b = gen.randn(N, E, scale=1.0), gen.randn(N, scale=1.0)
         return [S(name, F.linear, (X, Y), (x, w)), S(name, F.linear, (X, Y, Z), (x, w, b)),
                 S(name, F.linear, (X,), (x, w, b), {"weight": Y, "bias": Z}),
-                S(name, F.linear, (X, Y, Z), (x, gen.randn(2 * E, E, scale=1.0), gen.randn(2 * E, scale=1.0)))]
+                S(name, F.linear, (X, Y, Z), (x, gen.randn(2 * E, E, scale=1.0), gen.randn(2 * E, scale=1.0))),
+                # Tensor parallel's row-parallel linear: weight split on in-features, input split
+                # alike (as heads x head_dim, the same rows as the flat split), bias whole -> P.
+                S(name, F.linear, (X, Y, Z), (gen.randn(2, L, 4 * n, scale=1.0), gen.randn(N, 4 * n, scale=1.0),
+                                              gen.randn(N, scale=1.0)),
+                  candidates={0: [Shard(2, (2 * n,), 2), Shard(2, (4 * n,))], 1: [Shard(1, (4 * n,))],
+                              2: [Replicate()]})]
     if name == "matmul":
         out = []
         for a, b in [(x, gen.randn(E, N)), (x, gen.randn(2, E, N)), (gen.randn(L, E), gen.randn(2, E, N)),
