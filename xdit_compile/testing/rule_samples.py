@@ -724,6 +724,16 @@ def _runtime(name: str, n: int) -> list[Sample]:
     if name == "xdit_gather":
         return [Sample(name, rt.gather, (X, 0, [2], OtherGroup(), None), (x,)),
                 Sample(name, rt.gather, (X, 2, [E], OtherGroup(), [(0, E, 0)]), (x,))]
+    if name in ("ulysses_attention", "ring_attention"):
+        from ..runtime import attention as ra
+
+        H, S, D = 2 * n, 3, 4
+        q, k, v = (gen.randn(2, H, S, D, scale=1.0) for _ in range(3))
+        mask = gen.randn(2, H, S, S, scale=1.0)
+        sizes = {"q_sizes": [S], "kv_sizes": [S]} if name == "ulysses_attention" else {"kv_sizes": [S]}
+        fn = ra.ulysses_attention if name == "ulysses_attention" else ra.ring_attention
+        return [Sample(name, fn, (X, Y, Z), (q, k, v), {"group": OtherGroup(), **sizes}),
+                Sample(name, fn, (X, Y, Z), (q, k, v, mask), {"group": OtherGroup(), **sizes, "mask": In(3)})]
     return [Sample(name, rt.all_reduce, (X, OtherGroup()), (x,))]
 
 
@@ -788,7 +798,8 @@ def samples_for(name: str, n: int) -> list[Sample]:
         return _indexing(name, n)
     if name in factory.LIKE or name in ("new_zeros", "new_ones", "new_empty", "new_full", "new_tensor", "tensor", "as_tensor"):
         return _factory(name, n)
-    if name in ("xdit_slice", "xdit_gather", "xdit_all_reduce", "xdit_grad_sync"):
+    if name in ("xdit_slice", "xdit_gather", "xdit_all_reduce", "xdit_grad_sync", "ulysses_attention",
+                "ring_attention"):
         return _runtime(name, n)
     if name in resample.INTERPOLATE + resample.ATEN_NEAREST:
         return _resample(name, n)
