@@ -70,9 +70,6 @@ def _tp_job(models: list[tuple[str, str]], options: dict) -> list[TpResult]:
     from xdit_compile.testing.parity import _first_tensor, load_factory
 
     os.environ.setdefault("XDIT_STRICT", "1")
-    if os.environ.get("TP_NOFREE"):
-        from xdit_compile.context import current
-        current().settings.free_unused_parameters = False
     results = []
     for factory, name in models:
         xdit_compile.clear_reports()
