@@ -131,6 +131,22 @@ def _with_rows(gm: fx.GraphModule, n: int, prop: Propagation, forced: Mapping[fx
     return prop
 
 
+def _sliced_params(gm: fx.GraphModule, n: int, prop: Propagation, forced: Mapping[fx.Node, Placement]) -> Propagation:
+    """Seed the parameters that every reader asks for in one shard (norm weights of split
+    features, biases): sliced at compile time like the weights, instead of at run time."""
+    wanted: dict[fx.Node, set] = {}
+    for d in prop.decisions.values():
+        for x, want in d.needs.items():
+            if x.op == "placeholder" and not is_user_input(x) and x not in prop.seeds:
+                wanted.setdefault(x, set()).add(want)
+    added = {x: next(iter(w)) for x, w in wanted.items()
+             if len(w) == 1 and isinstance(next(iter(w)), Shard) and all(u in prop.decisions for u in x.users)
+             and all(x in prop.decisions[u].needs for u in x.users)}
+    if not added:
+        return prop
+    return _try(gm, n, {**prop.seeds, **added}, forced) or prop
+
+
 SMALL_OUTPUT = 1 / 16  # a linear output at most this share of the largest activation is "small"
 
 
@@ -170,8 +186,8 @@ def choose_tp(gm: fx.GraphModule, n: int, forced: Mapping[fx.Node, Placement] | 
         w = _weight(node)
         if w is None or w in best.seeds or not node.args:
             continue
-        if not isinstance(best.placements.get(node.args[0]), Replicate):
-            continue  # fed a split input: a row-parallel candidate, derived below
+        if isinstance(best.placements.get(node.args[0]), Shard):
+            continue  # fed a split input: a row-parallel candidate, derived below (a P input is reduced first)
         if any(op_name(u) != "linear" or _weight(u) is not w for u in w.users):
             skipped.append((node, f"weight {input_label(w)} is also read outside this linear (tied): kept whole"))
             continue
@@ -213,6 +229,7 @@ def choose_tp(gm: fx.GraphModule, n: int, forced: Mapping[fx.Node, Placement] | 
         trial, here = accepted
         best = trial
         forced = here
+    best = _sliced_params(gm, n, best, forced)
     if not best.seeds:
         best.fallbacks.extend(skipped)
     else:
