@@ -73,6 +73,10 @@ class ParallelPlan:
         if self.cfg not in (None, 1, 2):
             raise PlanError(f"cfg degree must be 1 or 2 (the cond/uncond halves; option use_cfg_parallel=True or "
                             f"False), got {self.cfg!r}")
+        if (self.tp or 1) > 1 and (self.pp or 1) > 1:
+            raise PlanError(f"tensor_parallel_degree={self.tp} with pipefusion_parallel_degree={self.pp} is not supported "
+                            "yet (PipeFusion lowers only the sequence axis inside its stages): use tensor parallel with "
+                            "ulysses_degree / ring_degree / use_cfg_parallel / data_parallel_degree, or PipeFusion without it")
         _check_int("num_pipeline_patch", self.num_pipeline_patch, 1,
                    "a positive int, or None for one patch per pipeline stage", optional=True)
         _check_int("warmup_steps", self.warmup_steps, 0, "an int >= 0")

@@ -131,6 +131,18 @@ def _with_rows(gm: fx.GraphModule, n: int, prop: Propagation, forced: Mapping[fx
     return prop
 
 
+def _heads_of(node: fx.Node) -> int | None:
+    """Heads a linear's output is viewed as (``[..., H*D] -> [..., H, D]``), if it is."""
+    features = shape(node)[-1]
+    for u in node.users:
+        if op_name(u) in ("view", "reshape", "unflatten") and isinstance(value(u), torch.Tensor):
+            s = shape(u)
+            if len(s) >= 2 and isinstance(s[-1], int) and isinstance(s[-2], int) and s[-1] * s[-2] == features \
+                    and s[-2] > 1:
+                return int(s[-2])
+    return None
+
+
 def _sliced_params(gm: fx.GraphModule, n: int, prop: Propagation, forced: Mapping[fx.Node, Placement]) -> Propagation:
     """Seed the parameters that every reader asks for in one shard (norm weights of split
     features, biases): sliced at compile time like the weights, instead of at run time."""
@@ -222,9 +234,14 @@ def choose_tp(gm: fx.GraphModule, n: int, forced: Mapping[fx.Node, Placement] | 
             if mark is not None:
                 _unmark(gm, mark)
         if accepted is None:
-            skipped.append((node, f"column-parallel {input_label(w)} {why}: kept whole (a layer whose heads or "
-                                  "features the degree does not divide, or one whose output spreads over the "
-                                  "residual stream)"))
+            heads = _heads_of(node)
+            if heads is not None and heads % n:
+                hint = (f"its {heads} heads do not split over {n} ranks: use a tensor_parallel_degree that "
+                        f"divides {heads}, or combine a smaller one with ulysses_degree / ring_degree")
+            else:
+                hint = ("a layer whose features the degree does not divide, or one whose output spreads over "
+                        "the residual stream")
+            skipped.append((node, f"column-parallel {input_label(w)} {why}: kept whole ({hint})"))
             continue
         trial, here = accepted
         best = trial
