@@ -255,23 +255,21 @@ def choose_tp(gm: fx.GraphModule, n: int, forced: Mapping[fx.Node, Placement] | 
 
 
 # ---------------------------------------------------------------------- weights split at compile time
-# Per parameter (weakly): its slices already cut, by (dim, ranges): a later compile (a new shape,
-# another graph reading the same weight) finds them after the whole tensor's storage was freed.
-# Keyed by id (a WeakKeyDictionary compares tensors with ``==``, which reads freed storage).
-_SLICES: dict[int, tuple["weakref.ref[torch.Tensor]", dict[tuple, torch.Tensor]]] = {}
-
-
+# Per parameter (weakly, by id: comparing tensors would read freed storage): its slices already
+# cut, by (dim, ranges), in ``Context.tp_slices``. A later compile (a new shape, another graph
+# reading the same weight) finds them after the whole tensor's storage was freed.
 def kept_slices(x: torch.Tensor) -> list[torch.Tensor]:
     """This rank's slices of parameter ``x`` that compiled graphs hold (none if it is not split)."""
-    entry = _SLICES.get(id(x))
+    entry = current().tp_slices.get(id(x))
     return list(entry[1].values()) if entry is not None and entry[0]() is x else []
 
 
 def _slice_of(x: torch.Tensor, dim: int, ranges: Sequence[tuple[int, int]], label: str) -> torch.Tensor:
     key = (dim, tuple(tuple(r) for r in ranges))
-    entry = _SLICES.get(id(x))
+    slices = current().tp_slices
+    entry = slices.get(id(x))
     if entry is None or entry[0]() is not x:
-        entry = _SLICES[id(x)] = (weakref.ref(x, lambda _r, i=id(x): _SLICES.pop(i, None)), {})
+        entry = slices[id(x)] = (weakref.ref(x, lambda _r, i=id(x): slices.pop(i, None)), {})
     cut = entry[1]
     if key not in cut:
         if x.numel() and x.untyped_storage().nbytes() == 0:
