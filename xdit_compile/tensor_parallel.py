@@ -317,6 +317,11 @@ def split_weights(gm: fx.GraphModule, prop: Propagation, axis: Any, example_inpu
             local = _slice_of(x, dim, ranges, input_label(ph))
             name = f"_xdit_tp_{ph.name}_{j}"
             gm.register_buffer(name, local)
+            if isinstance(getattr(gm, "_param_name_to_source", None), dict):
+                # aot_autograd (inductor) wants a Dynamo source for every lifted constant.
+                from torch._dynamo.source import ConstantSource
+
+                gm._param_name_to_source[name] = ConstantSource(name)
             with gm.graph.inserting_before(u):
                 const = gm.graph.get_attr(name)
             const.meta.update(u.meta)
