@@ -22,7 +22,7 @@ def test_unknown_option_is_named() -> None:
 
 
 def test_degrees_must_multiply_to_world_size() -> None:
-    with pytest.raises(PlanError, match=r"ulysses=2 = 2 do not multiply to the world size 4"):
+    with pytest.raises(PlanError, match=r"ulysses=2 x tp=1 = 2 do not multiply to the world size 4"):
         ParallelPlan(ulysses=2).resolve(4)
 
 
@@ -44,7 +44,7 @@ def test_auto_plan_splits_batch_then_heads_then_ring() -> None:
 
 def test_axis_order_and_groups() -> None:
     plan = ParallelPlan(cfg=2, ring=2, ulysses=2).resolve(8)
-    assert plan.coords(5) == {"dp": 0, "cfg": 1, "pp": 0, "ring": 0, "ulysses": 1}
+    assert plan.coords(5) == {"dp": 0, "cfg": 1, "pp": 0, "ring": 0, "ulysses": 1, "tp": 0}
     assert plan.axis_groups("ulysses") == [[0, 1], [2, 3], [4, 5], [6, 7]]
     assert plan.axis_groups("sp")[0] == [0, 1, 2, 3]
     assert plan.axis_groups("batch")[0] == [0, 4]

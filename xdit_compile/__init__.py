@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from .annotate import replicate, shard
 from .backend import xdit_backend
+from . import tensor_parallel as _tensor_parallel  # noqa: F401  (registers the tp mesh dim and axis)
 from .errors import (CollectiveError, CollectiveTimeoutError, GradientError, PassError, PlanError,
                      RankMismatchError, ShardingError, XditError, unwrap, unwrap_errors)
 from .passes.attention_kernels import KernelCall, register_attention_kernel

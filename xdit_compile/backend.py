@@ -175,6 +175,9 @@ def _axis_passes(axis: Axis, refresh: bool = True) -> list[Pass]:
     def plan_pass(gm: fx.GraphModule, state: State) -> bool:
         forced = state.forced.get(axis.name, {})
         # Marks for the other axis pass values through unchanged on this one.
+        if axis.spec.choose is not None:
+            state.plans.by_axis[axis.name] = axis.spec.choose(gm, axis.n, forced)
+            return False
         state.plans.by_axis[axis.name] = choose_seeds(gm, axis.n, axis.spec.seeds_batch_dim, graph_facts(gm)[0],
                                                       forced=forced)
         return False
@@ -194,6 +197,8 @@ def _axis_passes(axis: Axis, refresh: bool = True) -> list[Pass]:
             ar.note = f"nothing to split on the {axis.name} axis: every rank of it computes the same thing" + (
                 " (every input split was refused: see the replicated inputs below)" if refused else
                 axis.spec.empty_hint)
+        if axis.spec.after_lower is not None:
+            axis.spec.after_lower(gm, prop, axis, state.example_inputs, ar)
         state.report.axes.append(ar)
         return True
 

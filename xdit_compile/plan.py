@@ -55,6 +55,7 @@ class ParallelPlan:
         timeout: seconds a collective or pipeline transfer of the groups the backend creates
             (and the ranks' agreement check at compile time) may wait for a peer before it
             raises; ``None`` keeps the default group's timeout (``init_process_group(timeout=)``).
+        tp: tensor-parallel degree: weights split across ranks (``tensor_parallel.py``).
         check_inputs: per call, check with one tiny collective that every rank got the same
             inputs (``runtime/agreement.py``); ``False`` skips it.
         use_fbcache / use_teacache / cache_threshold / cache_first_steps / cache_last_steps /
@@ -78,11 +79,17 @@ class ParallelPlan:
     cache_last_steps: int = 0
     cache_num_steps: int | None = None
     teacache_coefficients: tuple[float, ...] | None = None
+    # Tensor-parallel degree (tensor_parallel.py registers its mesh dim); last, so positional args keep their meaning.
+    tp: int | None = None
 
     def __post_init__(self) -> None:
         # bool is an int subclass: True would pass as degree 1, so it is refused by name.
         for axis in axes.mesh_dim_names():
             _check_int(axis, getattr(self, axis), 1, "a positive int (1 = off)", optional=True)
+        if (self.tp or 1) > 1 and (self.pp or 1) > 1:
+            raise PlanError(f"tensor_parallel_degree={self.tp} with pipefusion_parallel_degree={self.pp} is not supported "
+                            "yet (PipeFusion lowers only the sequence axis inside its stages): use tensor parallel with "
+                            "ulysses_degree / ring_degree / use_cfg_parallel / data_parallel_degree, or PipeFusion without it")
         _check_int("num_pipeline_patch", self.num_pipeline_patch, 1,
                    "a positive int, or None for one patch per pipeline stage", optional=True)
         _check_int("warmup_steps", self.warmup_steps, 0, "an int >= 0")

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import string
 
+import torch
 import torch.fx as fx
 
 from ..graph import shape
-from ..placements import PARTIAL, REPLICATE, Placement, Replicate, Shard
+from ..placements import PARTIAL, REPLICATE, Placement, Replicate, Shard, same_layout
 from .core import Decision, OpView
 
 
@@ -56,7 +57,7 @@ def einsum_rule(op: OpView, spec: str, operands: list[fx.Node]) -> Decision | No
             if shape(y)[d] != p.length:
                 ok = False
                 break
-            if q != want:
+            if q != want and not same_layout(q, want, op.n):  # heads x head_dim vs its flat split: same rows
                 needs[y] = want
         if not ok:
             continue
@@ -92,6 +93,8 @@ def linear(op: OpView) -> Decision | None:
     xl = _letters(nd - 1) + "z"
     spec = f"{xl},yz->{xl[:-1]}y"
     d = einsum_rule(op, spec, [x, w])
+    if d is not None and d.out is PARTIAL and isinstance(op.pl(w), Shard) and not d.needs.get(w):
+        return _row_parallel(op, d, b)
     if d is None or d.out is PARTIAL:
         return None
     if isinstance(b, fx.Node):
@@ -103,6 +106,39 @@ def linear(op: OpView) -> Decision | None:
         if op.pl(b) != want:
             d.needs[b] = want
     return d
+
+
+def _row_parallel(op: OpView, d: Decision, b: object) -> Decision:
+    """A linear whose weight is split on its in-features (a tensor-parallel seed): each rank sums
+    its share of the features, so the output is ``P``; the bias, whole on every rank, is added
+    by rank 0 only (else the all-reduce would add it ``n`` times).
+
+        linear(x: S(2)[B, S, K], W: S(1)[N, K], b: R)  ->  P   (rank > 0: linear(x, W))
+    """
+    if not isinstance(b, fx.Node):
+        return d
+    if not isinstance(op.pl(b), Replicate):
+        d.needs[b] = REPLICATE
+    d.rewrite = _bias_on_rank0
+    return d
+
+
+def _bias_on_rank0(graph: fx.Graph, node: fx.Node, ctx: object) -> None:
+    """Ranks other than 0 add a zero bias. Times zero, not dropped: a collective that made the
+    bias whole must stay in every rank's program (dropped on some ranks, the ranks' collectives
+    would no longer pair up)."""
+    if getattr(ctx, "rank", 0) == 0:
+        return
+    b = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    if not isinstance(b, fx.Node):
+        return
+    with graph.inserting_before(node):
+        zero = graph.call_function(torch.mul, (b, 0))
+    zero.meta.update({k: v for k, v in b.meta.items() if k in ("val", "example_value")})
+    if len(node.args) > 2:
+        node.args = (*node.args[:2], zero, *node.args[3:])
+    else:
+        node.kwargs = {**node.kwargs, "bias": zero}
 
 
 def matmul(op: OpView) -> Decision | None:

@@ -2,14 +2,19 @@
 
     layer_norm(x: S(1)[B, S, D], (D,))  -> S(1)
     rms_norm(q: S(2)[B, H, S, Dh], (Dh,)) -> S(2)
+    rms_norm(q: S(2)[B, S, H*Dh], (H*Dh,)) -> S(2)   sum of squares all-reduced (tensor parallel)
     softmax(x: S(1), dim=1)             -> needs R (gather)
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch.fx as fx
 
+from ..graph import arg, shape
 from ..placements import Shard
+from ..runtime import feature_norm
 from .core import Decision, OpView, on_first_shard, replicate_all
 
 
@@ -19,8 +24,32 @@ def trailing_norm(op: OpView, x: fx.Node, p: Shard, params: dict) -> Decision | 
     normalized = op.arg(1, "normalized_shape")
     k = 1 if isinstance(normalized, int) else len(normalized)
     if p.dim >= op.out_ndim - k:
+        if op.name == "rms_norm" and k == 1 and op.node.op == "call_function":
+            return _rms_norm_split_features(op, x, p)
         return replicate_all(op, f"{op.name} normalises over the sharded dim {p.dim}")
     return Decision(p, params)
+
+
+def _rms_norm_split_features(op: OpView, x: fx.Node, p: Shard) -> Decision:
+    """rms_norm(x: S(last)[..., D], (D,), w) -> S(last): each rank normalises its features with the
+    sum of squares all-reduced (runtime/feature_norm.py); ``w`` is split like the features."""
+    w = op.arg(2, "weight")
+    needs = {w: p.with_dim(0)} if isinstance(w, fx.Node) and op.pl(w) != p.with_dim(0) else {}
+    rows = shape(x)[:-1]
+    nrows = 1
+    for d in rows:
+        nrows *= int(d)
+
+    def rewrite(graph: fx.Graph, node: fx.Node, ctx: Any) -> None:
+        eps = arg(node, 3, "eps", None)
+        weight = arg(node, 2, "weight", None)
+        if hasattr(ctx, "record"):
+            ctx.record("all_reduce (rms_norm statistics)", node, nrows * 4)
+        node.target = feature_norm.rms_norm
+        node.args = (node.args[0], weight, eps, p.length, ctx.axis.group)
+        node.kwargs = {}
+
+    return Decision(p, needs, rewrite=rewrite, collectives=1, comm_bytes=float(nrows * 4))
 
 
 @on_first_shard

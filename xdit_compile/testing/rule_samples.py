@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from ..runtime import halo
 from ..runtime import redistribute as rt
-from ..placements import Placement, Shard
+from ..placements import Placement, Replicate, Shard
 
 @dataclass(frozen=True)
 class In:
@@ -371,7 +371,13 @@ def _linear(name: str, n: int) -> list[Sample]:
         w, b = gen.randn(N, E, scale=1.0), gen.randn(N, scale=1.0)
         return [S(name, F.linear, (X, Y), (x, w)), S(name, F.linear, (X, Y, Z), (x, w, b)),
                 S(name, F.linear, (X,), (x, w, b), {"weight": Y, "bias": Z}),
-                S(name, F.linear, (X, Y, Z), (x, gen.randn(2 * E, E, scale=1.0), gen.randn(2 * E, scale=1.0)))]
+                S(name, F.linear, (X, Y, Z), (x, gen.randn(2 * E, E, scale=1.0), gen.randn(2 * E, scale=1.0))),
+                # Tensor parallel's row-parallel linear: weight split on in-features, input split
+                # alike (as heads x head_dim, the same rows as the flat split), bias whole -> P.
+                S(name, F.linear, (X, Y, Z), (gen.randn(2, L, 4 * n, scale=1.0), gen.randn(N, 4 * n, scale=1.0),
+                                              gen.randn(N, scale=1.0)),
+                  candidates={0: [Shard(2, (2 * n,), 2), Shard(2, (4 * n,))], 1: [Shard(1, (4 * n,))],
+                              2: [Replicate()]})]
     if name == "matmul":
         out = []
         for a, b in [(x, gen.randn(E, N)), (x, gen.randn(2, E, N)), (gen.randn(L, E), gen.randn(2, E, N)),
@@ -718,6 +724,16 @@ def _runtime(name: str, n: int) -> list[Sample]:
     if name == "xdit_gather":
         return [Sample(name, rt.gather, (X, 0, [2], OtherGroup(), None), (x,)),
                 Sample(name, rt.gather, (X, 2, [E], OtherGroup(), [(0, E, 0)]), (x,))]
+    if name in ("ulysses_attention", "ring_attention"):
+        from ..runtime import attention as ra
+
+        H, S, D = 2 * n, 3, 4
+        q, k, v = (gen.randn(2, H, S, D, scale=1.0) for _ in range(3))
+        mask = gen.randn(2, H, S, S, scale=1.0)
+        sizes = {"q_sizes": [S], "kv_sizes": [S]} if name == "ulysses_attention" else {"kv_sizes": [S]}
+        fn = ra.ulysses_attention if name == "ulysses_attention" else ra.ring_attention
+        return [Sample(name, fn, (X, Y, Z), (q, k, v), {"group": OtherGroup(), **sizes}),
+                Sample(name, fn, (X, Y, Z), (q, k, v, mask), {"group": OtherGroup(), **sizes, "mask": In(3)})]
     return [Sample(name, rt.all_reduce, (X, OtherGroup()), (x,))]
 
 
@@ -782,7 +798,8 @@ def samples_for(name: str, n: int) -> list[Sample]:
         return _indexing(name, n)
     if name in factory.LIKE or name in ("new_zeros", "new_ones", "new_empty", "new_full", "new_tensor", "tensor", "as_tensor"):
         return _factory(name, n)
-    if name in ("xdit_slice", "xdit_gather", "xdit_all_reduce", "xdit_grad_sync"):
+    if name in ("xdit_slice", "xdit_gather", "xdit_all_reduce", "xdit_grad_sync", "ulysses_attention",
+                "ring_attention"):
         return _runtime(name, n)
     if name in resample.INTERPOLATE + resample.ATEN_NEAREST:
         return _resample(name, n)
