@@ -8,14 +8,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import string
 
-import torch
 import torch.fx as fx
 
 from ..graph import shape
 from ..placements import PARTIAL, REPLICATE, Placement, Replicate, Shard, same_layout
-from .core import Decision, OpView
+from .core import Decision, OpView, local_op
 
 
 def einsum_rule(op: OpView, spec: str, operands: list[fx.Node]) -> Decision | None:
@@ -117,28 +117,10 @@ def _row_parallel(op: OpView, d: Decision, b: object) -> Decision:
     """
     if not isinstance(b, fx.Node):
         return d
+    needs = dict(d.needs)
     if not isinstance(op.pl(b), Replicate):
-        d.needs[b] = REPLICATE
-    d.rewrite = _bias_on_rank0
-    return d
-
-
-def _bias_on_rank0(graph: fx.Graph, node: fx.Node, ctx: object) -> None:
-    """Ranks other than 0 add a zero bias. Times zero, not dropped: a collective that made the
-    bias whole must stay in every rank's program (dropped on some ranks, the ranks' collectives
-    would no longer pair up)."""
-    if getattr(ctx, "rank", 0) == 0:
-        return
-    b = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-    if not isinstance(b, fx.Node):
-        return
-    with graph.inserting_before(node):
-        zero = graph.call_function(torch.mul, (b, 0))
-    zero.meta.update({k: v for k, v in b.meta.items() if k in ("val", "example_value")})
-    if len(node.args) > 2:
-        node.args = (*node.args[:2], zero, *node.args[3:])
-    else:
-        node.kwargs = {**node.kwargs, "bias": zero}
+        needs[b] = REPLICATE
+    return dataclasses.replace(d, needs=needs, local=local_op("bias_on_rank0"))
 
 
 def matmul(op: OpView) -> Decision | None:

@@ -8,14 +8,11 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch.fx as fx
 
-from ..graph import arg, shape
+from ..graph import shape
 from ..placements import Shard
-from ..runtime import feature_norm
-from .core import Decision, OpView, on_first_shard, replicate_all
+from .core import Comm, Decision, OpView, local_op, on_first_shard, replicate_all
 
 
 
@@ -40,16 +37,8 @@ def _rms_norm_split_features(op: OpView, x: fx.Node, p: Shard) -> Decision:
     for d in rows:
         nrows *= int(d)
 
-    def rewrite(graph: fx.Graph, node: fx.Node, ctx: Any) -> None:
-        eps = arg(node, 3, "eps", None)
-        weight = arg(node, 2, "weight", None)
-        if hasattr(ctx, "record"):
-            ctx.record("all_reduce (rms_norm statistics)", node, nrows * 4)
-        node.target = feature_norm.rms_norm
-        node.args = (node.args[0], weight, eps, p.length, ctx.axis.group)
-        node.kwargs = {}
-
-    return Decision(p, needs, rewrite=rewrite, collectives=1, comm_bytes=float(nrows * 4))
+    return Decision(p, needs, local=local_op("rms_norm_split_features", length=p.length, rows=nrows),
+                    comm=Comm(1, float(nrows * 4)))
 
 
 @on_first_shard

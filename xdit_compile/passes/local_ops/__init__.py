@@ -9,11 +9,11 @@ A newcomer adding a rule whose op runs differently on each rank returns
 
 from __future__ import annotations
 
-from . import cat_split, conv, group_norm, indexing, reduction, resample, roll, view
+from . import cat_split, conv, group_norm, indexing, linear, norm, reduction, resample, roll, view
 from .base import LocalContext, Surgery
 
 SURGERIES: dict[str, Surgery] = {}
-for _family in (group_norm, reduction, roll, conv, cat_split, indexing, view, resample):
+for _family in (group_norm, reduction, roll, conv, cat_split, indexing, view, resample, linear, norm):
     for _kind, _surgery in _family.TABLE:
         if _kind in SURGERIES:
             raise RuntimeError(f"local op {_kind!r} has surgeries in two families ({_family.__name__})")
