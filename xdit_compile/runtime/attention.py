@@ -34,7 +34,7 @@ import torch
 from xdit_compile.errors import XditError
 from xdit_compile.runtime.attention_grad import SequenceLayout, sequence_attention
 from xdit_compile.runtime.autograd import differentiable, recording
-from xdit_compile.runtime.collectives import Group, group_rank, group_size, shift
+from xdit_compile.runtime.collectives import Group, group_rank, group_size, shift, wait
 from xdit_compile.runtime.kernels import _math_attention, run_kernel  # noqa: F401  (_math_attention: tests)
 from xdit_compile.runtime.ulysses_layout import gather_heads, scatter_heads
 
@@ -282,8 +282,9 @@ def _ring(
     for step in range(ranks):
         # After `step` passes this rank holds the block that started on rank index - step.
         source = (index - step) % ranks
-        # Issue the next pass before computing, so compiled graphs can overlap the two.
-        incoming = shift(kv, 1, group) if step + 1 < ranks else None
+        # Issue the next pass before computing and wait for it after (double buffering): the
+        # network fills `incoming` while this block is attended, eagerly and in compiled graphs.
+        incoming = shift(kv, 1, group, wait=False) if step + 1 < ranks else None
         length = kv_sizes[source]
         if length > 0:
             # Padding is cut off rather than masked: the sizes are static, and an unmasked
@@ -297,7 +298,7 @@ def _ring(
             else:
                 out, lse = merge_attention(out, lse, block_out, block_lse)
         if incoming is not None:
-            kv = incoming
+            kv = wait(incoming)
     if out is None:
         return q.new_zeros(q.shape[:3] + (v.size(-1),))
     return out.to(q.dtype)
