@@ -34,8 +34,9 @@ import torch
 from xdit_compile.errors import XditError
 from xdit_compile.runtime.attention_grad import SequenceLayout, sequence_attention
 from xdit_compile.runtime.autograd import differentiable, recording
-from xdit_compile.runtime.collectives import Group, all_to_all, group_rank, group_size, shift
+from xdit_compile.runtime.collectives import Group, group_rank, group_size, shift, wait
 from xdit_compile.runtime.kernels import _math_attention, run_kernel  # noqa: F401  (_math_attention: tests)
+from xdit_compile.runtime.ulysses_layout import gather_heads, scatter_heads
 
 __all__ = [
     "AttentionError",
@@ -184,11 +185,12 @@ def _ulysses_scatter_heads(
     Tensors with the same shape and sizes travel in one all-to-all (k and v always do; q joins
     them for self-attention), since each collective has a fixed latency cost.
     """
+    # One copy into the send buffer, none out of the receive buffer (runtime/ulysses_layout.py).
     if q.shape == k.shape and list(q_sizes) == list(kv_sizes):
-        q, k, v = all_to_all(torch.stack([q, k, v]), 2, 3, group, gather_sizes=q_sizes).unbind(0)
+        q, k, v = scatter_heads((q, k, v), group, q_sizes)
         return q, k, v
-    q = all_to_all(q, 1, 2, group, gather_sizes=q_sizes)
-    k, v = all_to_all(torch.stack([k, v]), 2, 3, group, gather_sizes=kv_sizes).unbind(0)
+    (q,) = scatter_heads((q,), group, q_sizes)
+    k, v = scatter_heads((k, v), group, kv_sizes)
     return q, k, v
 
 
@@ -246,7 +248,7 @@ def _ulysses(
     heads = q.size(1)
     q, k, v = _ulysses_scatter_heads(q, k, v, group, q_sizes, kv_sizes)
     out, _ = attention_with_lse(q, k, v, _mask_heads(mask, heads, index, ranks), scale, enable_gqa)
-    return all_to_all(out, 2, 1, group, scatter_sizes=q_sizes)
+    return gather_heads(out, group, q_sizes)
 
 
 def _block_mask(mask: torch.Tensor | None, offset: int, length: int) -> torch.Tensor | None:
@@ -280,8 +282,9 @@ def _ring(
     for step in range(ranks):
         # After `step` passes this rank holds the block that started on rank index - step.
         source = (index - step) % ranks
-        # Issue the next pass before computing, so compiled graphs can overlap the two.
-        incoming = shift(kv, 1, group) if step + 1 < ranks else None
+        # Issue the next pass before computing and wait for it after (double buffering): the
+        # network fills `incoming` while this block is attended, eagerly and in compiled graphs.
+        incoming = shift(kv, 1, group, wait=False) if step + 1 < ranks else None
         length = kv_sizes[source]
         if length > 0:
             # Padding is cut off rather than masked: the sizes are static, and an unmasked
@@ -295,7 +298,7 @@ def _ring(
             else:
                 out, lse = merge_attention(out, lse, block_out, block_lse)
         if incoming is not None:
-            kv = incoming
+            kv = wait(incoming)
     if out is None:
         return q.new_zeros(q.shape[:3] + (v.size(-1),))
     return out.to(q.dtype)
@@ -380,7 +383,7 @@ def usp_attention(
         q, k, v = _ulysses_scatter_heads(q, k, v, ulysses_group, local_q_sizes, local_kv_sizes)
         out = _ring(q, k, v, ring_group, ring_kv_sizes, _mask_heads(mask, heads, u_index, ulysses),
                     scale, enable_gqa)
-        return all_to_all(out, 2, 1, ulysses_group, scatter_sizes=local_q_sizes)
+        return gather_heads(out, ulysses_group, local_q_sizes)
 
     if recording(q, k, v):
         # Keys in mask order: this ring index's Ulysses shards, then the ring chunks.

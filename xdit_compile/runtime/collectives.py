@@ -36,6 +36,7 @@ __all__ = [
     "group_size",
     "record_collectives",
     "shift",
+    "wait",
 ]
 
 Group = str | dist.ProcessGroup
@@ -268,8 +269,17 @@ def all_reduce(x: torch.Tensor, group: Group) -> torch.Tensor:
     return _waited(funcol.all_reduce(send, "sum", group))
 
 
-def shift(x: torch.Tensor, offset: int, group: Group) -> torch.Tensor:
+def wait(x: torch.Tensor) -> torch.Tensor:
+    """The plain tensor of a collective started with ``wait=False`` (a no-op for plain tensors)."""
+    return _waited(x)
+
+
+def shift(x: torch.Tensor, offset: int, group: Group, wait: bool = True) -> torch.Tensor:
     """Ring pass: group rank i receives the ``x`` of group rank ``(i - offset) mod N``.
+
+    ``wait=False`` returns as soon as the pass is issued (eagerly, a lazily-waited tensor the
+    network fills in the background): pass the result to :func:`wait` before reading it, and
+    compute in between to overlap the two (Ring attention's double buffering).
 
     Every rank's ``x`` must have the same shape and dtype. Implemented as an
     ``all_to_all_single`` in which each rank sends its whole buffer to one peer and zero
@@ -286,5 +296,5 @@ def shift(x: torch.Tensor, offset: int, group: Group) -> torch.Tensor:
     input_splits[(me + offset) % size] = send.numel()
     output_splits[(me - offset) % size] = send.numel()
     _record("shift", send, size)
-    flat = _waited(funcol.all_to_all_single(send.view(-1), output_splits, input_splits, group))
-    return flat.view(x.shape)
+    flat = funcol.all_to_all_single(send.view(-1), output_splits, input_splits, group)
+    return _waited(flat).view(x.shape) if wait else flat.view(x.shape)
