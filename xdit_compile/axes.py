@@ -5,9 +5,9 @@ meant to arrive that way: one ``MeshDim``, one ``AxisSpec``, plus its rules):
 
 ``MESH_DIMS``  the dimensions of the device mesh, outermost first (rank = row-major index)::
 
-    dp -> cfg -> pp -> ring -> ulysses
+    dp -> cfg -> pp -> ring -> ulysses (-> tp, registered by tensor_parallel.py)
 
-  Ulysses is innermost because its all-to-alls are the most bandwidth-hungry: its ranks are
+  Ulysses is innermost of the built-ins because its all-to-alls are the most bandwidth-hungry: its ranks are
   neighbours (the same node under ``torchrun``). Each dimension is a ``ParallelPlan`` field of
   the same name and has an xDiT option name.
 
