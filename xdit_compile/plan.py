@@ -1,7 +1,7 @@
 """``ParallelPlan``: the degrees of every parallel method, validated, and the device mesh they use.
 
 The mesh dimensions and the logical axes over them come from the axis registry
-(``axes.py``): ``dp -> cfg -> pp -> ring -> ulysses``, outermost first, with ``batch`` =
+(``axes.py``): ``dp -> cfg -> pp -> ring -> ulysses -> tp``, outermost first, with ``batch`` =
 dp x cfg and ``sp`` = ring x ulysses. ``device_mesh`` builds torch's ``DeviceMesh`` with
 those named dimensions (the ones of degree > 1) and flattens each logical axis of several
 dimensions into one sub-mesh; ``process_groups`` hands the passes one group per axis.
