@@ -184,3 +184,38 @@ def has_side_effects(node: fx.Node) -> bool:
 def eliminate_dead_code(graph: fx.Graph) -> bool:
     """``graph.eliminate_dead_code`` that never drops a node with side effects."""
     return graph.eliminate_dead_code(is_impure_node=has_side_effects)
+
+
+def complete_marks(gm: fx.GraphModule, mark: Any) -> tuple[dict[fx.Node, int], tuple[fx.Node, fx.Node] | None]:
+    """Every call node's segment (a pipeline's stage, a step cache's part) from ``mark(node)``, which
+    gives it for the nodes the planner marked and ``None`` for the others (nodes the passes inserted).
+
+    An unmarked node joins the latest segment among its inputs, else the earliest among its users
+    (else 0); a ``getitem`` of a tuple stays with the tuple (tuples never cross a boundary). Returns
+    the segments and the first ``(node, input)`` where a node reads a later segment (``None`` if none):
+    the caller names what that breaks.
+    """
+    calls = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
+    seg: dict[fx.Node, int] = {}
+    deferred = []
+    for n in calls:
+        s = mark(n)
+        known = [seg[x] for x in n.all_input_nodes if x in seg]
+        if s is None and known:
+            s = max(known)
+        if s is None:
+            deferred.append(n)
+        else:
+            seg[n] = s
+    for n in reversed(deferred):
+        users = [seg[u] for u in n.users if u in seg]
+        seg[n] = min(users) if users else 0
+    for n in calls:
+        if op_name(n) == "getitem" and n.args and isinstance(n.args[0], fx.Node) and n.args[0] in seg:
+            if not isinstance(value(n.args[0]), torch.Tensor):
+                seg[n] = seg[n.args[0]]
+    for n in calls:
+        for x in n.all_input_nodes:
+            if x in seg and seg[x] > seg[n]:
+                return seg, (n, x)
+    return seg, None

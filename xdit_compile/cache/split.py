@@ -24,7 +24,7 @@ import torch.fx as fx
 from torch.fx.node import map_arg
 
 from ..errors import PlanError
-from ..graph import op_name, value
+from ..graph import complete_marks, op_name, value
 from ..pipefusion.split import _constant
 from .cut import PART
 
@@ -53,31 +53,12 @@ def part_of(node: fx.Node) -> int | None:
 
 def assign_parts(gm: fx.GraphModule) -> dict[fx.Node, int]:
     """Every call node's part (marks, completed for inserted nodes); raises when a node reads a later part."""
-    calls = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
-    part: dict[fx.Node, int] = {}
-    deferred = []
-    for n in calls:
-        p = part_of(n)
-        known = [part[x] for x in n.all_input_nodes if x in part]
-        if p is None and known:
-            p = max(known)
-        if p is None:
-            deferred.append(n)
-        else:
-            part[n] = p
-    for n in reversed(deferred):
-        users = [part[u] for u in n.users if u in part]
-        part[n] = min(users) if users else 0
-    for n in calls:  # tuples never cross: a getitem runs where its tuple is made
-        if op_name(n) == "getitem" and isinstance(n.args[0], fx.Node) and n.args[0] in part:
-            if not isinstance(value(n.args[0]), torch.Tensor):
-                part[n] = part[n.args[0]]
-    for n in calls:
-        for x in n.all_input_nodes:
-            if x in part and part[x] > part[n]:
-                raise PlanError(f"step cache: {n.name} ({op_name(n)}, part {part[n]}) reads {x.name} (part {part[x]}) "
-                                "of a later part: the graph cannot be cut after its first block; compile without "
-                                "use_fbcache / use_teacache")
+    part, broken = complete_marks(gm, part_of)
+    if broken is not None:
+        n, x = broken
+        raise PlanError(f"step cache: {n.name} ({op_name(n)}, part {part[n]}) reads {x.name} (part {part[x]}) "
+                        "of a later part: the graph cannot be cut after its first block; compile without "
+                        "use_fbcache / use_teacache")
     return part
 
 

@@ -24,7 +24,7 @@ import torch.fx as fx
 from torch.fx.node import map_arg
 
 from ..errors import PlanError
-from ..graph import op_name, value
+from ..graph import complete_marks, value
 from ..runtime.devices import device_of
 
 STAGE = "pf_stage"
@@ -53,29 +53,10 @@ def stage_of(node: fx.Node) -> int | None:
 
 def assign_stages(gm: fx.GraphModule) -> dict[fx.Node, int]:
     """Every call node's stage (policy marks, completed for inserted nodes); checks order."""
-    calls = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
-    st: dict[fx.Node, int] = {}
-    deferred = []
-    for n in calls:
-        s = stage_of(n)
-        staged = [st[x] for x in n.all_input_nodes if x in st]
-        if s is None and staged:
-            s = max(staged)
-        if s is None:
-            deferred.append(n)
-        else:
-            st[n] = s
-    for n in reversed(deferred):
-        users = [st[u] for u in n.users if u in st]
-        st[n] = min(users) if users else 0
-    for n in calls:  # a getitem stays with the tuple it reads: tuples never cross a boundary
-        if op_name(n) == "getitem" and n.args and isinstance(n.args[0], fx.Node) and n.args[0] in st:
-            if not isinstance(value(n.args[0]), torch.Tensor):
-                st[n] = st[n.args[0]]
-    for n in calls:
-        for x in n.all_input_nodes:
-            if x in st and st[x] > st[n]:
-                raise PlanError(f"internal: stage order broken at {n.name} (stage {st[n]}) reading {x.name} (stage {st[x]})")
+    st, broken = complete_marks(gm, stage_of)
+    if broken is not None:
+        n, x = broken
+        raise PlanError(f"internal: stage order broken at {n.name} (stage {st[n]}) reading {x.name} (stage {st[x]})")
     return st
 
 
