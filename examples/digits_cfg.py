@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from digits_dit import load, recognise, sample, tile, write_png  # noqa: E402
+from launch import init_ranks  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -44,12 +45,7 @@ def main() -> int:
     ap.add_argument("--tolerance", type=float, default=1e-4)
     args = ap.parse_args()
 
-    cuda = torch.cuda.is_available()
-    dist.init_process_group("nccl" if cuda else "gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
+    rank, world, device = init_ranks()
     if world % 2:
         raise SystemExit(f"digits_cfg.py: CFG parallelism needs an even number of ranks, got {world}")
     options: dict = {"inner": args.inner, "use_cfg_parallel": True}

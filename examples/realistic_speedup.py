@@ -22,7 +22,9 @@ import time
 import torch
 import torch.distributed as dist
 
-import xdit_compile
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import xdit_compile  # noqa: E402
+from launch import init_ranks  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:
@@ -62,12 +64,7 @@ def main() -> int:
     ap.add_argument("--tolerance", type=float, default=1e-4)
     args = ap.parse_args()
 
-    cuda = torch.cuda.is_available()
-    dist.init_process_group("nccl" if cuda else "gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
+    rank, world, device = init_ranks()
     model, inputs = build(args.size, args.heads, args.head_dim, args.text, device)
     options = {"inner": args.inner, "ulysses_degree": world}
     compiled = torch.compile(model, backend="xdit", options=options)

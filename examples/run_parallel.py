@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from tiny_dits import ZOO, make  # noqa: E402
+from launch import init_ranks  # noqa: E402
 
 import xdit_compile  # noqa: E402
 
@@ -58,12 +59,7 @@ def main() -> int:
     ap.add_argument("--tolerance", type=float, default=1e-4, help="max error relative to the output's scale")
     args = ap.parse_args()
 
-    cuda = torch.cuda.is_available()
-    dist.init_process_group("nccl" if cuda else "gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
+    rank, world, device = init_ranks()
     options: dict = {"inner": args.inner}
     for key, val in (("ulysses_degree", args.ulysses), ("ring_degree", args.ring), ("data_parallel_degree", args.dp)):
         if val is not None:
