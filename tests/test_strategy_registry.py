@@ -125,7 +125,8 @@ def test_no_pass_names_a_strategy_op() -> None:
     found = []
     for path in root.rglob("*.py"):
         rel = path.relative_to(root).as_posix()
-        if rel.startswith(("strategies/", "runtime/")) or rel == "pipefusion/kv.py":
+        # testing/ builds validator samples of the rules for these ops, so it calls them.
+        if rel.startswith(("strategies/", "runtime/", "testing/")) or rel == "pipefusion/kv.py":
             continue
         for node in ast.walk(ast.parse(path.read_text())):
             name = node.attr if isinstance(node, ast.Attribute) else node.id if isinstance(node, ast.Name) else None

@@ -61,12 +61,16 @@ def _frames(tb: TracebackType | None) -> Iterator[tuple[FrameType, int]]:
         tb = tb.tb_next
 
 
+# Runtime functions that issue a collective inline, named by the collective they issue.
+_ISSUES = {"scatter_heads": "all_to_all", "gather_heads": "all_to_all"}
+
+
 def _from_runtime(frames: list[tuple[FrameType, int]]) -> tuple[str | None, Any, str | None]:
     """The innermost runtime function that holds a ``group`` (its name is the collective's)."""
     for frame, _ in reversed(frames):
         code, path = frame.f_code, frame.f_code.co_filename.replace("\\", "/")
         if "xdit_compile/runtime/" in path and not path.endswith(_GUARDS) and "group" in frame.f_locals:
-            return code.co_name, frame.f_locals["group"], None
+            return _ISSUES.get(code.co_name, code.co_name), frame.f_locals["group"], None
     return None, None, None
 
 
