@@ -1,7 +1,7 @@
 """CFG across separate calls composed with PipeFusion: CFG 2 x PipeFusion 2 on 4 gloo ranks.
 
-Real diffusers pipelines that call the transformer once per guidance branch (Wan with a negative
-prompt, Flux with true CFG), tiny random parts, 8 steps, only the transformer compiled, inner
+A real diffusers pipeline that calls the transformer once per guidance branch (Flux with true CFG; the
+Wan pipeline is measured by hand in docs/cfg_across_calls.md), tiny random parts, 8 steps, only the transformer compiled, inner
 compiler "eager", one spawn for every case. Mesh (``plan.py`` order dp -> cfg -> pp): ranks
 {0, 1} are cfg group 0's pipeline (stages 0, 1), ranks {2, 3} group 1's.
 
@@ -81,7 +81,8 @@ def _job(cases: list[tuple[str, str, dict[str, Any], dict[str, Any]]]) -> dict[s
 # the stale-K/V error CFG x PipeFusion must reproduce, since each branch keeps its own K/V stream.
 ALONE_M2 = {"data_parallel_degree": 2, "pipefusion_parallel_degree": 2, "num_pipeline_patch": 2, "warmup_steps": 1,
             "inner": "eager"}
-CASES = [("wan_m1", "wan", _pf(1), {}), ("flux_m1", "flux", _pf(1), {}), ("flux_m2", "flux", _pf(2), {}),
+# Wan's pipeline (its VAE is the slow part) is covered across calls in tests/test_cfg_calls.py.
+CASES = [("flux_m1", "flux", _pf(1), {}), ("flux_m2", "flux", _pf(2), {}),
          ("flux_alone_m2", "flux", ALONE_M2, {}),
          ("skipped", "sampler", _pf(1), {"branches": 2, "skip_alternate": True}),
          ("swapped", "sampler", _pf(1), {"branches": 2, "swap_at": 4})]
@@ -108,7 +109,7 @@ def _hits(results: list[dict[str, Any]], case: str) -> None:
         assert streams == [0, 1] + [got["group"]] * (STEPS - 1), (got["driver_calls"], got["report"])
 
 
-@pytest.mark.parametrize("case", ["wan_m1", "flux_m1"])
+@pytest.mark.parametrize("case", ["flux_m1"])
 def test_cfg2_pipefusion2_exact_with_one_patch(four_ranks: list[dict[str, Any]], case: str) -> None:
     _hits(four_ranks, case)
     for rank, r in enumerate(four_ranks):

@@ -116,12 +116,15 @@ def _tp_job(models: list[tuple[str, str]], options: dict) -> list[TpResult]:
     return results
 
 
+# Run in the same spawn, after MODELS, for tests/models/test_tensor_parallel_errors.py (a spawn costs ~10 s a rank).
+UNEVEN = ("examples.tiny_dits_tp:make", "pixart_3heads")
 _cache: list[list[TpResult]] = []
 
 
 def _results() -> list[list[TpResult]]:
     if not _cache:
-        _cache.extend(run_spmd(_tp_job, 2, MODELS, {"tensor_parallel_degree": 2, "inner": "eager"}, timeout=900))
+        _cache.extend(run_spmd(_tp_job, 2, [*MODELS, UNEVEN], {"tensor_parallel_degree": 2, "inner": "eager"},
+                               timeout=900))
     return _cache
 
 
