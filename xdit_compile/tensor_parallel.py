@@ -49,7 +49,7 @@ from .errors import PlanError
 from .graph import input_label, is_user_input, op_name, shape, value
 from .placements import REPLICATE, Partial, Placement, Replicate, Shard, pieces, shard
 from .passes.choose_seeds import _refine_at_cuts
-from .passes.propagate import Propagation, WholeGraphFallback, propagate
+from .passes.propagate import Propagation, propagate, try_propagate
 from .runtime import redistribute as rt
 
 log = logging.getLogger("xdit_compile.tp")
@@ -98,13 +98,6 @@ def _moves(prop: Propagation) -> tuple[int, int, int]:
     return len(gathers), len(reduces), rows
 
 
-def _try(gm: fx.GraphModule, n: int, seeds: Mapping[fx.Node, Placement],
-         forced: Mapping[fx.Node, Placement]) -> Propagation | None:
-    try:
-        return propagate(gm, n, seeds, forced)
-    except WholeGraphFallback:
-        return None
-
 
 def _with_rows(gm: fx.GraphModule, n: int, prop: Propagation, forced: Mapping[fx.Node, Placement]) -> Propagation:
     """Add row-parallel seeds: a linear whose input is split on its last dim and whose weight is a
@@ -124,7 +117,7 @@ def _with_rows(gm: fx.GraphModule, n: int, prop: Propagation, forced: Mapping[fx
             added[w] = p.with_dim(1)
         if not added:
             return prop
-        nxt = _try(gm, n, {**prop.seeds, **added}, forced)
+        nxt = try_propagate(gm, n, {**prop.seeds, **added}, forced)
         if nxt is None:
             return prop
         prop = nxt
@@ -156,7 +149,7 @@ def _sliced_params(gm: fx.GraphModule, n: int, prop: Propagation, forced: Mappin
              and all(x in prop.decisions[u].needs for u in x.users)}
     if not added:
         return prop
-    return _try(gm, n, {**prop.seeds, **added}, forced) or prop
+    return try_propagate(gm, n, {**prop.seeds, **added}, forced) or prop
 
 
 SMALL_OUTPUT = 1 / 16  # a linear output at most this share of the largest activation is "small"
@@ -219,7 +212,7 @@ def choose_tp(gm: fx.GraphModule, n: int, forced: Mapping[fx.Node, Placement] | 
         for whole in ((False, True) if small else (False,)):
             mark = _mark_whole(gm, node) if whole else None
             here = {**forced, mark: REPLICATE} if mark is not None else forced
-            trial = _try(gm, n, seeds, here)
+            trial = try_propagate(gm, n, seeds, here)
             if trial is not None:
                 trial = _with_rows(gm, n, trial, here)
                 trial = _refine_at_cuts(gm, n, trial, here)

@@ -21,7 +21,7 @@ from ..placements import Placement, Shard, pieces, same_layout, shard
 from ..rules import indexing
 from ..rules.cat_split import cut_offsets
 from .activation_seeds import add_activation_seeds
-from .propagate import Propagation, WholeGraphFallback, propagate
+from .propagate import Propagation, WholeGraphFallback, propagate, try_propagate
 from .switch_seeds import add_switch_seeds
 
 log = logging.getLogger("xdit_compile.seeds")
@@ -159,13 +159,6 @@ EXTRA_ROUNDS = 2  # rounds of singles + pairs after the greedy loop
 REFINE_TRIALS = 6  # seeds re-segmented at the graph's cuts
 
 
-def _try(gm: fx.GraphModule, n: int, seeds: Mapping[fx.Node, Placement],
-         forced: Mapping[fx.Node, Placement] | None) -> Propagation | None:
-    try:
-        return propagate(gm, n, seeds, forced)
-    except WholeGraphFallback:
-        return None
-
 
 def _replicated_attention(prop: Propagation) -> int:
     """Attention nodes that run on whole tensors (neither lowered to a sequence-parallel
@@ -199,7 +192,7 @@ def _more_seeds(
             singles = [(prop, (node, p)) for prop, node, p in last]
             last = []
         else:
-            singles = [(prop, c) for c in pool if (prop := _try(gm, n, {**best.seeds, c[0]: c[1]}, forced)) is not None]
+            singles = [(prop, c) for c in pool if (prop := try_propagate(gm, n, {**best.seeds, c[0]: c[1]}, forced)) is not None]
         singles.sort(key=lambda t: t[0].cost)
         trials = [(prop, [c]) for prop, c in singles]
         # Pairs of the cheapest singles, and of the singles that shard a replicated attention.
@@ -208,7 +201,7 @@ def _more_seeds(
         top += [c for prop, c in singles if c not in top and _replicated_attention(prop) < rep][:2]
         for a, b in itertools.combinations(top, 2):
             if a[0] is not b[0]:
-                prop = _try(gm, n, {**best.seeds, a[0]: a[1], b[0]: b[1]}, forced)
+                prop = try_propagate(gm, n, {**best.seeds, a[0]: a[1], b[0]: b[1]}, forced)
                 if prop is not None:
                     trials.append((prop, [a, b]))
         if not trials:
@@ -272,7 +265,7 @@ def _refine_at_cuts(
                 if refined is None or refined == s or (ph, refined) in tried or len(tried) >= REFINE_TRIALS:
                     continue
                 tried.add((ph, refined))
-                prop = _try(gm, n, {**best.seeds, ph: refined}, forced)
+                prop = try_propagate(gm, n, {**best.seeds, ph: refined}, forced)
                 if prop is not None and prop.cost < best.cost * 0.999:
                     log.debug("seed %s refined to %s at cuts of %s", input_label(ph), refined, node.name)
                     best, improved = prop, True

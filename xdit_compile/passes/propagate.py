@@ -215,6 +215,16 @@ def propagate(
     return result
 
 
+def try_propagate(gm: fx.GraphModule, n: int, seeds: Mapping[fx.Node, Placement],
+                  forced: Mapping[fx.Node, Placement] | None = None) -> Propagation | None:
+    """``propagate``, or ``None`` where the seeds would make the whole graph fall back (a trial of the
+    plan searches, which then drop that candidate)."""
+    try:
+        return propagate(gm, n, seeds, forced)
+    except WholeGraphFallback:
+        return None
+
+
 def _write_conflict(node: fx.Node, d: Decision, pl: dict[fx.Node, Any]) -> fx.Node | None:
     """The first input ``node`` writes that decision ``d`` would write wrongly, if any.
 

@@ -35,7 +35,7 @@ import torch.fx as fx
 from ..graph import has_side_effects, is_tensor, op_name, shape
 from ..placements import Placement, Shard, shard
 from ..rules.attention import sdpa_args
-from .propagate import Propagation, WholeGraphFallback, propagate
+from .propagate import Propagation, try_propagate
 
 log = logging.getLogger("xdit_compile.seeds")
 
@@ -91,13 +91,6 @@ def _options(x: fx.Node, prop: Propagation, n: int, batch: int | None) -> list[S
     return out
 
 
-def _try(gm: fx.GraphModule, n: int, seeds: Mapping[fx.Node, Placement],
-         forced: Mapping[fx.Node, Placement] | None) -> Propagation | None:
-    try:
-        return propagate(gm, n, seeds, forced)
-    except WholeGraphFallback:
-        return None
-
 
 def add_switch_seeds(gm: fx.GraphModule, n: int, batch: int | None, best: Propagation,
                      forced: Mapping[fx.Node, Placement] | None = None) -> Propagation:
@@ -116,7 +109,7 @@ def add_switch_seeds(gm: fx.GraphModule, n: int, batch: int | None, best: Propag
         dims = {pl.dim for pl in _options(at[0], best, n, batch)}
         for d in sorted(dims):
             add = {x: p for x in at for p in _options(x, best, n, batch) if p.dim == d}
-            prop = _try(gm, n, {**best.seeds, **add}, forced)
+            prop = try_propagate(gm, n, {**best.seeds, **add}, forced)
             if prop is not None and any(x in prop.switched for x in add):
                 trials.append((prop, add))
     best = _take(best, trials)
@@ -147,7 +140,7 @@ def _singles(gm: fx.GraphModule, n: int, batch: int | None, base: Propagation, a
     out = []
     for x in _path(a, base):
         for p in _options(x, base, n, batch):
-            prop = _try(gm, n, {**base.seeds, **add, x: p}, forced)
+            prop = try_propagate(gm, n, {**base.seeds, **add, x: p}, forced)
             if prop is not None and x in prop.switched:
                 out.append((prop, {**add, x: p}))
     return out
