@@ -152,6 +152,8 @@ ALLOWED: dict[tuple[str, str], str] = {
         "test helper: the torch.library.Library objects of the stand-ins, kept so their registrations stay",
     ("xdit_compile.testing.validate_rules", "_REFERENCES"):
         "test helper: the validator's single-rank reference of each sample, computed once per validator run",
+    ("xdit_compile.testing.pool", "_POOLS"):
+        "test helper: the live rank pools of run_spmd (XDIT_SPMD_REUSE=1), kept so later calls reuse the ranks",
     ("xdit_compile.testing.sim_ranks", "_installed"):
         "test helper: whether the simulated-ranks patch of torch.distributed is installed",
     ("xdit_compile.testing.validate_rules", "MAX_COMBOS"):

@@ -110,6 +110,18 @@ def _environment(env: dict[str, str]) -> Iterator[None]:
                 os.environ[key] = value
 
 
+def _child_setup(rank_: int, world_size_: int, port: int) -> None:
+    """What every rank does first: its own process group, the rendezvous variables, one thread."""
+    # Own process group, so the parent can also take down helpers this rank spawns
+    # (inductor compile workers) with a single killpg.
+    os.setpgid(0, 0)
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    os.environ["RANK"] = str(rank_)
+    os.environ["WORLD_SIZE"] = str(world_size_)
+    torch.set_num_threads(1)
+
+
 def _child_main(
     fn: Callable[..., Any],
     args: tuple[Any, ...],
@@ -121,14 +133,7 @@ def _child_main(
     conn: connection.Connection,
 ) -> None:
     """Entry point of one rank; module-level so "spawn" can pickle it by reference."""
-    # Own process group, so the parent can also take down helpers this rank spawns
-    # (inductor compile workers) with a single killpg.
-    os.setpgid(0, 0)
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    os.environ["RANK"] = str(rank_)
-    os.environ["WORLD_SIZE"] = str(world_size_)
-    torch.set_num_threads(1)
+    _child_setup(rank_, world_size_, port)
     try:
         dist.init_process_group(
             backend, rank=rank_, world_size=world_size_, timeout=timedelta(seconds=timeout)
@@ -162,6 +167,7 @@ def run_spmd(
     timeout: float = 180.0,
     backend: str = "gloo",
     env: dict[str, str] | None = None,
+    fresh: bool = False,
 ) -> list[Any]:
     """Run ``fn(*args)`` on ``world_size`` fresh processes and return their results by rank.
 
@@ -175,9 +181,19 @@ def run_spmd(
     Raises :class:`SpmdError` when a rank raises (message: the rank and its traceback), exits
     without reporting, or when ``timeout`` seconds pass (message: the ranks still running).
     In every case all children are killed and reaped before this returns or raises.
+
+    With ``XDIT_SPMD_REUSE=1`` in the environment (the test suite sets it) and neither ``env``
+    nor ``fresh=True`` given, the call runs on ranks kept from an earlier call of the same world
+    size, backend and timeout (:mod:`xdit_compile.testing.pool`): the same contract, without
+    paying each spawn again.
     """
     if world_size < 1:
         raise SpmdError(f"run_spmd: world_size must be >= 1, got {world_size}")
+    if env is None and not fresh:
+        from xdit_compile.testing import pool
+
+        if pool.reuse_enabled():
+            return pool.run_in_pool(fn, world_size, args, timeout=timeout, backend=backend)
     ctx = get_context("spawn")
     port = _free_port()
     procs: list[BaseProcess] = []

@@ -1,0 +1,189 @@
+"""Ranks kept alive between :func:`run_spmd` calls, so a test suite pays each spawn once.
+
+A spawned rank costs seconds before it runs anything (interpreter, torch, diffusers, the process
+group, Dynamo's first compile). With ``XDIT_SPMD_REUSE=1`` in the environment (the test suite's
+``conftest.py`` sets it), :func:`run_spmd` hands each call to a *pool* of ranks of the same world
+size, backend and timeout, started on first use and kept for the next call.
+
+Between two calls every rank puts back what a call may leave behind, so each call still starts
+from what a fresh rank would see:
+
+- Dynamo's caches (``torch._dynamo.reset``) and xdit_compile's context (``context.reset``);
+- the process groups the call created (destroyed after a barrier, so no peer still uses them);
+- ``os.environ``, torch's default dtype, grad mode and the default generator's seed;
+- modules a call put into ``sys.modules`` by hand (stand-ins for flash-attn / xformers, which a
+  later ``import diffusers`` would probe).
+
+Anything going wrong ends the pool: a rank that raises, dies or misses the deadline takes every
+rank of its pool down (the parent kills them as ``run_spmd`` always did), and the next call starts
+a fresh one. So a broken call can never leave a half-finished collective for the next one.
+Calls with ``env=`` (read at a rank's start) always get fresh ranks.
+"""
+
+from __future__ import annotations
+
+import atexit
+import gc
+import os
+import sys
+import time
+import traceback
+from collections import OrderedDict
+from collections.abc import Callable
+from datetime import timedelta
+from multiprocessing import connection, get_context
+from multiprocessing.process import BaseProcess
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from xdit_compile.testing.harness import (
+    _child_setup, _collect, _detach_result, _dumps, _free_port, _kill, _loads, _Report,
+)
+
+__all__ = ["close_pools", "reuse_enabled", "run_in_pool"]
+
+REUSE_ENV = "XDIT_SPMD_REUSE"
+# At most this many pools stay alive (least recently used closed first): their ranks hold memory.
+MAX_POOLS = 2
+# torch's default seed of a fresh process, restored before each call.
+_FRESH_SEED = 67280421310721
+_READY = "ready"
+
+PoolKey = tuple[int, str, float]
+
+
+def reuse_enabled() -> bool:
+    """Whether ``run_spmd`` should reuse ranks (``XDIT_SPMD_REUSE=1``), read at each call."""
+    return os.environ.get(REUSE_ENV, "0") == "1"
+
+
+def _reset_rank(environ: dict[str, str], modules: set[str]) -> None:
+    """Put back what a call may change in a rank, so the next call sees a fresh rank's state."""
+    dist.barrier()  # every peer is done with this call's groups before any is destroyed
+    for name in set(sys.modules) - modules:
+        module = sys.modules[name]
+        # Stand-ins a call put in place of packages (no file, no spec): a later import of a real
+        # library probes for those packages and must not find the fakes.
+        if getattr(module, "__file__", None) is None and getattr(module, "__spec__", None) is None:
+            del sys.modules[name]
+    torch._dynamo.reset()
+    context = sys.modules.get("xdit_compile.context")
+    if context is not None:
+        context.reset()
+    default = dist.group.WORLD
+    for group in list(dist.distributed_c10d._world.pg_map):
+        if group is not default:
+            dist.destroy_process_group(group)
+    os.environ.clear()
+    os.environ.update(environ)
+    torch.set_default_dtype(torch.float32)
+    torch.set_grad_enabled(True)
+    torch.manual_seed(_FRESH_SEED)
+    gc.collect()
+
+
+def _worker_main(rank_: int, world: int, port: int, backend: str, timeout: float,
+                 tasks: connection.Connection, reports: connection.Connection) -> None:
+    """One pooled rank: join the group, then run calls until the parent closes the task pipe."""
+    _child_setup(rank_, world, port)
+    try:
+        dist.init_process_group(backend, rank=rank_, world_size=world, timeout=timedelta(seconds=timeout))
+    except BaseException:  # noqa: BLE001 - the parent reports it as this rank's failure
+        reports.send_bytes(_dumps(_Report(rank_, False, traceback.format_exc())))
+        return
+    environ = dict(os.environ)
+    reports.send_bytes(_dumps(_Report(rank_, True, _READY)))
+    while True:
+        try:
+            data = tasks.recv_bytes()
+        except EOFError:
+            break
+        modules = set(sys.modules)
+        try:
+            fn, args = _loads(data)
+            report = _Report(rank_, True, _detach_result(fn(*args)))
+            payload = _dumps(report)
+        except BaseException:  # noqa: BLE001 - every failure must reach the parent as text
+            report = _Report(rank_, False, traceback.format_exc())
+            payload = _dumps(report)
+        reports.send_bytes(payload)
+        if not report.ok:
+            break  # the parent ends the pool; peers may be stuck in this call's collectives
+        _reset_rank(environ, modules)
+    dist.destroy_process_group()
+
+
+class _Pool:
+    """``world`` spawned ranks that run one call after another."""
+
+    def __init__(self, world: int, backend: str, timeout: float) -> None:
+        ctx = get_context("spawn")
+        port = _free_port()
+        self.procs: list[BaseProcess] = []
+        self.tasks: list[connection.Connection] = []
+        self.reports: list[connection.Connection] = []
+        self.ready = False
+        for rank_ in range(world):
+            task_r, task_w = ctx.Pipe(duplex=False)
+            report_r, report_w = ctx.Pipe(duplex=False)
+            proc = ctx.Process(target=_worker_main, name=f"spmd-pool-rank{rank_}", daemon=True,
+                               args=(rank_, world, port, backend, timeout, task_r, report_w))
+            proc.start()
+            task_r.close()
+            report_w.close()
+            self.procs.append(proc)
+            self.tasks.append(task_w)
+            self.reports.append(report_r)
+
+    def run(self, fn: Callable[..., Any], args: tuple[Any, ...], timeout: float) -> list[Any]:
+        deadline = time.monotonic() + timeout
+        if not self.ready:
+            _collect(fn, self.procs, self.reports, deadline, timeout)
+            self.ready = True
+        data = _dumps((fn, args))
+        for writer in self.tasks:
+            writer.send_bytes(data)
+        return _collect(fn, self.procs, self.reports, deadline, timeout)
+
+    def close(self) -> None:
+        for writer in self.tasks:
+            writer.close()
+        for proc in self.procs:
+            _kill(proc)
+        for proc in self.procs:
+            proc.join()
+        for reader in self.reports:
+            reader.close()
+
+
+# Live pools by (world size, backend, timeout), least recently used first.
+_POOLS: OrderedDict[PoolKey, _Pool] = OrderedDict()
+
+
+def run_in_pool(fn: Callable[..., Any], world: int, args: tuple[Any, ...], *, timeout: float,
+                backend: str) -> list[Any]:
+    """``run_spmd``'s pooled path: run ``fn(*args)`` on the pool's ranks; any failure ends the pool."""
+    key: PoolKey = (world, backend, float(timeout))
+    pool = _POOLS.pop(key, None)
+    if pool is None:
+        while len(_POOLS) >= MAX_POOLS:
+            _POOLS.popitem(last=False)[1].close()
+        pool = _Pool(world, backend, timeout)
+    try:
+        results = pool.run(fn, args, timeout)
+    except BaseException:
+        pool.close()
+        raise
+    _POOLS[key] = pool
+    return results
+
+
+def close_pools() -> None:
+    """End every pool (their ranks exit); the next pooled call starts fresh ranks."""
+    while _POOLS:
+        _POOLS.popitem(last=False)[1].close()
+
+
+atexit.register(close_pools)
