@@ -79,7 +79,7 @@ def parse_bytes(value: Any, option: str = "memory_budget") -> int | None:
         raise PlanError(f"option {option}={value!r} is not accepted (not a number with a known unit): {fix}")
     nbytes = int(float(m.group(1)) * _UNITS[unit])
     if nbytes <= 0:
-        raise PlanError(f"option {option}={value!r} is {nbytes} bytes: a budget must be more than 0 bytes; {fix}")
+        raise PlanError(f"option {option}={value!r} is not accepted ({nbytes} bytes): a budget must be more than 0 bytes; {fix}")
     return nbytes
 
 
