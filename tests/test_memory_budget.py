@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from xdit_compile import ParallelPlan, PlanError
-from xdit_compile.memory import MemoryEstimate, fmt_bytes, parse_bytes, tp_degrees
+from xdit_compile.memory import MemoryEstimate, _with_tp, fmt_bytes, parse_bytes, tp_degrees
 from xdit_compile.testing.harness import run_spmd
 
 TOL = 1e-4
@@ -54,6 +54,12 @@ def test_tp_degrees_divide_world_and_heads() -> None:
     assert tp_degrees(4, 4) == [2, 4]
     assert tp_degrees(4, 3) == []
     assert tp_degrees(6, 6) == [2, 3, 6] and tp_degrees(8, None) == [2, 4, 8]
+    # tp comes out of the sequence axis's share; the rest is resolved as before (batch first).
+    auto = ParallelPlan(memory_budget=1)
+    assert _with_tp(auto, 4, 2, 4, 2).describe() == "cfg=2 x tp=2"
+    assert _with_tp(auto, 4, 1, 4, 2).describe() == "ulysses=2 x tp=2"
+    assert _with_tp(auto, 4, 1, 2, 2).describe() == "ring=2 x tp=2"  # 2 heads: tp 2 leaves 1 per rank for Ulysses
+    assert _with_tp(auto, 2, 2, 4, 2).describe() == "tp=2"  # batch 2 on 2 ranks: out of the cfg axis
 
 
 def test_estimate_text() -> None:
@@ -64,8 +70,17 @@ def test_estimate_text() -> None:
     assert fmt_bytes(28 * 2**30) == "28.00 GiB" and fmt_bytes(10) == "10 B"
 
 
-def _captured(name: str) -> tuple[Any, list[Any], Any]:
+_graphs: dict[str, tuple[Any, list[Any], int]] = {}
+
+
+def _captured(name: str) -> tuple[Any, list[Any], int]:
     """A tiny model's Dynamo graph, its example inputs and the model's parameter and buffer bytes."""
+    if name not in _graphs:
+        _graphs[name] = _capture(name)
+    return _graphs[name]
+
+
+def _capture(name: str) -> tuple[Any, list[Any], int]:
     import torch
 
     from examples.tiny_dits import make
@@ -101,6 +116,28 @@ def _auto_budget() -> int:
         assert tp2.total < whole.params, (tp2, whole)  # else no budget lies between them
         _budgets["auto"] = (tp2.total + whole.params) // 2
     return _budgets["auto"]
+
+
+def test_estimate_per_plan_on_pixart() -> None:
+    """Parameters: whole without tp / pp, about half of the blocks' under TP 2 or two stages;
+    activations: halved by the axes that split tokens or batch, not by tp."""
+    from xdit_compile import memory
+    from xdit_compile.facts import graph_facts
+
+    gm, ex, whole = _captured("pixart")
+    batch, heads = graph_facts(gm)
+    nodes = len(gm.graph.nodes)
+
+    def est(**degrees: int) -> MemoryEstimate:
+        plan = ParallelPlan(**degrees)
+        return memory.estimate(plan.resolve(plan.world_size, batch, heads), gm, ex, batch)
+
+    one, uly, cfg, tp2, pp2 = est(), est(ulysses=2), est(cfg=2), est(tp=2), est(pp=2)
+    assert one.params == uly.params == cfg.params == whole and one.budget is None
+    assert uly.activations == cfg.activations == one.activations // 2 and tp2.activations == one.activations
+    assert 0.45 * whole < tp2.params < 0.6 * whole, (tp2, whole)
+    assert 0.5 * whole < pp2.params < 0.8 * whole, (pp2, whole)
+    assert len(gm.graph.nodes) == nodes  # the estimate plans on a copy
 
 
 # ---------------------------------------------------------------------- one spawn of 2 ranks

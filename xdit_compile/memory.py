@@ -337,9 +337,11 @@ def _verdict(report: "PlanReport", est: MemoryEstimate) -> None:
     if est.fits:
         return
     over = est.total - (est.budget or 0)
+    fix = ("a larger tensor_parallel_degree (more ranks)" if "tp=" in est.plan else
+           "leave the degrees unset for the automatic plan to take tensor_parallel_degree, or set "
+           "tensor_parallel_degree (it splits the weights)")
     est.warning = (f"memory: plan {est.plan} does not fit memory_budget {fmt_bytes(est.budget or 0)} per rank: "
                    f"{est.figures()} = {fmt_bytes(est.total)} ({fmt_bytes(over)} over); raise memory_budget, or "
-                   "leave the degrees unset for the automatic plan to take tensor_parallel_degree, or set "
-                   "tensor_parallel_degree (it splits the weights)")
+                   f"{fix}")
     report.warnings.append(est.warning)
     log.warning("xdit: %s", est.warning)
