@@ -38,14 +38,14 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 import torch.fx as fx
 
 from . import axes
+from .bytesize import fmt_bytes, parse_bytes  # noqa: F401  (parse_bytes: the option, re-exported)
 from .errors import PlanError
 from .graph import is_user_input, op_name, value
 
@@ -54,42 +54,6 @@ if TYPE_CHECKING:
     from .report import PlanReport
 
 log = logging.getLogger("xdit_compile")
-
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-_BYTES = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*$")
-
-
-def parse_bytes(value: Any, option: str = "memory_budget") -> int | None:
-    """``memory_budget`` as bytes: an int, or a string with a unit (``"20GiB"``, ``"24 GB"``,
-    ``"512MiB"``, ``"1.5GiB"``; KB/MB/GB/TB are powers of 1000, KiB/MiB/GiB/TiB of 1024); None stays None."""
-    fix = (f"use a positive int of bytes or a string with a unit, e.g. {option}=24 * 2**30 or "
-           f"{option}='24GiB' (units: B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)")
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise PlanError(f"option {option}={value!r} ({type(value).__name__}) is not accepted: {fix}")
-    if isinstance(value, int):
-        if value <= 0:
-            raise PlanError(f"option {option}={value} is not accepted: a budget must be more than 0 bytes; {fix}")
-        return value
-    m = _BYTES.match(value)
-    unit = m.group(2).lower() if m else None
-    if m is None or unit not in _UNITS:
-        raise PlanError(f"option {option}={value!r} is not accepted (not a number with a known unit): {fix}")
-    nbytes = int(float(m.group(1)) * _UNITS[unit])
-    if nbytes <= 0:
-        raise PlanError(f"option {option}={value!r} is not accepted ({nbytes} bytes): a budget must be more than 0 bytes; {fix}")
-    return nbytes
-
-
-def fmt_bytes(n: float) -> str:
-    """Bytes with a binary unit, two decimals: ``0.47 MiB``, ``28.00 GiB``."""
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{int(n)} B"
-
 
 @dataclass
 class MemoryEstimate:
@@ -210,24 +174,31 @@ def _kept_under_pp(gm: fx.GraphModule, example_inputs: Sequence[Any], stages: in
     return whole - blocks + math.ceil(blocks / stages)
 
 
-class _Planning:
-    """A copy of the graph after the canonical passes, made once, for the tp estimates."""
+def copy_graph(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict]:
+    """A copy of ``gm`` to plan on, and the forced tp placements (none): the default ``prepare``."""
+    import copy
 
-    def __init__(self, gm: fx.GraphModule, example_inputs: Sequence[Any], plan: "ParallelPlan") -> None:
-        self.source, self.example_inputs, self.plan = gm, example_inputs, plan
+    new = fx.GraphModule(gm, copy.deepcopy(gm.graph))
+    new.meta = dict(gm.meta)
+    return new, {}
+
+
+class _Planning:
+    """What the estimates of one graph share: its peak activations, its parameters, and per tp
+    degree the bytes kept (``prepare(gm)`` gives the copy to plan on and the forced tp placements;
+    the backend's runs the canonical passes on it first)."""
+
+    def __init__(self, gm: fx.GraphModule, example_inputs: Sequence[Any],
+                 prepare: Callable[[fx.GraphModule], tuple[fx.GraphModule, dict]] = copy_graph) -> None:
+        self.source, self.example_inputs, self.prepare = gm, example_inputs, prepare
         self.peak = peak_activation_bytes(gm)
         self.whole = sum(b for _, b in parameters(gm, example_inputs))
         self._tp: dict[int, int] = {}
 
     def tp_kept(self, n: int) -> int:
         if n not in self._tp:
-            from .backend import State, _copy, _front_passes, run_passes
-            from .report import PlanReport
-
-            g = _copy(self.source)
-            state = State(self.plan, self.example_inputs, 0, [], PlanReport("memory estimate", "", 0, n, 0))
-            run_passes(g, state, _front_passes(settle=True))
-            self._tp[n] = _kept_under_tp(g, self.example_inputs, n, state.forced.get("tp", {}))
+            g, forced = self.prepare(self.source)
+            self._tp[n] = _kept_under_tp(g, self.example_inputs, n, forced)
         return self._tp[n]
 
 
@@ -243,10 +214,10 @@ def _estimate(plan: "ParallelPlan", planning: _Planning, batch: int | None) -> M
                           planning.peak // _activation_divisor(plan, batch))
 
 
-def estimate(plan: "ParallelPlan", gm: fx.GraphModule, example_inputs: Sequence[Any],
-             batch: int | None = None) -> MemoryEstimate:
+def estimate(plan: "ParallelPlan", gm: fx.GraphModule, example_inputs: Sequence[Any], batch: int | None = None,
+             prepare: Callable[[fx.GraphModule], tuple[fx.GraphModule, dict]] = copy_graph) -> MemoryEstimate:
     """The per-rank memory of resolved ``plan`` on ``gm`` (module docstring); ``gm`` is not changed."""
-    return _estimate(plan, _Planning(gm, example_inputs, plan), batch)
+    return _estimate(plan, _Planning(gm, example_inputs, prepare), batch)
 
 
 def tp_degrees(world: int, heads: int | None) -> list[int]:
@@ -265,7 +236,9 @@ def _with_tp(plan: "ParallelPlan", world: int, batch: int | None, heads: int | N
 
 
 def resolve_for_memory(plan: "ParallelPlan", gm: fx.GraphModule, example_inputs: Sequence[Any], world: int,
-                       batch: int | None, heads: int | None) -> tuple["ParallelPlan", MemoryEstimate | None]:
+                       batch: int | None, heads: int | None,
+                       prepare: Callable[[fx.GraphModule], tuple[fx.GraphModule, dict]] = copy_graph,
+                       ) -> tuple["ParallelPlan", MemoryEstimate | None]:
     """``plan.resolve(world, batch, heads)`` and its memory estimate; with ``memory_budget`` and every
     degree unset, the smallest tp degree whose plan fits the budget (module docstring).
 
@@ -275,7 +248,7 @@ def resolve_for_memory(plan: "ParallelPlan", gm: fx.GraphModule, example_inputs:
     resolved = plan.resolve(world, batch, heads)
     if plan.memory_budget is None:
         return resolved, None
-    planning = _Planning(gm, example_inputs, resolved)
+    planning = _Planning(gm, example_inputs, prepare)
     est = _estimate(resolved, planning, batch)
     auto = all(getattr(plan, d) is None for d in axes.mesh_dim_names())
     if est.fits or not auto or "tp" not in axes.mesh_dim_names():
@@ -298,7 +271,7 @@ def resolve_for_memory(plan: "ParallelPlan", gm: fx.GraphModule, example_inputs:
     more = (f"launch more ranks (tensor_parallel_degree can grow to the heads, {heads})" if heads and most < heads
             else "launch more ranks")
     raise PlanError(
-        f"memory_budget {fmt_bytes(plan.memory_budget)} per rank: no automatic plan on {world} ranks fits; the best, "
+        f"memory_budget {fmt_bytes(plan.memory_budget)} per rank: no automatic plan on {world} rank{'s' if world > 1 else ''} fits; the best, "
         f"{best.plan}, needs {best.figures()} = {fmt_bytes(best.total)} per rank (tried {listing}). Fix: raise "
         f"memory_budget to at least {fmt_bytes(best.total)}, {more}, or set the degrees yourself (a plan that does "
         "not fit then runs with a WARNING)")

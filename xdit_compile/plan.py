@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from . import axes
+from .bytesize import parse_bytes
 from .cache.options import check_cache_options
 from .context import current
 from .errors import PlanError
@@ -89,8 +90,6 @@ class ParallelPlan:
     memory_budget: int | None = None
 
     def __post_init__(self) -> None:
-        from .memory import parse_bytes
-
         object.__setattr__(self, "memory_budget", parse_bytes(self.memory_budget))
         # bool is an int subclass: True would pass as degree 1, so it is refused by name.
         for axis in axes.mesh_dim_names():
