@@ -73,6 +73,23 @@ def test_estimate_text() -> None:
 _graphs: dict[str, tuple[Any, list[Any], int]] = {}
 
 
+def test_measured_bytes_replace_the_estimate_in_the_verdict() -> None:
+    from xdit_compile import memory
+    from xdit_compile.report import AxisReport, PlanReport
+
+    report = PlanReport("graph 0", "tp=2", 0, 2, 1)
+    est = MemoryEstimate("tp=2", 1000, 1200, 2000, 100)
+    memory.attach(report, est)
+    assert len(report.warnings) == 1 and "a larger tensor_parallel_degree" in report.warnings[0]
+    tp = AxisReport("tp", 2)
+    tp.param_bytes = (800, 2000)  # what split_weights measured
+    report.axes.append(tp)
+    memory.measured(report)
+    assert report.warnings == [] and est.fits and str(est) == (
+        "fits: parameters 800 B (estimated 1200 B) + activations ~100 B of 1000 B budget (per rank)")
+    assert "  memory: fits: parameters 800 B" in str(report)
+
+
 def _captured(name: str) -> tuple[Any, list[Any], int]:
     """A tiny model's Dynamo graph, its example inputs and the model's parameter and buffer bytes."""
     if name not in _graphs:

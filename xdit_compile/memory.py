@@ -55,6 +55,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("xdit_compile")
 
+
 @dataclass
 class MemoryEstimate:
     """One plan's per-rank memory on one graph (bytes; see the module docstring for what counts)."""
@@ -270,8 +271,9 @@ def resolve_for_memory(plan: "ParallelPlan", gm: fx.GraphModule, example_inputs:
     most = max(tp_degrees(world, heads) or [1])
     more = (f"launch more ranks (tensor_parallel_degree can grow to the heads, {heads})" if heads and most < heads
             else "launch more ranks")
+    ranks = f"{world} rank" + ("s" if world > 1 else "")
     raise PlanError(
-        f"memory_budget {fmt_bytes(plan.memory_budget)} per rank: no automatic plan on {world} rank{'s' if world > 1 else ''} fits; the best, "
+        f"memory_budget {fmt_bytes(plan.memory_budget)} per rank: no automatic plan on {ranks} fits; the best, "
         f"{best.plan}, needs {best.figures()} = {fmt_bytes(best.total)} per rank (tried {listing}). Fix: raise "
         f"memory_budget to at least {fmt_bytes(best.total)}, {more}, or set the degrees yourself (a plan that does "
         "not fit then runs with a WARNING)")
@@ -304,17 +306,20 @@ def measured(report: "PlanReport") -> None:
 
 
 def _verdict(report: "PlanReport", est: MemoryEstimate) -> None:
-    if est.warning is not None and est.warning in report.warnings:
-        report.warnings.remove(est.warning)
-    est.warning = None
-    if est.fits:
+    """The report's WARNING for ``est`` (replacing an earlier one of it; logged when new)."""
+    text = None
+    if not est.fits:
+        over = est.total - (est.budget or 0)
+        fix = ("a larger tensor_parallel_degree (more ranks)" if "tp=" in est.plan else
+               "leave the degrees unset for the automatic plan to take tensor_parallel_degree, or set "
+               "tensor_parallel_degree (it splits the weights)")
+        text = (f"memory: plan {est.plan} does not fit memory_budget {fmt_bytes(est.budget or 0)} per rank: "
+                f"{est.figures()} = {fmt_bytes(est.total)} ({fmt_bytes(over)} over); raise memory_budget, or {fix}")
+    if text == est.warning:
         return
-    over = est.total - (est.budget or 0)
-    fix = ("a larger tensor_parallel_degree (more ranks)" if "tp=" in est.plan else
-           "leave the degrees unset for the automatic plan to take tensor_parallel_degree, or set "
-           "tensor_parallel_degree (it splits the weights)")
-    est.warning = (f"memory: plan {est.plan} does not fit memory_budget {fmt_bytes(est.budget or 0)} per rank: "
-                   f"{est.figures()} = {fmt_bytes(est.total)} ({fmt_bytes(over)} over); raise memory_budget, or "
-                   f"{fix}")
-    report.warnings.append(est.warning)
-    log.warning("xdit: %s", est.warning)
+    if est.warning in report.warnings:
+        report.warnings.remove(est.warning)
+    est.warning = text
+    if text is not None:
+        report.warnings.append(text)
+        log.warning("xdit: %s", text)
