@@ -86,7 +86,7 @@ def test_measured_bytes_replace_the_estimate_in_the_verdict() -> None:
     report.axes.append(tp)
     memory.measured(report)
     assert report.warnings == [] and est.fits and str(est) == (
-        "fits: parameters 800 B (estimated 1200 B) + activations ~100 B of 1000 B budget (per rank)")
+        "fits: parameters 800 B (estimated 1.17 KiB) + activations ~100 B of 1000 B budget (per rank)")
     assert "  memory: fits: parameters 800 B" in str(report)
 
 
