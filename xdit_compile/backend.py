@@ -35,6 +35,7 @@ import torch.distributed as dist
 import torch.fx as fx
 
 from . import axes as axes_mod
+from . import memory
 from . import plan as plan_mod
 from .cache import build as step_cache
 from .runtime.guard import checked
@@ -283,7 +284,8 @@ def xdit_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: dic
         return per_shape(gm, example_inputs, plan.resolve(world, *graph_facts(gm)),
                          lambda g, ex: xdit_backend(g, ex, options), _inner)
     batch, heads = graph_facts(gm)
-    plan = plan.resolve(world, batch, heads)
+    plan, memory_est = memory.resolve_for_memory(plan, gm, example_inputs, world, batch, heads,
+                                                 _planning_copy(plan, example_inputs))
     graph_name = f"graph {len(reports())}"
     if world > 1 and split_values and value_nodes(gm):  # nonzero / item captured: one static program per value
         split = per_value(gm, example_inputs, lambda g, ex: xdit_backend.__wrapped__(g, ex, options, split_values=False),
@@ -294,6 +296,7 @@ def xdit_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: dic
     report.warnings = random_ops(gm)
     for w in report.warnings:
         log.warning("xdit: %s", w)
+    memory.attach(report, memory_est)  # with memory_budget: fits or not (a WARNING), per rank
     report.graph_breaks = graph_breaks()
     if report.graph_breaks and world > 1 and not current().warned_breaks:
         current().warned_breaks = True  # the graph-break WARNING is logged once per context
@@ -339,6 +342,18 @@ def xdit_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: dic
         report.calls = stream.report
         return stream
     return _per_rank(gm, example_inputs, plan, rank, report)
+
+
+def _planning_copy(plan: ParallelPlan, example_inputs: Sequence[Any]) -> Callable[[fx.GraphModule], tuple]:
+    """For ``memory.py``'s tp estimate: a copy of a graph after the front passes, and its forced tp placements."""
+
+    def prepare(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict]:
+        g = _copy(gm)
+        state = State(plan, example_inputs, 0, [], PlanReport("memory estimate", plan.describe(), 0, 1, 0))
+        run_passes(g, state, _front_passes(settle=True))
+        return g, state.forced.get("tp", {})
+
+    return prepare
 
 
 def _calls_inputs(gm: fx.GraphModule, example_inputs: Sequence[Any], plan: ParallelPlan, batch: int | None,
@@ -387,6 +402,7 @@ def _per_rank(gm: fx.GraphModule, example_inputs: Sequence[Any], plan: ParallelP
         report.fallback = f"internal error, ran replicated: {e}"
         report.axes.clear()
         log.warning("xdit: %s; this graph runs replicated on every rank (set XDIT_STRICT=1 to raise)", e)
+    memory.measured(report)
     if isinstance(cut, str):
         step_cache.not_cached(plan, report, cut)
     elif cut is not None:

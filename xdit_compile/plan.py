@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from . import axes
+from .bytesize import parse_bytes
 from .cache.options import check_cache_options
 from .context import current
 from .errors import PlanError
@@ -28,7 +29,8 @@ INNER_COMPILERS = ("inductor", "eager")
 _SETTINGS = {name: name for name in ("num_pipeline_patch", "warmup_steps", "inner", "timeout", "check_inputs",
                                      # step caching (``cache/``; validated by ``cache/options.py``)
                                      "use_fbcache", "use_teacache", "cache_threshold", "cache_first_steps",
-                                     "cache_last_steps", "cache_num_steps", "teacache_coefficients")}
+                                     "cache_last_steps", "cache_num_steps", "teacache_coefficients",
+                                     "memory_budget")}
 
 
 def _option_to_field() -> dict[str, str]:
@@ -60,6 +62,9 @@ class ParallelPlan:
             inputs (``runtime/agreement.py``); ``False`` skips it.
         use_fbcache / use_teacache / cache_threshold / cache_first_steps / cache_last_steps /
             cache_num_steps / teacache_coefficients: step caching (``cache/``, docs/step_cache.md).
+        memory_budget: bytes one rank may hold (an int, or a string with a unit: ``"24GiB"``); the
+            report says whether the plan fits, and the automatic plan takes tensor parallel where
+            whole weights do not fit (``memory.py``). ``None``: no budget, plans unchanged.
     """
 
     dp: int | None = None
@@ -81,8 +86,11 @@ class ParallelPlan:
     teacache_coefficients: tuple[float, ...] | None = None
     # Tensor-parallel degree (tensor_parallel.py registers its mesh dim); last, so positional args keep their meaning.
     tp: int | None = None
+    # Per-rank memory budget in bytes (memory.py; a string with a unit is parsed to bytes here).
+    memory_budget: int | None = None
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "memory_budget", parse_bytes(self.memory_budget))
         # bool is an int subclass: True would pass as degree 1, so it is refused by name.
         for axis in axes.mesh_dim_names():
             _check_int(axis, getattr(self, axis), 1, "a positive int (1 = off)", optional=True)

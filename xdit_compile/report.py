@@ -44,6 +44,7 @@ class PlanReport:
     graph_breaks: dict[str, int] = field(default_factory=dict)  # Dynamo's graph breaks so far: reason -> count
     calls: Any = None  # branches.CallsReport when the cfg groups take the branches from separate calls (live)
     step_cache: Any = None  # cache.StepCacheReport (cut, options, generations) or a note why not cached
+    memory: Any = None  # memory.MemoryEstimate: per-rank parameters + activations against memory_budget
 
     def __str__(self) -> str:
         lines = [f"xdit plan for {self.graph} (rank {self.rank}/{self.world_size}, {self.nodes} nodes): {self.plan}"]
@@ -52,6 +53,8 @@ class PlanReport:
         if self.fallback:
             lines.append(f"  WHOLE GRAPH REPLICATED: {self.fallback}")
         lines.extend(f"  WARNING: {w}" for w in self.warnings)
+        if self.memory is not None:
+            lines.append(f"  memory: {self.memory}")
         if self.graph_breaks:
             lines.append(f"  GRAPH BREAKS: {graph_break_text(self.graph_breaks)}")
         for ax in self.axes:
