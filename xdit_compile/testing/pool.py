@@ -38,8 +38,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from xdit_compile.testing.harness import (
-    _child_setup, _collect, _detach_result, _dumps, _free_port, _kill, _loads, _Report,
+from xdit_compile.testing.ranks import (
+    Report, child_setup, collect, detach_result, dumps, free_port, kill, loads,
 )
 
 __all__ = ["close_pools", "reuse_enabled", "run_in_pool"]
@@ -87,14 +87,14 @@ def _reset_rank(environ: dict[str, str], modules: set[str]) -> None:
 def _worker_main(rank_: int, world: int, port: int, backend: str, timeout: float,
                  tasks: connection.Connection, reports: connection.Connection) -> None:
     """One pooled rank: join the group, then run calls until the parent closes the task pipe."""
-    _child_setup(rank_, world, port)
+    child_setup(rank_, world, port)
     try:
         dist.init_process_group(backend, rank=rank_, world_size=world, timeout=timedelta(seconds=timeout))
     except BaseException:  # noqa: BLE001 - the parent reports it as this rank's failure
-        reports.send_bytes(_dumps(_Report(rank_, False, traceback.format_exc())))
+        reports.send_bytes(dumps(Report(rank_, False, traceback.format_exc())))
         return
     environ = dict(os.environ)
-    reports.send_bytes(_dumps(_Report(rank_, True, _READY)))
+    reports.send_bytes(dumps(Report(rank_, True, _READY)))
     while True:
         try:
             data = tasks.recv_bytes()
@@ -102,12 +102,12 @@ def _worker_main(rank_: int, world: int, port: int, backend: str, timeout: float
             break
         modules = set(sys.modules)
         try:
-            fn, args = _loads(data)
-            report = _Report(rank_, True, _detach_result(fn(*args)))
-            payload = _dumps(report)
+            fn, args = loads(data)
+            report = Report(rank_, True, detach_result(fn(*args)))
+            payload = dumps(report)
         except BaseException:  # noqa: BLE001 - every failure must reach the parent as text
-            report = _Report(rank_, False, traceback.format_exc())
-            payload = _dumps(report)
+            report = Report(rank_, False, traceback.format_exc())
+            payload = dumps(report)
         reports.send_bytes(payload)
         if not report.ok:
             break  # the parent ends the pool; peers may be stuck in this call's collectives
@@ -120,7 +120,7 @@ class _Pool:
 
     def __init__(self, world: int, backend: str, timeout: float) -> None:
         ctx = get_context("spawn")
-        port = _free_port()
+        port = free_port()
         self.procs: list[BaseProcess] = []
         self.tasks: list[connection.Connection] = []
         self.reports: list[connection.Connection] = []
@@ -140,18 +140,18 @@ class _Pool:
     def run(self, fn: Callable[..., Any], args: tuple[Any, ...], timeout: float) -> list[Any]:
         deadline = time.monotonic() + timeout
         if not self.ready:
-            _collect(fn, self.procs, self.reports, deadline, timeout)
+            collect(fn, self.procs, self.reports, deadline, timeout)
             self.ready = True
-        data = _dumps((fn, args))
+        data = dumps((fn, args))
         for writer in self.tasks:
             writer.send_bytes(data)
-        return _collect(fn, self.procs, self.reports, deadline, timeout)
+        return collect(fn, self.procs, self.reports, deadline, timeout)
 
     def close(self) -> None:
         for writer in self.tasks:
             writer.close()
         for proc in self.procs:
-            _kill(proc)
+            kill(proc)
         for proc in self.procs:
             proc.join()
         for reader in self.reports:
