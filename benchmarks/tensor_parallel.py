@@ -255,6 +255,10 @@ def bench_job(spec: dict[str, Any]) -> dict[str, Any]:
                         out = call()
                     records = [(x.kind, x.nbytes, x.group_size) for x in log]
                 r["handed"] = sum(n for _, n, _ in records)
+                count: dict[tuple[str, int], int] = {}
+                for k, n, _ in records:
+                    count[(k, n)] = count.get((k, n), 0) + 1
+                r["records"] = sorted(((k, n, c) for (k, n), c in count.items()), key=lambda x: -x[1] * x[2])
                 r["kinds"] = sorted({k for k, _, _ in records})
                 _, mem, _ = jobs._memory_probe(call)
                 r["params"] = _param_bytes(model)
@@ -320,6 +324,7 @@ def _row(cfg: dict[str, Any], per_rank: list[dict[str, Any]], sizes: dict[str, i
         "handed_mib": handed / MIB, "min_mib": least / MIB if least else None,
         "ratio": handed / least if least else None, "rel_err": max((r.get("rel_err", 0.0) for r in rs), default=None),
         "kinds": r0.get("kinds"), "diffusers": r0.get("diffusers"), "first_s": r0.get("first_s"),
+        "records": r0.get("records"),
     }
 
 
@@ -376,12 +381,16 @@ def report(raw: dict[str, Any], quick: bool) -> str:
         f"to_out, to_add_out, the MLP outputs rowwise; the single blocks' proj_out packed rowwise; modulation, "
         f"embeddings and the final projection replicated): one all-reduce of the whole output of each rowwise "
         f"linear, {derived / MIB:.2f} MiB per forward per rank, the same as Megatron's minimum. Ours (TP 2) hands "
-        f"{tp['handed_mib']:.2f} MiB ({tp['ratio']:.3f}x; the excess is the embeddings' small all-reduces and gathers, "
-        "and the modulation linears we split and gather). Applied as diffusers applies it after its device check "
+        f"{tp['handed_mib']:.2f} MiB ({tp['ratio']:.3f}x; the excess, listed below, is the gathers of the linears "
+        "outside the blocks whose weights it splits (the image and text embeddings, the timestep MLP) and of the "
+        "modulation linears, which it splits and gathers whole at once). Applied as diffusers applies it after its device check "
         f"(`parallelize_module` with diffusers' styles, on a CPU mesh) it hands {dif['handed_mib']:.2f} MiB "
         f"({dif['ratio']:.3f}x of the derivation; kinds {dif['kinds']}), keeps {dif['params_mib']:.1f} MiB of "
         f"parameters per rank against our {tp['params_mib']:.1f} MiB (it keeps the modulation linears whole), and "
         f"its output differs from one rank's by {dif['rel_err']:.1e} of the scale.", "",
+        "Collectives per forward on rank 0 (kind: bytes handed x calls, largest total first):", "",
+        *[f"- {r['name']}: " + ", ".join(f"{k} {n / 1024:.0f} KiB x {c}" for k, n, c in r["records"] or [])
+          for r in rows if r["records"]], "",
         "4 processes share the 2 cores in the TP 2 x Ulysses 2 set: its latency is that of 4 ranks on 2 cores, "
         "against the 1-rank time measured in the same set.",
     ]
