@@ -342,16 +342,18 @@ def report(raw: dict[str, Any], quick: bool) -> str:
         "# Tensor parallel side by side", "",
         f"Run of {raw['started']} ({raw['wall_s']:.0f} s), `python benchmarks/tensor_parallel.py"
         f"{' --quick' if quick else ''}`. Device: {two[0]['device']}; gloo; inner compiler `{raw['inner']}`; "
-        f"load average before / after: {raw['load_before'][0]:.1f} / {raw['load_after'][0]:.1f} (the 2 cores are "
-        "shared with other sessions: timings are indicative, byte counts and parameter bytes exact).", "",
+        f"load average before / after: {raw['load_before'][0]:.1f} / {raw['load_after'][0]:.1f}; two busy processes "
+        f"got {raw['capacity'][0]:.2f} / {raw['capacity'][1]:.2f} cores before / after (`benchmarks.run.capacity_probe`; "
+        "2.0 on an idle 2-core machine). The cores are shared with other sessions: timings are indicative, byte "
+        "counts and parameter bytes exact.", "",
         f"Model: Flux-like `FluxTransformer2DModel`, random weights, float32, batch {s['batch']}: {tokens} image "
         f"tokens + {s['text']} text tokens (joint attention), hidden {s['heads'] * s['head_dim']} = {s['heads']} heads x "
         f"{s['head_dim']}, {s['double']} double + {s['single']} single blocks, text width {s['joint_dim']}. "
         f"Parameters on one rank: {rows[0]['params_mib']:.1f} MiB; latency: median of {raw['iters']} calls, the "
         "configurations of a set alternating call by call.", "",
         "| configuration | ranks | params kept / rank (MiB) | forward peak / rank (MiB) | peak / rank (MiB) | vs 1 rank "
-        "| latency (s) | speedup | bytes handed / rank / forward (MiB) | minimum (MiB) | ratio | error / scale |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| latency (s) | best (s) | speedup | bytes handed / rank / forward (MiB) | minimum (MiB) | ratio | error / scale |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     one_peak = rows[0]["peak_mib"]
     for r in rows:
@@ -359,7 +361,8 @@ def report(raw: dict[str, Any], quick: bool) -> str:
         lines.append(
             f"| {r['name']} | {r['ranks']} | {fmt(r['params_mib'], '{:.1f}')} | {fmt(r['forward_mib'], '{:.1f}')} | "
             f"{fmt(r['peak_mib'], '{:.1f}')} | {fmt(r['peak_mib'] / one_peak if one_peak else None, '{:.2f}x')} | "
-            f"{fmt(r['median_s'], '{:.3f}')} | {fmt(r['speedup'], '{:.2f}x')} | {fmt(r['handed_mib'], '{:.2f}')} | "
+            f"{fmt(r['median_s'], '{:.3f}')} | {fmt(min(r['times']) if r['times'] else None, '{:.3f}')} | "
+            f"{fmt(r['speedup'], '{:.2f}x')} | {fmt(r['handed_mib'], '{:.2f}')} | "
             f"{fmt(r['min_mib'], '{:.2f}')} | {fmt(r['ratio'], '{:.3f}')} | {fmt(r['rel_err'], '{:.1e}')} |")
     dif = next(r for r in rows if r["name"].startswith("diffusers"))
     tp = next(r for r in rows if r["name"] == "TP 2")
@@ -392,7 +395,10 @@ def report(raw: dict[str, Any], quick: bool) -> str:
         *[f"- {r['name']}: " + ", ".join(f"{k} {n / 1024:.0f} KiB x {c}" for k, n, c in r["records"] or [])
           for r in rows if r["records"]], "",
         "4 processes share the 2 cores in the TP 2 x Ulysses 2 set: its latency is that of 4 ranks on 2 cores, "
-        "against the 1-rank time measured in the same set.",
+        "against the 1-rank time measured in the same set. Latency is the median of the alternating calls, best "
+        "the fastest of them; speedup = the set's 1-rank median / this median. When other processes load the "
+        "machine (see the load average above), a single-thread forward gets a varying share of a core: compare "
+        "the bytes and the memory, which do not depend on the load, before the times.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -413,6 +419,9 @@ def main(argv: list[str] | None = None) -> int:
     raw: dict[str, Any] = {"started": time.strftime("%Y-%m-%d %H:%M"), "load_before": os.getloadavg(),
                            "iters": args.iters, "inner": args.inner}
     env = {"OMP_NUM_THREADS": "1", "TORCHINDUCTOR_COMPILE_THREADS": "1"}
+    from benchmarks.run import capacity_probe
+
+    raw["capacity"] = [capacity_probe()]
     for world, configs in ((2, CONFIGS_2), (4, CONFIGS_4)):
         backend = "nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= world else "gloo"
         spec = {"quick": args.quick, "iters": args.iters, "inner": args.inner, "configs": configs}
@@ -421,6 +430,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[tp-bench] {world} processes: {time.perf_counter() - t:.0f} s", flush=True)
     raw["sizes"] = raw["2"][0]["sizes"]
     raw["load_after"] = os.getloadavg()
+    raw["capacity"].append(capacity_probe())
     raw["wall_s"] = time.perf_counter() - start
     text = report(raw, args.quick)
     out = Path(args.out)
