@@ -81,6 +81,8 @@ def job(spec: dict[str, Any]) -> dict[str, Any]:
     cpu: dict[str, list[float]] = {"off": [], "on": []}
     outs = {}
     with torch.no_grad():
+        for name in ("off", "on"):  # untimed: a first call may still switch between the two programs' caches
+            programs[name](**inputs)
         for i in range(spec["rounds"]):
             for name in (("off", "on") if i % 2 == 0 else ("on", "off")):
                 dist.barrier()
