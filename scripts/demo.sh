@@ -9,8 +9,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export OMP_NUM_THREADS=1
-# torch's FutureWarning for all_gather_into_tensor, printed once per rank, would bury the results.
-export PYTHONWARNINGS=ignore::FutureWarning
 echo "== 1/4 tiny DiTs, Ulysses 2 on 2 ranks"
 .venv/bin/torchrun --nproc-per-node 2 examples/run_parallel.py --ulysses 2 "$@"
 echo "== 2/4 tiny DiTs, CFG 2 x Ulysses 2 on 4 ranks"

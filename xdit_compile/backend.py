@@ -234,7 +234,9 @@ def _inner(plan: ParallelPlan, gm: fx.GraphModule, example_inputs: Sequence[Any]
         return gm.forward
     from torch._inductor.compile_fx import compile_fx
 
-    return compile_fx(gm, example_inputs)
+    from .inner_overlap import inductor_patches
+
+    return compile_fx(gm, example_inputs, config_patches=inductor_patches(plan.reorder_comms) or None)
 
 
 def _guarded(plan: ParallelPlan, example_inputs: Sequence[Any], build: Callable[[], Callable],

@@ -27,6 +27,7 @@ INNER_COMPILERS = ("inductor", "eager")
 
 # xDiT's flag names, so that its users can reuse their launch scripts.
 _SETTINGS = {name: name for name in ("num_pipeline_patch", "warmup_steps", "inner", "timeout", "check_inputs",
+                                     "reorder_comms",
                                      # step caching (``cache/``; validated by ``cache/options.py``)
                                      "use_fbcache", "use_teacache", "cache_threshold", "cache_first_steps",
                                      "cache_last_steps", "cache_num_steps", "teacache_coefficients",
@@ -60,6 +61,8 @@ class ParallelPlan:
         tp: tensor-parallel degree: weights split across ranks (``tensor_parallel.py``).
         check_inputs: per call, check with one tiny collective that every rank got the same
             inputs (``runtime/agreement.py``); ``False`` skips it.
+        reorder_comms: let inductor move the per-rank graphs' collectives and waits for overlap
+            with compute (``inner_overlap.py``, docs/overlap.md); only for this backend's inner compiles.
         use_fbcache / use_teacache / cache_threshold / cache_first_steps / cache_last_steps /
             cache_num_steps / teacache_coefficients: step caching (``cache/``, docs/step_cache.md).
         memory_budget: bytes one rank may hold (an int, or a string with a unit: ``"24GiB"``); the
@@ -88,6 +91,7 @@ class ParallelPlan:
     tp: int | None = None
     # Per-rank memory budget in bytes (memory.py; a string with a unit is parsed to bytes here).
     memory_budget: int | None = None
+    reorder_comms: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "memory_budget", parse_bytes(self.memory_budget))
@@ -109,6 +113,9 @@ class ParallelPlan:
                             "of seconds (e.g. timeout=60.0), or None for the default group's timeout")
         if not isinstance(self.check_inputs, bool):
             raise PlanError(f"option check_inputs={self.check_inputs!r} ({type(self.check_inputs).__name__}) is not "
+                            "accepted: use True or False")
+        if not isinstance(self.reorder_comms, bool):
+            raise PlanError(f"option reorder_comms={self.reorder_comms!r} ({type(self.reorder_comms).__name__}) is not "
                             "accepted: use True or False")
         check_cache_options(self)
 

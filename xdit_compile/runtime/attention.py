@@ -27,7 +27,7 @@ backward all-gathers K/V, recomputes this rank's queries' attention and reduce-s
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -37,6 +37,7 @@ from xdit_compile.runtime.autograd import differentiable, recording
 from xdit_compile.runtime.collectives import Group, group_rank, group_size, shift, wait
 from xdit_compile.runtime.kernels import _math_attention, run_kernel  # noqa: F401  (_math_attention: tests)
 from xdit_compile.runtime.ulysses_layout import gather_heads, scatter_heads
+from xdit_compile.runtime.usp_layout import pad_kv, scatter_kv, unpack_kv
 
 __all__ = [
     "AttentionError",
@@ -269,13 +270,34 @@ def _ring(
     enable_gqa: bool,
 ) -> torch.Tensor:
     """Ring attention body; inputs already validated, ``mask`` already sliced to q's heads."""
-    ranks, index = group_size(group), group_rank(group)
     padded = max(kv_sizes)
     kv = torch.stack([k, v])
     if kv.size(3) < padded:
         pad_shape = list(kv.shape)
         pad_shape[3] = padded - kv.size(3)
         kv = torch.cat([kv, kv.new_zeros(pad_shape)], dim=3)
+    return _ring_blocks(q, kv, _unpack_stacked, v.size(-1), group, kv_sizes, mask, scale, enable_gqa)
+
+
+def _unpack_stacked(kv: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    # Pure Ring's block: k and v stacked heads-major, [2, B, H, S, D].
+    return kv[0].narrow(2, 0, length), kv[1].narrow(2, 0, length)
+
+
+def _ring_blocks(
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    unpack: Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]],
+    v_dim: int,
+    group: Group,
+    kv_sizes: Sequence[int],
+    mask: torch.Tensor | None,
+    scale: float | None,
+    enable_gqa: bool,
+) -> torch.Tensor:
+    """The ring loop over a K/V block ``kv`` in any layout: ``unpack(kv, n)`` gives the block's first
+    n positions as k, v [B, H, n, D]; every rank's ``kv`` has one shape (padded to max(kv_sizes))."""
+    ranks, index = group_size(group), group_rank(group)
     offsets = [sum(kv_sizes[:i]) for i in range(ranks)]
     out: torch.Tensor | None = None
     lse: torch.Tensor | None = None
@@ -290,8 +312,7 @@ def _ring(
             # Padding is cut off rather than masked: the sizes are static, and an unmasked
             # block keeps the fast kernels available.
             block_out, block_lse = attention_with_lse(
-                q, kv[0].narrow(2, 0, length), kv[1].narrow(2, 0, length),
-                _block_mask(mask, offsets[source], length), scale, enable_gqa,
+                q, *unpack(kv, length), _block_mask(mask, offsets[source], length), scale, enable_gqa,
             )
             if out is None or lse is None:
                 out, lse = block_out.to(block_lse.dtype), block_lse
@@ -300,7 +321,7 @@ def _ring(
         if incoming is not None:
             kv = wait(incoming)
     if out is None:
-        return q.new_zeros(q.shape[:3] + (v.size(-1),))
+        return q.new_zeros(q.shape[:3] + (v_dim,))
     return out.to(q.dtype)
 
 
@@ -380,9 +401,15 @@ def usp_attention(
 
     def body(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         heads = q.size(1)
-        q, k, v = _ulysses_scatter_heads(q, k, v, ulysses_group, local_q_sizes, local_kv_sizes)
-        out = _ring(q, k, v, ring_group, ring_kv_sizes, _mask_heads(mask, heads, u_index, ulysses),
-                    scale, enable_gqa)
+        mask = _mask_heads(mask, heads, u_index, ulysses)
+        if ring > 1:
+            # q and k/v in two all-to-alls: k/v's receive buffer is the ring's first block (no copy).
+            (q,) = scatter_heads((q,), ulysses_group, local_q_sizes)
+            kv = pad_kv(scatter_kv(k, v, ulysses_group, local_kv_sizes), max(ring_kv_sizes))
+            out = _ring_blocks(q, kv, unpack_kv, v.size(-1), ring_group, ring_kv_sizes, mask, scale, enable_gqa)
+        else:
+            q, k, v = _ulysses_scatter_heads(q, k, v, ulysses_group, local_q_sizes, local_kv_sizes)
+            out = _ring(q, k, v, ring_group, ring_kv_sizes, mask, scale, enable_gqa)
         return gather_heads(out, ulysses_group, local_q_sizes)
 
     if recording(q, k, v):

@@ -99,7 +99,7 @@ class Guarded:
             local = local.cpu()
         gathered = torch.empty(self.world * local.numel(), dtype=local.dtype, device=local.device)
         try:
-            dist.all_gather_into_tensor(gathered, local, group=self.group)
+            dist.all_gather_single(gathered, local, group=self.group)  # all_gather_into_tensor is deprecated in 2.13
         except RuntimeError as e:
             if not TIMEOUT_TEXT.search(str(e)):
                 raise

@@ -169,7 +169,7 @@ def _reduce_scatter(x: torch.Tensor, dim: int, dst: Pieces, group: str) -> torch
         blocks.append(block.movedim(dim, 0))
     send = torch.cat(blocks, dim=0).contiguous()
     collectives._record("reduce_scatter", send, len(dst))
-    out = collectives._waited(funcol.reduce_scatter_tensor(send, "sum", 0, group))
+    out = collectives._waited(funcol.reduce_scatter_single(send, "sum", 0, group))
     return out.narrow(0, 0, lengths[me]).movedim(0, dim).contiguous()
 
 
