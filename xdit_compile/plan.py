@@ -28,7 +28,8 @@ INNER_COMPILERS = ("inductor", "eager")
 _SETTINGS = {name: name for name in ("num_pipeline_patch", "warmup_steps", "inner", "timeout", "check_inputs",
                                      # step caching (``cache/``; validated by ``cache/options.py``)
                                      "use_fbcache", "use_teacache", "cache_threshold", "cache_first_steps",
-                                     "cache_last_steps", "cache_num_steps", "teacache_coefficients")}
+                                     "cache_last_steps", "cache_num_steps", "teacache_coefficients",
+                                     "tp_sequence_shard")}
 
 
 def _option_to_field() -> dict[str, str]:
@@ -56,6 +57,9 @@ class ParallelPlan:
             (and the ranks' agreement check at compile time) may wait for a peer before it
             raises; ``None`` keeps the default group's timeout (``init_process_group(timeout=)``).
         tp: tensor-parallel degree: weights split across ranks (``tensor_parallel.py``).
+        tp_sequence_shard: under tensor parallel, reduce-scatter the row-parallel partial sums into
+            token shards where token-local ops follow, gathering the tokens before the next
+            column-parallel linear (Megatron sequence parallel, ``tp_sequence.py``).
         check_inputs: per call, check with one tiny collective that every rank got the same
             inputs (``runtime/agreement.py``); ``False`` skips it.
         use_fbcache / use_teacache / cache_threshold / cache_first_steps / cache_last_steps /
@@ -81,6 +85,8 @@ class ParallelPlan:
     teacache_coefficients: tuple[float, ...] | None = None
     # Tensor-parallel degree (tensor_parallel.py registers its mesh dim); last, so positional args keep their meaning.
     tp: int | None = None
+    # Megatron sequence parallel on the tp axis (tp_sequence.py): partial sums reduce-scattered into token shards.
+    tp_sequence_shard: bool = False
 
     def __post_init__(self) -> None:
         # bool is an int subclass: True would pass as degree 1, so it is refused by name.
@@ -102,6 +108,10 @@ class ParallelPlan:
         if not isinstance(self.check_inputs, bool):
             raise PlanError(f"option check_inputs={self.check_inputs!r} ({type(self.check_inputs).__name__}) is not "
                             "accepted: use True or False")
+        if not isinstance(self.tp_sequence_shard, bool):
+            raise PlanError(f"option tp_sequence_shard={self.tp_sequence_shard!r} ({type(self.tp_sequence_shard).__name__}) "
+                            "is not accepted: use True (reduce-scatter the tensor-parallel partial sums into token "
+                            "shards, Megatron sequence parallel) or False")
         check_cache_options(self)
 
     @property
