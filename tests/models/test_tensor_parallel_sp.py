@@ -1,17 +1,20 @@
 """Megatron sequence parallel on the tp axis (``tp_sequence_shard=True``, ``xdit_compile/tp_sequence.py``).
 
-One spawn of 2 ranks (inner eager) compiles every model twice, under TP 2 (plain: partial sums
-all-reduced) and under TP 2 with ``tp_sequence_shard`` (reduce-scattered into token shards,
-gathered before the next column-parallel linear), and checks on every rank:
+One spawn of 2 ranks (inner eager) runs every model under TP 2 with ``tp_sequence_shard``
+(partial sums reduce-scattered into token shards, gathered before the next column-parallel
+linear) and checks on every rank:
 
 * parity: the output matches single-rank eager within 1e-4 of its scale;
 * traffic: bytes received per call (what the collectives deliver to this rank: an all-reduce of
   B bytes 2B(n-1)/n, a reduce-scatter B(n-1)/n, an all-gather of shards B(n-1)/n) are within
   1.10x of Megatron's minimum, one all-reduce of each attention's and feed-forward's output per
-  block; and reduce-scatters and all-gathers replace the blocks' all-reduces;
-* sharding: the norms and pointwise ops of the per-rank programs touch at most 0.70x the elements
-  they touch under plain TP (the residual stream between blocks is a token shard; the first
-  block's input and the embeddings stay whole), and the norms alone at most 0.70x.
+  block; reduce-scatters and all-gathers are issued;
+* sharding: the residual stream between blocks is a token shard. Every norm on it runs on half
+  the tokens one rank (and plain TP, which keeps the stream whole) gives it, except the first
+  block's pre-norms (before the first reduce-scatter: at most 2, image and text); and the norms
+  and pointwise ops on the residual streams (outputs ``[B, S, hidden]``) touch at most 0.70x
+  the elements they touch on one rank (ideal 0.5; the embeddings and the first block's
+  modulation read whole inputs).
 
 A model whose tokens do not divide by the degree keeps its all-reduces, and the report says so.
 Test code may name model attributes (the blocks, attention and feed-forward classes); the
@@ -34,9 +37,10 @@ MODELS = [("examples.tiny_dits:make", "pixart"), ("examples.tiny_dits:make", "sd
 ODD = ("tests.models.test_tensor_parallel_sp:make_odd", "pixart_odd")  # 3x3 patches: 9 tokens
 TOL = 1e-4
 MAX_TRAFFIC = 1.10
-MAX_POINTWISE = 0.70  # per-rank norm + pointwise elements under SP / under plain TP
-MAX_NORMS = 0.70
-OPTIONS = {"tensor_parallel_degree": 2, "inner": "eager"}
+HIDDEN = 64  # the tiny models' hidden size (4 heads x 16): the residual streams are [B, S, 64]
+MAX_POINTWISE = 0.70  # norm + pointwise elements on the residual streams: this rank's / one rank's
+WHOLE_NORMS = 2  # norms before the first reduce-scatter (the first block's pre-norms of image and text)
+OPTIONS = {"tensor_parallel_degree": 2, "tp_sequence_shard": True, "inner": "eager"}
 
 
 def make_odd(name: str, batch: int = 2, seed: int = 0):
@@ -55,15 +59,12 @@ def make_odd(name: str, batch: int = 2, seed: int = 0):
 class SpResult:
     name: str
     rank: int
-    rel_err: float  # with tp_sequence_shard
-    rel_err_plain: float
-    received: float  # bytes the collectives delivered to this rank in one call, with tp_sequence_shard
-    received_plain: float
+    rel_err: float
+    received: float  # bytes the collectives delivered to this rank in one call
     megatron: float  # one all-reduce (2B(n-1)/n received) of every attention / feed-forward output
-    kinds: tuple[tuple[str, int], ...]  # (collective, calls) with tp_sequence_shard
-    kinds_plain: tuple[tuple[str, int], ...]
-    pointwise: tuple[int, int]  # norm + pointwise output elements per rank: (sp, plain)
-    norms: tuple[int, int]
+    kinds: tuple[tuple[str, int], ...]  # (collective, calls)
+    pointwise: tuple[int, int]  # norm + pointwise output elements on the residual streams: (this rank, one rank)
+    norms: tuple[tuple[int, ...], tuple[int, ...]]  # each norm's output elements, in order: (this rank, one rank)
     report: str
 
 
@@ -95,40 +96,41 @@ def _received(records, n: int) -> float:
     return total
 
 
-def _elements(graphs) -> tuple[int, int]:
-    """Output elements of the norms and of the norms + pointwise ops the per-rank graphs run."""
-    import torch
-    from torch.utils._python_dispatch import TorchDispatchMode
+class _Count:
+    """Output elements of the norms (each, in order) and of the norms + pointwise ops on the
+    residual streams (outputs ``[B, S, hidden]``: residual adds, norms, modulation, gating)."""
 
-    aten = torch.ops.aten
-    norms = {aten.native_layer_norm, aten.layer_norm, aten.rms_norm, aten._fused_rms_norm}
-    pointwise = {aten.add, aten.mul, aten.sub, aten.div, aten.addcmul, aten.silu, aten.gelu, aten.tanh,
-                 aten.rsqrt, aten.pow, aten.mean}
+    def __init__(self, hidden: int) -> None:
+        import torch
+        from torch.utils._python_dispatch import TorchDispatchMode
 
-    class Count(TorchDispatchMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.norm = self.point = 0
+        aten = torch.ops.aten
+        norms = {aten.native_layer_norm, aten.layer_norm, aten.rms_norm, aten._fused_rms_norm}
+        pointwise = {aten.add, aten.mul, aten.sub, aten.div, aten.addcmul, aten.silu, aten.gelu, aten.tanh,
+                     aten.rsqrt, aten.pow, aten.mean}
+        self.norms: list[int] = []
+        self.point = 0
+        count = self
 
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-            out = func(*args, **(kwargs or {}))
-            first = out[0] if isinstance(out, tuple) else out
-            if isinstance(first, torch.Tensor) and first.is_floating_point():
-                if func._overloadpacket in norms:
-                    self.norm += first.numel()
-                    self.point += first.numel()
-                elif func._overloadpacket in pointwise:
-                    self.point += first.numel()
-            return out
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+                out = func(*args, **(kwargs or {}))
+                first = out[0] if isinstance(out, tuple) else out
+                if isinstance(first, torch.Tensor) and first.is_floating_point() and first.dim() == 3 \
+                        and first.shape[-1] == hidden:
+                    if func._overloadpacket in norms:
+                        count.norms.append(first.numel())
+                        count.point += first.numel()
+                    elif func._overloadpacket in pointwise:
+                        count.point += first.numel()
+                return out
 
-    c = Count()
-    with c:
-        for _, gm, ex in graphs:
-            gm(*ex)
-    return c.norm, c.point
+        self.mode = Mode()
 
 
 def _sp_job(models: list[tuple[str, str]], options: dict) -> list[SpResult]:
+    """Per model: the single-rank reference (eager, counted), then the compiled per-rank program
+    (its graphs run once more under the counter)."""
     import torch
     import torch.distributed as dist
 
@@ -142,40 +144,38 @@ def _sp_job(models: list[tuple[str, str]], options: dict) -> list[SpResult]:
     n = dist.get_world_size()
     results = []
     for factory, name in models:
-        runs = {}
-        for sp in (False, True):
-            xdit_compile.clear_reports()
-            clear_graphs()
-            torch._dynamo.reset()
-            model, inputs = load_factory(factory)(name, batch=2, seed=0)
-            sizes: list[int] = []
+        xdit_compile.clear_reports()
+        clear_graphs()
+        torch._dynamo.reset()
+        model, inputs = load_factory(factory)(name, batch=2, seed=0)
+        sizes: list[int] = []
 
-            def hook(_m, _a, out) -> None:
-                outs = out if isinstance(out, tuple) else (out,)
-                sizes.append(sum(o.numel() * o.element_size() for o in outs if isinstance(o, torch.Tensor)))
+        def hook(_m, _a, out) -> None:
+            outs = out if isinstance(out, tuple) else (out,)
+            sizes.append(sum(o.numel() * o.element_size() for o in outs if isinstance(o, torch.Tensor)))
 
-            handles = [m.register_forward_hook(hook) for m in _sublayers(model)]
-            with torch.no_grad():
-                ref = _first_tensor(model(**inputs, return_dict=False))
-            for h in handles:
-                h.remove()
-            compiled = torch.compile(model, backend="xdit", options={**options, "tp_sequence_shard": sp})
-            with torch.no_grad():
-                compiled(**inputs, return_dict=False)
-                with record_collectives() as log:
-                    out = _first_tensor(compiled(**inputs, return_dict=False))
-                norms, point = _elements(compiled_graphs())
-            kinds: dict[str, int] = {}
-            for r in log:
-                kinds[r.kind] = kinds.get(r.kind, 0) + 1
-            runs[sp] = dict(err=float((out - ref).abs().max() / ref.abs().max()), received=_received(log, n),
-                            kinds=tuple(sorted(kinds.items())), norms=norms, point=point,
-                            megatron=2 * sum(sizes) * (n - 1) / n,
-                            report="\n".join(str(r) for r in xdit_compile.reports()))
-        a, b = runs[True], runs[False]
-        results.append(SpResult(name, dist.get_rank(), a["err"], b["err"], a["received"], b["received"], a["megatron"],
-                                a["kinds"], b["kinds"], (a["point"], b["point"]), (a["norms"], b["norms"]),
-                                a["report"]))
+        handles = [m.register_forward_hook(hook) for m in _sublayers(model)]
+        whole = _Count(HIDDEN)
+        with torch.no_grad(), whole.mode:
+            ref = _first_tensor(model(**inputs, return_dict=False))
+        for h in handles:
+            h.remove()
+        compiled = torch.compile(model, backend="xdit", options=dict(options))
+        mine = _Count(HIDDEN)
+        with torch.no_grad():
+            compiled(**inputs, return_dict=False)
+            with record_collectives() as log:
+                out = _first_tensor(compiled(**inputs, return_dict=False))
+            with mine.mode:
+                for _, gm, ex in compiled_graphs():
+                    gm(*ex)
+        kinds: dict[str, int] = {}
+        for r in log:
+            kinds[r.kind] = kinds.get(r.kind, 0) + 1
+        results.append(SpResult(name, dist.get_rank(), float((out - ref).abs().max() / ref.abs().max()),
+                                _received(log, n), 2 * sum(sizes) * (n - 1) / n, tuple(sorted(kinds.items())),
+                                (mine.point, whole.point), (tuple(mine.norms), tuple(whole.norms)),
+                                "\n".join(str(r) for r in xdit_compile.reports())))
     return results
 
 
@@ -199,11 +199,15 @@ def test_tp2_sequence_shard_exact_with_megatron_bytes_and_token_shards(model: st
                                         f"Megatron's minimum {r.megatron:.0f} ({r.kinds})\n{r.report}")
         kinds = dict(r.kinds)
         assert kinds.get("reduce_scatter", 0) >= 2 and kinds.get("all_gather", 0) >= 2, f"{model}: {r.kinds}\n{r.report}"
-        assert kinds.get("all_reduce", 0) < dict(r.kinds_plain)["all_reduce"], f"{model}: {r.kinds} vs {r.kinds_plain}"
         point = r.pointwise[0] / r.pointwise[1]
-        norms = r.norms[0] / r.norms[1]
-        assert point <= MAX_POINTWISE and norms <= MAX_NORMS, (
-            f"{model} rank {r.rank}: norm + pointwise elements {point:.3f}x, norms {norms:.3f}x of plain TP's\n{r.report}")
+        # Matched by size, not position: a norm whose output the model drops is in eager, not in the graph.
+        mine, whole = r.norms
+        sizes = set(whole)
+        full = sum(a in sizes for a in mine)
+        halved = sum(2 * a in sizes and a not in sizes for a in mine)
+        assert full <= WHOLE_NORMS and halved == len(mine) - full and point <= MAX_POINTWISE, (
+            f"{model} rank {r.rank}: {halved} of {len(mine)} norms on a token shard ({mine} vs one rank's {whole}); "
+            f"norm + pointwise elements {point:.3f}x of one rank's\n{r.report}")
         assert "reduce_scatter at" in r.report
 
 
@@ -212,4 +216,5 @@ def test_tokens_that_do_not_divide_keep_the_all_reduce() -> None:
         r = results[-1]
         assert r.rel_err < TOL, f"rank {r.rank}: rel err {r.rel_err}\n{r.report}"
         assert "do not divide by tensor_parallel_degree 2" in r.report, r.report
-        assert r.received <= r.received_plain * 1.0001, (r.received, r.received_plain, r.report)
+        assert "reduce_scatter" not in dict(r.kinds), r.kinds  # every partial sum all-reduced, as plain TP
+        assert r.norms[0] == r.norms[1], r.norms  # the residual stream whole on every rank
