@@ -218,3 +218,57 @@ def test_tokens_that_do_not_divide_keep_the_all_reduce() -> None:
         assert "do not divide by tensor_parallel_degree 2" in r.report, r.report
         assert "reduce_scatter" not in dict(r.kinds), r.kinds  # every partial sum all-reduced, as plain TP
         assert r.norms[0] == r.norms[1], r.norms  # the residual stream whole on every rank
+
+
+# ---------------------------------------------------------------------- the plan, on captured graphs (no processes)
+def _captured(factory: str, name: str):
+    import torch
+
+    from xdit_compile.testing.parity import load_factory
+
+    model, inputs = load_factory(factory)(name, batch=2, seed=0)
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(model, backend=capture)(**inputs, return_dict=False)
+    assert len(graphs) == 1
+    return graphs[0]
+
+
+def test_plan_reduce_scatters_every_block_output_at_the_same_bytes() -> None:
+    """PixArt (2 blocks: self-attention, cross-attention, MLP): all six row-parallel outputs are
+    reduce-scattered (``P -> S(1)``) instead of all-reduced, at no more bytes than plain TP; the
+    caption projection (read only by the K/V projections) and the timestep MLP ([B, D]) keep
+    their all-reduces; off by default, the plan is plain TP's."""
+    from xdit_compile.placements import Partial, Replicate, Shard
+    from xdit_compile.plan import ParallelPlan
+    from xdit_compile.tensor_parallel import choose_tp
+
+    gm = _captured("examples.tiny_dits:make", "pixart")
+    plain = choose_tp(gm, 2, {}, plan=ParallelPlan(tp=2))
+    again = choose_tp(gm, 2, {}, plan=None)
+    sp = choose_tp(gm, 2, {}, plan=ParallelPlan(tp=2, tp_sequence_shard=True))
+
+    def moves(prop, src, dst):
+        return {x.name for d in prop.decisions.values() for x, want in d.needs.items()
+                if isinstance(prop.placements.get(x), src) and isinstance(want, dst)}
+
+    assert plain.comm_bytes == again.comm_bytes and moves(plain, Partial, Replicate) == moves(again, Partial, Replicate)
+    assert len(moves(plain, Partial, Replicate)) == 8 and not moves(plain, Partial, Shard)
+    assert len(moves(sp, Partial, Shard)) == 6, moves(sp, Partial, Shard)
+    assert len(moves(sp, Partial, Replicate)) == 2  # caption projection, timestep MLP
+    assert sp.comm_bytes <= plain.comm_bytes
+
+
+def test_plan_option_is_a_bool() -> None:
+    from xdit_compile.errors import PlanError
+    from xdit_compile.plan import ParallelPlan
+
+    assert ParallelPlan.from_options({"tensor_parallel_degree": 2, "tp_sequence_shard": True}).tp_sequence_shard
+    with pytest.raises(PlanError, match="tp_sequence_shard='yes'"):
+        ParallelPlan.from_options({"tp_sequence_shard": "yes"})
