@@ -25,9 +25,9 @@ A trial is kept when
 
 * the propagation accepts it (no whole-graph fallback),
 * it receives no more bytes than the plan it replaces (no gather the all-reduce did not pay for),
-* some work runs on a token shard that ran whole before (a token-local consumer exists: a
-  partial sum that only feeds the next projection is all-reduced as before), and
-* no layer newly falls back to running replicated.
+* every token shard has a reader that computes on it (a token-local consumer: a partial sum
+  that only feeds the next projection is all-reduced as before), and
+* no rank does more work (estimated flops; no split weight is gathered back).
 
 The token dim of a ``[B, S, D]`` activation is its largest dim between the first and the last;
 a tensor without one (``[B, D]``: the timestep embedding) keeps its all-reduce. Tokens the
@@ -237,8 +237,9 @@ class _Search:
             if trial.comm_bytes > self.best.comm_bytes * (1 + BYTES_SLACK) + 1:
                 why = (f"would receive {trial.comm_bytes - self.best.comm_bytes:.0f} more bytes: "
                        + ", ".join(sorted(_moves(trial) - _moves(self.best))))
-            elif len(trial.fallbacks) > len(self.best.fallbacks) or _weight_gathers(trial) > _weight_gathers(self.best):
-                why = "a layer would run replicated"
+            elif trial.compute > self.best.compute * (1 + BYTES_SLACK) or _weight_gathers(trial) > _weight_gathers(self.best):
+                # More work per rank: some layer would run whole that ran split (a weight gathered back).
+                why = f"more work per rank ({trial.compute:.0f} against {self.best.compute:.0f} flops)"
         names = ", ".join(x.name for x, _ in cands)
         if why is not None:
             log.debug("tp sequence shard: %s kept all-reduced (%s)", names, why)
