@@ -41,7 +41,7 @@ with the forced placements of the marks it kept.
 from __future__ import annotations
 
 import logging
-from typing import Any, Mapping
+from typing import Mapping
 
 import torch
 import torch.fx as fx
@@ -113,12 +113,6 @@ def _all_reduced(prop: Propagation) -> list[fx.Node]:
     return sorted(seen, key=lambda n: order.get(n, 0))
 
 
-def _sharded_work(prop: Propagation, marks: set[fx.Node]) -> set[fx.Node]:
-    """Nodes (not marks) that compute on a shard: their output is ``S``."""
-    return {n for n, p in prop.placements.items()
-            if isinstance(p, Shard) and n.op == "call_function" and n not in marks}
-
-
 def _moves(prop: Propagation) -> set[str]:
     """Every redistribution of a plan, spelled for the debug log."""
     return {f"{x.name} {fmt(prop.placements.get(x))} -> {fmt(want)} for {u.name}"
@@ -133,19 +127,23 @@ def _weight_gathers(prop: Propagation) -> int:
 
 def _candidates(prop: Propagation, n: int) -> tuple[list[tuple[fx.Node, Shard]], list[tuple[fx.Node, str]]]:
     """The all-reduced partial sums that have a token dim the degree divides (with their token
-    shard), and a note for each one whose tokens it does not divide."""
-    found, notes = [], []
+    shard), and one note per token count the degree does not divide (on its first partial sum)."""
+    found: list[tuple[fx.Node, Shard]] = []
+    odd: dict[tuple[int, int], list[fx.Node]] = {}
     for x in _all_reduced(prop):
         t = token_dim(x)
         if t is None:
             continue  # no tokens (a [B, D] embedding): the all-reduce stays
         tokens = shape(x)[t]
         if tokens % n:
-            notes.append((x, f"tensor parallel: partial sum {x.name} {tuple(shape(x))} is all-reduced, not "
-                             f"reduce-scattered into a token shard: its {tokens} tokens (dim {t}) do not divide by "
-                             f"tensor_parallel_degree {n} (use a resolution whose token count divides by {n})"))
+            odd.setdefault((t, tokens), []).append(x)
             continue
         found.append((x, Shard(t, (tokens,), 1)))
+    notes = [(xs[0], f"tensor parallel: {len(xs)} partial sum(s) ({', '.join(x.name for x in xs)}; "
+                     f"{tuple(shape(xs[0]))}) all-reduced, not reduce-scattered into token shards: their {tokens} "
+                     f"tokens (dim {t}) do not divide by tensor_parallel_degree {n} (use a resolution whose token "
+                     f"count divides by {n})")
+             for (t, tokens), xs in odd.items()]
     return found, notes
 
 
