@@ -83,10 +83,11 @@ def _sublayers(model) -> list:
     return out
 
 
-def _received(records, n: int) -> float:
-    """Bytes delivered to this rank (records hold the bytes this rank handed over)."""
+def _received(records) -> float:
+    """Bytes delivered to this rank (records hold the bytes this rank handed over, and the group size)."""
     total = 0.0
     for r in records:
+        n = r.group_size
         if r.kind == "all_reduce":
             total += 2 * r.nbytes * (n - 1) / n
         elif r.kind == "all_gather":
@@ -141,7 +142,7 @@ def _sp_job(models: list[tuple[str, str]], options: dict) -> list[SpResult]:
 
     os.environ.setdefault("XDIT_STRICT", "1")
     os.environ["XDIT_KEEP_GRAPHS"] = "1"
-    n = dist.get_world_size()
+    n = options.get("tensor_parallel_degree", dist.get_world_size())  # the tp group: Megatron's all-reduces
     results = []
     for factory, name in models:
         xdit_compile.clear_reports()
@@ -173,7 +174,7 @@ def _sp_job(models: list[tuple[str, str]], options: dict) -> list[SpResult]:
         for r in log:
             kinds[r.kind] = kinds.get(r.kind, 0) + 1
         results.append(SpResult(name, dist.get_rank(), float((out - ref).abs().max() / ref.abs().max()),
-                                _received(log, n), 2 * sum(sizes) * (n - 1) / n, tuple(sorted(kinds.items())),
+                                _received(log), 2 * sum(sizes) * (n - 1) / n, tuple(sorted(kinds.items())),
                                 (mine.point, whole.point), (tuple(mine.norms), tuple(whole.norms)),
                                 "\n".join(str(r) for r in xdit_compile.reports())))
     return results
