@@ -112,6 +112,10 @@ class ParallelPlan:
             raise PlanError(f"option tp_sequence_shard={self.tp_sequence_shard!r} ({type(self.tp_sequence_shard).__name__}) "
                             "is not accepted: use True (reduce-scatter the tensor-parallel partial sums into token "
                             "shards, Megatron sequence parallel) or False")
+        if self.tp_sequence_shard and (self.tp or 1) <= 1:
+            raise PlanError(f"option tp_sequence_shard=True shards the tensor-parallel partial sums, but "
+                            f"tensor_parallel_degree is {self.tp}: pass tensor_parallel_degree=2 (or more) with it, "
+                            "or drop tp_sequence_shard")
         check_cache_options(self)
 
     @property

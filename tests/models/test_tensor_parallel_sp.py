@@ -273,3 +273,5 @@ def test_plan_option_is_a_bool() -> None:
     assert ParallelPlan.from_options({"tensor_parallel_degree": 2, "tp_sequence_shard": True}).tp_sequence_shard
     with pytest.raises(PlanError, match="tp_sequence_shard='yes'"):
         ParallelPlan.from_options({"tp_sequence_shard": "yes"})
+    with pytest.raises(PlanError, match="pass tensor_parallel_degree=2"):
+        ParallelPlan.from_options({"ulysses_degree": 2, "tp_sequence_shard": True})
