@@ -211,10 +211,10 @@ class _Search:
         refined_from: tuple[Propagation, dict[fx.Node, Shard]] | None = None
         for _ in range(REFINE_ROUNDS):
             trial = try_propagate(self.gm, self.n, self.best.seeds, {**self.forced, **wants})
-            if trial is None:
+            if trial is None and refined_from is None:
                 why = "refused by the propagation"
                 break
-            if refined_from is not None and trial.comm_bytes >= refined_from[0].comm_bytes:
+            if refined_from is not None and (trial is None or trial.comm_bytes >= refined_from[0].comm_bytes):
                 trial, wants = refined_from[0], refined_from[1]  # the re-segmented shards did not pay
                 break
             idle = [m for m in wants if not _works_on_shard(m, trial, self._marks() | set(wants))]
