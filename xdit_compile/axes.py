@@ -68,7 +68,7 @@ class AxisSpec:
     inside_stages: bool
     empty_hint: str = ""
     sub_groups: Callable[[Callable[[str], int], Mapping[str, Any]], dict[str, Any]] | None = None
-    # The axis's own plan search ``(gm, n, forced) -> Propagation`` in place of ``choose_seeds``
+    # The axis's own plan search ``(gm, n, forced, plan=) -> Propagation`` in place of ``choose_seeds``
     # (tensor parallel seeds parameters, not user inputs), and a hook run after its lowering
     # ``(gm, prop, axis, example_inputs, axis_report) -> None`` (tensor parallel splits the weights).
     choose: Callable[..., Any] | None = None

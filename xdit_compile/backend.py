@@ -177,7 +177,7 @@ def _axis_passes(axis: Axis, refresh: bool = True) -> list[Pass]:
         forced = state.forced.get(axis.name, {})
         # Marks for the other axis pass values through unchanged on this one.
         if axis.spec.choose is not None:
-            state.plans.by_axis[axis.name] = axis.spec.choose(gm, axis.n, forced)
+            state.plans.by_axis[axis.name] = axis.spec.choose(gm, axis.n, forced, plan=state.plan)
             return False
         state.plans.by_axis[axis.name] = choose_seeds(gm, axis.n, axis.spec.seeds_batch_dim, graph_facts(gm)[0],
                                                       forced=forced)

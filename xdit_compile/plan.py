@@ -31,7 +31,7 @@ _SETTINGS = {name: name for name in ("num_pipeline_patch", "warmup_steps", "inne
                                      # step caching (``cache/``; validated by ``cache/options.py``)
                                      "use_fbcache", "use_teacache", "cache_threshold", "cache_first_steps",
                                      "cache_last_steps", "cache_num_steps", "teacache_coefficients",
-                                     "memory_budget")}
+                                     "memory_budget", "tp_sequence_shard")}
 
 
 def _option_to_field() -> dict[str, str]:
@@ -59,6 +59,9 @@ class ParallelPlan:
             (and the ranks' agreement check at compile time) may wait for a peer before it
             raises; ``None`` keeps the default group's timeout (``init_process_group(timeout=)``).
         tp: tensor-parallel degree: weights split across ranks (``tensor_parallel.py``).
+        tp_sequence_shard: under tensor parallel, reduce-scatter the row-parallel partial sums into
+            token shards where token-local ops follow, gathering the tokens before the next
+            column-parallel linear (Megatron sequence parallel, ``tp_sequence.py``).
         check_inputs: per call, check with one tiny collective that every rank got the same
             inputs (``runtime/agreement.py``); ``False`` skips it.
         reorder_comms: let inductor move the per-rank graphs' collectives and waits for overlap
@@ -92,6 +95,8 @@ class ParallelPlan:
     # Per-rank memory budget in bytes (memory.py; a string with a unit is parsed to bytes here).
     memory_budget: int | None = None
     reorder_comms: bool = True
+    # Megatron sequence parallel on the tp axis (tp_sequence.py): partial sums reduce-scattered into token shards.
+    tp_sequence_shard: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "memory_budget", parse_bytes(self.memory_budget))
@@ -117,6 +122,14 @@ class ParallelPlan:
         if not isinstance(self.reorder_comms, bool):
             raise PlanError(f"option reorder_comms={self.reorder_comms!r} ({type(self.reorder_comms).__name__}) is not "
                             "accepted: use True or False")
+        if not isinstance(self.tp_sequence_shard, bool):
+            raise PlanError(f"option tp_sequence_shard={self.tp_sequence_shard!r} ({type(self.tp_sequence_shard).__name__}) "
+                            "is not accepted: use True (reduce-scatter the tensor-parallel partial sums into token "
+                            "shards, Megatron sequence parallel) or False")
+        if self.tp_sequence_shard and (self.tp or 1) <= 1:
+            raise PlanError(f"option tp_sequence_shard=True shards the tensor-parallel partial sums, but "
+                            f"tensor_parallel_degree is {self.tp}: pass tensor_parallel_degree=2 (or more) with it, "
+                            "or drop tp_sequence_shard")
         check_cache_options(self)
 
     @property

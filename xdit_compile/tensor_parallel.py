@@ -176,12 +176,15 @@ def _unmark(gm: fx.GraphModule, m: fx.Node) -> None:
     gm.graph.erase_node(m)
 
 
-def choose_tp(gm: fx.GraphModule, n: int, forced: Mapping[fx.Node, Placement] | None = None) -> Propagation:
+def choose_tp(gm: fx.GraphModule, n: int, forced: Mapping[fx.Node, Placement] | None = None,
+              plan: Any = None) -> Propagation:
     """The tensor-parallel plan of ``gm`` on ``n`` ranks (see the module docstring).
 
     Reads ``node.meta["val"]`` (shapes) and whether placeholders are parameters
     (``graph.is_user_input``); writes nothing. The linears it leaves whole, and why, are
-    recorded in ``Propagation.fallbacks`` (the report's replicated list).
+    recorded in ``Propagation.fallbacks`` (the report's replicated list). With
+    ``plan.tp_sequence_shard``, the partial sums are then reduce-scattered into token shards
+    where token-local ops follow (``tp_sequence.py``).
     """
     forced = dict(forced or {})
     best = propagate(gm, n, {}, forced)
@@ -240,6 +243,10 @@ def choose_tp(gm: fx.GraphModule, n: int, forced: Mapping[fx.Node, Placement] | 
         best = trial
         forced = here
     best = _sliced_params(gm, n, best, forced)
+    if getattr(plan, "tp_sequence_shard", False):
+        from .tp_sequence import sequence_shard
+
+        best = sequence_shard(gm, n, best, forced)
     if not best.seeds:
         best.fallbacks.extend(skipped)
     else:
