@@ -5,7 +5,7 @@
 Both engines run in the same 2 gloo ranks on the same model (``benchmarks/models.py``'s ``flux``:
 1,024 image + 128 text tokens, hidden 1,024 = 8 heads x 128, 1 double + 1 single block, batch 2;
 each engine gets its own instance built from the same seed, so the weights are equal) and the same
-inputs. Every round calls each engine once, in turn, after a barrier:
+inputs. Every round calls each engine once, in turn, after a barrier (odd rounds in reverse order):
 
 * ``xdit eager``: ``torch.compile(model, backend="xdit", options={"ulysses_degree": 2, "inner": "eager"})``;
 * ``diffusers eager``: ``model.enable_parallelism(ContextParallelConfig(ulysses_degree=2))``;
@@ -60,9 +60,9 @@ def flux_job(spec: dict[str, Any]) -> dict[str, Any]:
     engines: dict[str, Callable[[], torch.Tensor]] = {}
     xo = {"ulysses_degree": 2, **spec.get("options", {})}
 
-    def xdit(inner: str) -> Callable[[], torch.Tensor]:
+    def xdit(inner: str, **extra: Any) -> Callable[[], torch.Tensor]:
         model, _ = build()
-        fn = torch.compile(model, backend="xdit", options={**xo, "inner": inner})
+        fn = torch.compile(model, backend="xdit", options={**xo, "inner": inner, **extra})
         return lambda: fn(**inputs, return_dict=False)[0]
 
     def diffusers(compiled: bool) -> Callable[[], torch.Tensor]:
@@ -74,6 +74,8 @@ def flux_job(spec: dict[str, Any]) -> dict[str, Any]:
     only = spec.get("only")
     engines["xdit eager"] = xdit("eager")
     engines["diffusers eager"] = diffusers(False)
+    if spec.get("unchecked"):
+        engines["xdit eager, check_inputs=False"] = xdit("eager", check_inputs=False)
     if spec["inductor"]:
         engines["diffusers inductor"] = diffusers(True)
         engines["xdit inductor"] = xdit("inductor")
@@ -96,15 +98,25 @@ def flux_job(spec: dict[str, Any]) -> dict[str, Any]:
 
             for name, call in engines.items():
                 dist.barrier()
-                with profile(activities=[ProfilerActivity.CPU]) as prof:
+                with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
                     call()
-                profiles[name] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
+                table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
+                # Where the copies come from: copy-like ops by input shapes.
+                copies = [e for e in prof.key_averages(group_by_input_shape=True)
+                          if e.key in ("aten::copy_", "aten::cat", "aten::clone", "aten::stack", "aten::mul", "aten::neg")]
+                copies.sort(key=lambda e: -e.self_cpu_time_total)
+                rows = [f"{e.key:<14} x{e.count:<3} {e.self_cpu_time_total / 1e3:9.2f} ms  {str(e.input_shapes)[:150]}"
+                        for e in copies[:15]]
+                profiles[name] = table + "\ncopies and elementwise ops by input shapes (self CPU):\n" + "\n".join(rows)
         times: dict[str, list[float]] = {name: [] for name in engines}
         cpu: dict[str, list[float]] = {name: [] for name in engines}
         load: list[float] = []
-        for _ in range(spec["rounds"]):
+        names = list(engines)
+        for i in range(spec["rounds"]):
             load.append(os.getloadavg()[0])
-            for name, call in engines.items():
+            # Odd rounds reverse the order, so neither engine of a pair always runs first.
+            for name in (names if i % 2 == 0 else names[::-1]):
+                call = engines[name]
                 dist.barrier()
                 start, cpu_start = time.perf_counter(), time.process_time()
                 call()
@@ -122,13 +134,15 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="add a torch.profiler table per engine (rank 0)")
     parser.add_argument("--only", default="", help="comma-separated engine names to run (debugging)")
     parser.add_argument("--no-check-inputs", action="store_true", help="xdit with check_inputs=False")
+    parser.add_argument("--unchecked-too", action="store_true",
+                        help="add an engine: xdit eager with check_inputs=False (what the per-call input check costs)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "flux_cp.md"))
     args = parser.parse_args()
     from xdit_compile.testing import run_spmd
 
     spec = {"quick": args.quick, "batch": 2, "rounds": args.rounds, "inductor": not args.no_inductor,
             "profile": args.profile, "only": [s.strip() for s in args.only.split(",") if s.strip()],
-            "options": {"check_inputs": False} if args.no_check_inputs else {}}
+            "options": {"check_inputs": False} if args.no_check_inputs else {}, "unchecked": args.unchecked_too}
     load_before = os.getloadavg()
     t0 = time.perf_counter()
     results = run_spmd(flux_job, 2, spec, timeout=3600, env={"OMP_NUM_THREADS": "1"})
@@ -146,7 +160,7 @@ def main() -> None:
         f"Model: `benchmarks/models.py` flux{' (quick)' if args.quick else ''} (FluxTransformer2DModel, "
         "1 double + 1 single block; full size: 1,024 image + 128 text tokens, hidden 1,024 = 8 x 128), batch 2, "
         f"float32, 2 gloo ranks x 1 thread, {args.rounds} alternating rounds (each round calls every engine once, "
-        f"in the order below, after a barrier), median of the slower rank per round. xdit options: {spec['options'] or 'defaults'}.",
+        f"after a barrier, in the order below on even rounds and reversed on odd ones), median of the slower rank per round. xdit options: {spec['options'] or 'defaults'}.",
         f"Load average (1, 5, 15 min) before {tuple(round(x, 2) for x in load_before)}, after "
         f"{tuple(round(x, 2) for x in load_after)}; 1-minute load per round {', '.join(f'{x:.2f}' for x in loads)}; "
         f"shared 2-core machine; whole run {total:.0f} s.",
