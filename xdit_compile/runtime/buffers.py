@@ -35,10 +35,15 @@ def _use_count(t: torch.Tensor) -> int:
     return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
 
 
-def pooling(device: torch.device) -> bool:
-    """Whether :func:`scratch` pools on ``device`` now (eager, not traced, CPU)."""
-    if device.type != "cpu":
+def pooling(x: torch.Tensor) -> bool:
+    """Whether buffers for a collective on ``x`` come from the pool now: eager (not traced, no
+    fake mode), a plain CPU tensor (not a subclass such as a fake or distributed tensor)."""
+    if x.device.type != "cpu" or type(x) is not torch.Tensor:
         return False
+    return _eager()
+
+
+def _eager() -> bool:
     import torch.distributed._functional_collectives as funcol
 
     return not (torch.compiler.is_compiling() or funcol._are_we_tracing())
@@ -48,7 +53,7 @@ def scratch(role: str, shape: Sequence[int], dtype: torch.dtype, device: torch.d
     """An uninitialised contiguous tensor of ``shape`` for a collective's send or receive side.
 
     ``role`` names the use (e.g. ``"ulysses.send"``) so that two buffers live at once never
-    share an entry. Pooled when :func:`pooling` and the buffer has at least
+    share an entry. Pooled when running eagerly on CPU and the buffer has at least
     ``MIN_POOLED_BYTES``; otherwise (or while the pooled one is still referenced) a fresh
     ``torch.empty``. The caller must fill every element it reads.
     """
@@ -56,7 +61,7 @@ def scratch(role: str, shape: Sequence[int], dtype: torch.dtype, device: torch.d
     for n in shape:
         numel *= int(n)
     nbytes = numel * torch.empty((), dtype=dtype).element_size()
-    if nbytes < MIN_POOLED_BYTES or not pooling(device):
+    if nbytes < MIN_POOLED_BYTES or device.type != "cpu" or not _eager():
         return torch.empty(tuple(shape), dtype=dtype, device=device)
     pool = current().buffers
     key = (role, numel, dtype, str(device))

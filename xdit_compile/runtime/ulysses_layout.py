@@ -59,7 +59,7 @@ def scatter_heads(tensors: Sequence[torch.Tensor], group: Group, sizes: Sequence
     pieces = [x.view(b, n, hn, s, d).permute(1, 3, 0, 2, 4) for x in tensors]
     per_position = t * b * hn * d
     recv_sizes, send_sizes = [sizes[j] * per_position for j in range(n)], [s * per_position] * n
-    if pooling(tensors[0].device):
+    if pooling(tensors[0]):
         # Eagerly, both sides go to buffers kept between calls (runtime/buffers.py): packed q/k/v
         # is large enough to be a fresh mmap, faulted in page by page, on every call otherwise.
         send = scratch(f"ulysses.send{t}", (n, s, t, b, hn, d), tensors[0].dtype, tensors[0].device)
@@ -84,7 +84,7 @@ def gather_heads(out: torch.Tensor, group: Group, sizes: Sequence[int]) -> torch
     per_position = b * hn * d
     _record("all_to_all", send, n)
     recv_sizes, send_sizes = [s * per_position] * n, [sizes[j] * per_position for j in range(n)]
-    if pooling(out.device):
+    if pooling(out):
         flat = _exchange(send, recv_sizes, send_sizes, group, "ulysses.back")
     else:
         flat = _waited(funcol.all_to_all_single(send.view(-1), recv_sizes, send_sizes, group))
