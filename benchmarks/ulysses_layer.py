@@ -109,8 +109,11 @@ def layer_job(spec: dict[str, Any]) -> dict[str, Any]:
     with torch.no_grad():
         for name, call in calls.items():  # warm-up and exactness
             max_err[name] = float((call() - ref).abs().max())
-        for _ in range(spec["rounds"]):
-            for name, call in calls.items():
+        order = list(calls)
+        for i in range(spec["rounds"]):
+            # Odd rounds reverse the order, so no variant always runs first after the others.
+            for name in (order if i % 2 == 0 else order[::-1]):
+                call = calls[name]
                 dist.barrier()
                 start, cpu_start = time.perf_counter(), time.process_time()
                 call()
@@ -147,7 +150,7 @@ def main() -> None:
         f"# One {'Ring' if args.ring else 'Ulysses'} attention layer, 2 ranks (`benchmarks/ulysses_layer.py`)",
         "",
         f"PixArt-alpha 1024 px shape: batch {spec['batch']}, {spec['tokens']} tokens, 16 heads x 72, float32, "
-        f"gloo, 1 thread per rank; {args.rounds} alternating rounds, median of the slower rank per round.",
+        f"gloo, 1 thread per rank; {args.rounds} alternating rounds (odd rounds in reverse order), median of the slower rank per round.",
         f"Load average (1, 5, 15 min) before {tuple(round(x, 2) for x in load_before)}, after "
         f"{tuple(round(x, 2) for x in load_after)} on a shared 2-core machine.",
         "",
@@ -159,6 +162,10 @@ def main() -> None:
         lines.append(f"| {name} | {med[name]:.3f} | {med[name] / med[base]:.3f} | {cpu[name]:.3f} | "
                      f"{cpu[name] / cpu[base]:.3f} | "
                      f"{results[0]['max_err'][name]:.2e} | {', '.join(f'{t:.2f}' for t in per_round[name])} |")
+    for name in names[1:]:
+        ratios = [per_round[name][i] / per_round[base][i] for i in range(args.rounds)]
+        lines.append(f"\n{name} / {base} per round (wall): {', '.join(f'{x:.3f}' for x in ratios)}; median "
+                     f"**{statistics.median(ratios):.3f}**")
     for name, err in results[0]["errors"].items():
         lines.append(f"\n{name}: not run ({err})")
     text = "\n".join(lines) + "\n"

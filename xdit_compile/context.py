@@ -78,6 +78,7 @@ class Context:
     kv_epoch: int = 0
     captures: list[list[Any]] = field(default_factory=list)
     tp_slices: dict[int, tuple[Any, dict[tuple, Any]]] = field(default_factory=dict)  # tensor_parallel: weight slices cut
+    buffers: dict[tuple, Any] = field(default_factory=dict)  # runtime/buffers.py: collective buffers reused by eager calls
 
     def group_cache(self, world: Any) -> tuple[dict[tuple, dict[str, Any]], dict[float | None, Any]]:
         """(groups, world_groups) built under the default group ``world``; emptied when it changed

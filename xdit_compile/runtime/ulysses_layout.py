@@ -17,7 +17,9 @@ and concatenates the received pieces along the gather dim (a second copy); Ulyss
   ``[B, H, s, D]`` view, the layout the output projection's ``transpose(1, 2).reshape`` wants
   (so that reshape is free too).
 
-Bytes handed to the network are exactly those of the generic path (``record_collectives`` sees
+Eagerly on CPU the send and receive buffers come from ``runtime/buffers.py``'s pool (kept
+between calls: a fresh 56 MiB buffer is faulted in page by page on every call); traced code
+allocates them as usual. Bytes handed to the network are exactly those of the generic path (``record_collectives`` sees
 the same ``all_to_all`` records). All sizes are Python ints, so the code traces and compiles.
 """
 
@@ -26,7 +28,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.distributed as dist
+import torch.distributed.distributed_c10d as c10d
 
+from xdit_compile.runtime.buffers import pooling, scratch
 from xdit_compile.runtime.collectives import (
     Group,
     _record,
@@ -51,11 +56,20 @@ def scatter_heads(tensors: Sequence[torch.Tensor], group: Group, sizes: Sequence
     b, h, s, d = tensors[0].shape
     hn, t = h // n, len(tensors)
     # [B, N, h, s, D] -> [N, s, B, h, D] is a view; the stack at dim 2 is the only copy.
-    send = torch.stack([x.view(b, n, hn, s, d).permute(1, 3, 0, 2, 4) for x in tensors], dim=2)
+    pieces = [x.view(b, n, hn, s, d).permute(1, 3, 0, 2, 4) for x in tensors]
     per_position = t * b * hn * d
-    _record("all_to_all", send, n)
-    flat = _waited(funcol.all_to_all_single(
-        send.view(-1), [sizes[j] * per_position for j in range(n)], [s * per_position] * n, group))
+    recv_sizes, send_sizes = [sizes[j] * per_position for j in range(n)], [s * per_position] * n
+    if pooling(tensors[0]):
+        # Eagerly, both sides go to buffers kept between calls (runtime/buffers.py): packed q/k/v
+        # is large enough to be a fresh mmap, faulted in page by page, on every call otherwise.
+        send = scratch(f"ulysses.send{t}", (n, s, t, b, hn, d), tensors[0].dtype, tensors[0].device)
+        torch.stack(pieces, dim=2, out=send)
+        _record("all_to_all", send, n)
+        flat = _exchange(send, recv_sizes, send_sizes, group, f"ulysses.recv{t}")
+    else:
+        send = torch.stack(pieces, dim=2)
+        _record("all_to_all", send, n)
+        flat = _waited(funcol.all_to_all_single(send.view(-1), recv_sizes, send_sizes, group))
     recv = flat.view(sum(sizes), t, b, hn, d)
     return [recv[:, i].permute(1, 2, 0, 3) for i in range(t)]
 
@@ -69,8 +83,21 @@ def gather_heads(out: torch.Tensor, group: Group, sizes: Sequence[int]) -> torch
     send = out.permute(2, 0, 1, 3).contiguous()  # [S, B, h, Dv]: free if the kernel wrote it so
     per_position = b * hn * d
     _record("all_to_all", send, n)
-    flat = _waited(funcol.all_to_all_single(
-        send.view(-1), [s * per_position] * n, [sizes[j] * per_position for j in range(n)], group))
+    recv_sizes, send_sizes = [s * per_position] * n, [sizes[j] * per_position for j in range(n)]
+    if pooling(out):
+        flat = _exchange(send, recv_sizes, send_sizes, group, "ulysses.back")
+    else:
+        flat = _waited(funcol.all_to_all_single(send.view(-1), recv_sizes, send_sizes, group))
     # [N, s, B, h, Dv] -> [B, s, N, h, Dv]: the one copy on this side.
     back = flat.view(n, s, b, hn, d).permute(2, 1, 0, 3, 4).reshape(b, s, n * hn, d)
     return back.transpose(1, 2)
+
+
+def _exchange(send: torch.Tensor, recv_sizes: list[int], send_sizes: list[int], group: Group,
+              role: str) -> torch.Tensor:
+    """Eager all-to-all of ``send`` (contiguous) into a pooled receive buffer; the same
+    collective as ``funcol.all_to_all_single``, which would allocate the receive side itself."""
+    pg = c10d._resolve_process_group(group) if isinstance(group, str) else group
+    recv = scratch(role, (sum(recv_sizes),), send.dtype, send.device)
+    dist.all_to_all_single(recv, send.view(-1), recv_sizes, send_sizes, group=pg)
+    return recv
