@@ -60,7 +60,7 @@ def scratch(role: str, shape: Sequence[int], dtype: torch.dtype, device: torch.d
     numel = 1
     for n in shape:
         numel *= int(n)
-    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    nbytes = numel * dtype.itemsize
     if nbytes < MIN_POOLED_BYTES or device.type != "cpu" or not _eager():
         return torch.empty(tuple(shape), dtype=dtype, device=device)
     pool = current().buffers
