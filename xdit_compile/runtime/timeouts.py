@@ -62,7 +62,7 @@ def _frames(tb: TracebackType | None) -> Iterator[tuple[FrameType, int]]:
 
 
 # Runtime functions that issue a collective inline, named by the collective they issue.
-_ISSUES = {"scatter_heads": "all_to_all", "gather_heads": "all_to_all"}
+_ISSUES = {"scatter_heads": "all_to_all", "gather_heads": "all_to_all", "_pooled_all_to_all": "all_to_all"}
 
 
 def _from_runtime(frames: list[tuple[FrameType, int]]) -> tuple[str | None, Any, str | None]:

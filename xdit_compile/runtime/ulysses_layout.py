@@ -65,7 +65,7 @@ def scatter_heads(tensors: Sequence[torch.Tensor], group: Group, sizes: Sequence
         send = scratch(f"ulysses.send{t}", (n, s, t, b, hn, d), tensors[0].dtype, tensors[0].device)
         torch.stack(pieces, dim=2, out=send)
         _record("all_to_all", send, n)
-        flat = _exchange(send, recv_sizes, send_sizes, group, f"ulysses.recv{t}")
+        flat = _pooled_all_to_all(send, recv_sizes, send_sizes, group, f"ulysses.recv{t}")
     else:
         send = torch.stack(pieces, dim=2)
         _record("all_to_all", send, n)
@@ -85,7 +85,7 @@ def gather_heads(out: torch.Tensor, group: Group, sizes: Sequence[int]) -> torch
     _record("all_to_all", send, n)
     recv_sizes, send_sizes = [s * per_position] * n, [sizes[j] * per_position for j in range(n)]
     if pooling(out):
-        flat = _exchange(send, recv_sizes, send_sizes, group, "ulysses.back")
+        flat = _pooled_all_to_all(send, recv_sizes, send_sizes, group, "ulysses.back")
     else:
         flat = _waited(funcol.all_to_all_single(send.view(-1), recv_sizes, send_sizes, group))
     # [N, s, B, h, Dv] -> [B, s, N, h, Dv]: the one copy on this side.
@@ -93,7 +93,7 @@ def gather_heads(out: torch.Tensor, group: Group, sizes: Sequence[int]) -> torch
     return back.transpose(1, 2)
 
 
-def _exchange(send: torch.Tensor, recv_sizes: list[int], send_sizes: list[int], group: Group,
+def _pooled_all_to_all(send: torch.Tensor, recv_sizes: list[int], send_sizes: list[int], group: Group,
               role: str) -> torch.Tensor:
     """Eager all-to-all of ``send`` (contiguous) into a pooled receive buffer; the same
     collective as ``funcol.all_to_all_single``, which would allocate the receive side itself."""
