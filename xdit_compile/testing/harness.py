@@ -108,7 +108,7 @@ def run_spmd(
 
     With ``XDIT_SPMD_REUSE=1`` in the environment (the test suite sets it) and neither ``env``
     nor ``fresh=True`` given, the call runs on ranks kept from an earlier call of the same world
-    size, backend and timeout (:mod:`xdit_compile.testing.pool`): the same contract, without
+    size and backend (:mod:`xdit_compile.testing.pool`): the same contract, without
     paying each spawn again.
     """
     if world_size < 1:

@@ -3,7 +3,9 @@
 A spawned rank costs seconds before it runs anything (interpreter, torch, diffusers, the process
 group, Dynamo's first compile). With ``XDIT_SPMD_REUSE=1`` in the environment (the test suite's
 ``conftest.py`` sets it), :func:`run_spmd` hands each call to a *pool* of ranks of the same world
-size, backend and timeout, started on first use and kept for the next call.
+size and backend, started on first use and kept for the next call. Each call's ``timeout`` is
+enforced by the parent as before (it kills the pool at the deadline); the ranks' default process
+group gets a long timeout of its own, so one pool serves calls with any deadline.
 
 Between two calls every rank puts back what a call may leave behind, so each call still starts
 from what a fresh rank would see:
@@ -51,7 +53,9 @@ MAX_POOLS = 2
 _FRESH_SEED = 67280421310721
 _READY = "ready"
 
-PoolKey = tuple[int, str, float]
+PoolKey = tuple[int, str]
+# The pooled ranks' default-group timeout: longer than any call's deadline, which the parent enforces.
+GROUP_TIMEOUT_S = 3600.0
 
 
 def reuse_enabled() -> bool:
@@ -118,7 +122,7 @@ def _worker_main(rank_: int, world: int, port: int, backend: str, timeout: float
 class _Pool:
     """``world`` spawned ranks that run one call after another."""
 
-    def __init__(self, world: int, backend: str, timeout: float) -> None:
+    def __init__(self, world: int, backend: str) -> None:
         ctx = get_context("spawn")
         port = free_port()
         self.procs: list[BaseProcess] = []
@@ -129,7 +133,7 @@ class _Pool:
             task_r, task_w = ctx.Pipe(duplex=False)
             report_r, report_w = ctx.Pipe(duplex=False)
             proc = ctx.Process(target=_worker_main, name=f"spmd-pool-rank{rank_}", daemon=True,
-                               args=(rank_, world, port, backend, timeout, task_r, report_w))
+                               args=(rank_, world, port, backend, GROUP_TIMEOUT_S, task_r, report_w))
             proc.start()
             task_r.close()
             report_w.close()
@@ -158,19 +162,19 @@ class _Pool:
             reader.close()
 
 
-# Live pools by (world size, backend, timeout), least recently used first.
+# Live pools by (world size, backend), least recently used first.
 _POOLS: OrderedDict[PoolKey, _Pool] = OrderedDict()
 
 
 def run_in_pool(fn: Callable[..., Any], world: int, args: tuple[Any, ...], *, timeout: float,
                 backend: str) -> list[Any]:
     """``run_spmd``'s pooled path: run ``fn(*args)`` on the pool's ranks; any failure ends the pool."""
-    key: PoolKey = (world, backend, float(timeout))
+    key: PoolKey = (world, backend)
     pool = _POOLS.pop(key, None)
     if pool is None:
         while len(_POOLS) >= MAX_POOLS:
             _POOLS.popitem(last=False)[1].close()
-        pool = _Pool(world, backend, timeout)
+        pool = _Pool(world, backend)
     try:
         results = pool.run(fn, args, timeout)
     except BaseException:
