@@ -24,11 +24,11 @@ package does not.
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 
 import pytest
 
+from tests.models.test_tensor_parallel import _sublayers
 from xdit_compile.testing.harness import run_spmd
 
 MODELS = [("examples.tiny_dits:make", "pixart"), ("examples.tiny_dits:make", "sd3"),
@@ -66,21 +66,6 @@ class SpResult:
     pointwise: tuple[int, int]  # norm + pointwise output elements on the residual streams: (this rank, one rank)
     norms: tuple[tuple[int, ...], tuple[int, ...]]  # each norm's output elements, in order: (this rank, one rank)
     report: str
-
-
-_BLOCK = re.compile(r"(^|\.)\w*blocks\.\d+$")
-
-
-def _sublayers(model) -> list:
-    out = []
-    for name, mod in model.named_modules():
-        if not _BLOCK.search(name):
-            continue
-        for child in mod.children():
-            cls = type(child).__name__
-            if cls.endswith("Attention") or cls in ("FeedForward",):
-                out.append(child)
-    return out
 
 
 def _received(records) -> float:

@@ -67,3 +67,19 @@ def test_env_and_fresh_calls_spawn_their_own_ranks() -> None:
     again = run_spmd(_dirty, 2, timeout=120.0)
     assert {r["pid"] for r in pooled}.isdisjoint(r["pid"] for r in fresh)
     assert [r["pid"] for r in pooled] == [r["pid"] for r in again]
+
+
+def _out_of_step() -> int:
+    """Both ranks return, but rank 0 issued one more collective on the default group (as a rank does
+    that timed out and caught it): the next call's collectives would pair up wrongly on these ranks."""
+    if dist.get_rank() == 0:
+        dist.broadcast(torch.ones(1), 0, async_op=True)
+    return os.getpid()
+
+
+def test_ranks_left_out_of_step_are_not_reused() -> None:
+    before = run_spmd(_out_of_step, 2, timeout=120.0)
+    after = run_spmd(_dirty, 2, timeout=120.0)
+    assert set(before).isdisjoint(r["pid"] for r in after)
+    again = run_spmd(_dirty, 2, timeout=120.0)
+    assert [r["pid"] for r in after] == [r["pid"] for r in again]

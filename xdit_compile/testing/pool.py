@@ -18,13 +18,16 @@ from what a fresh rank would see:
 
 Anything going wrong ends the pool: a rank that raises, dies or misses the deadline takes every
 rank of its pool down (the parent kills them as ``run_spmd`` always did), and the next call starts
-a fresh one. So a broken call can never leave a half-finished collective for the next one.
+a fresh one. So does a call whose ranks all returned but did not issue the same collectives on the
+default group, or the same number of xdit_compile agreement rounds (a test that provokes a timeout
+and catches it): their next collectives would pair up wrongly, so those ranks are not reused.
 Calls with ``env=`` (read at a rank's start) always get fresh ranks.
 """
 
 from __future__ import annotations
 
 import atexit
+import copy
 import gc
 import os
 import sys
@@ -88,6 +91,15 @@ def _reset_rank(environ: dict[str, str], modules: set[str]) -> None:
     gc.collect()
 
 
+def _marks() -> tuple[int, int]:
+    """What must be equal on every rank for the next call to pair up: the collectives issued on the
+    default group, and xdit_compile's agreement rounds (they name the store keys)."""
+    seq = dist.distributed_c10d._get_default_group()._get_sequence_number_for_group()
+    agreement = sys.modules.get("xdit_compile.runtime.agreement")
+    rounds = next(copy.copy(agreement._SEQ)) if agreement is not None else 0  # peek, do not advance
+    return int(seq), int(rounds)
+
+
 def _worker_main(rank_: int, world: int, port: int, backend: str, timeout: float,
                  tasks: connection.Connection, reports: connection.Connection) -> None:
     """One pooled rank: join the group, then run calls until the parent closes the task pipe."""
@@ -107,7 +119,7 @@ def _worker_main(rank_: int, world: int, port: int, backend: str, timeout: float
         modules = set(sys.modules)
         try:
             fn, args = loads(data)
-            report = Report(rank_, True, detach_result(fn(*args)))
+            report = Report(rank_, True, (detach_result(fn(*args)), _marks()))
             payload = dumps(report)
         except BaseException:  # noqa: BLE001 - every failure must reach the parent as text
             report = Report(rank_, False, traceback.format_exc())
@@ -129,6 +141,7 @@ class _Pool:
         self.tasks: list[connection.Connection] = []
         self.reports: list[connection.Connection] = []
         self.ready = False
+        self.broken = False  # the last call left the ranks out of step: end the pool after it
         for rank_ in range(world):
             task_r, task_w = ctx.Pipe(duplex=False)
             report_r, report_w = ctx.Pipe(duplex=False)
@@ -149,7 +162,9 @@ class _Pool:
         data = dumps((fn, args))
         for writer in self.tasks:
             writer.send_bytes(data)
-        return collect(fn, self.procs, self.reports, deadline, timeout)
+        results = collect(fn, self.procs, self.reports, deadline, timeout)
+        self.broken = len({marks for _, marks in results}) > 1
+        return [result for result, _ in results]
 
     def close(self) -> None:
         for writer in self.tasks:
@@ -180,7 +195,10 @@ def run_in_pool(fn: Callable[..., Any], world: int, args: tuple[Any, ...], *, ti
     except BaseException:
         pool.close()
         raise
-    _POOLS[key] = pool
+    if pool.broken:
+        pool.close()
+    else:
+        _POOLS[key] = pool
     return results
 
 
