@@ -10,7 +10,8 @@ group gets a long timeout of its own, so one pool serves calls with any deadline
 Between two calls every rank puts back what a call may leave behind, so each call still starts
 from what a fresh rank would see:
 
-- Dynamo's caches (``torch._dynamo.reset``) and xdit_compile's context (``context.reset``);
+- Dynamo's caches and counters (``torch._dynamo.reset``, ``utils.counters``: the plan report reads
+  graph breaks from them) and xdit_compile's context (``context.reset``);
 - the process groups the call created (destroyed after a barrier, so no peer still uses them);
 - ``os.environ``, torch's default dtype, grad mode and the default generator's seed;
 - modules a call put into ``sys.modules`` by hand (stand-ins for flash-attn / xformers, which a
@@ -76,6 +77,7 @@ def _reset_rank(environ: dict[str, str], modules: set[str]) -> None:
         if getattr(module, "__file__", None) is None and getattr(module, "__spec__", None) is None:
             del sys.modules[name]
     torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()  # graph breaks are read from them (report.graph_breaks)
     context = sys.modules.get("xdit_compile.context")
     if context is not None:
         context.reset()
