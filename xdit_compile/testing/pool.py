@@ -13,6 +13,8 @@ from what a fresh rank would see:
 - Dynamo's caches and counters (``torch._dynamo.reset``, ``utils.counters``: the plan report reads
   graph breaks from them) and xdit_compile's context (``context.reset``);
 - the process groups the call created (destroyed after a barrier, so no peer still uses them);
+- Dynamo's and inductor's config entries a call set without restoring them (e.g. capturing
+  data-dependent ops, which turns a later test's graph break into no break);
 - ``os.environ``, torch's default dtype, grad mode and the default generator's seed;
 - modules a call put into ``sys.modules`` by hand (stand-ins for flash-attn / xformers, which a
   later ``import diffusers`` would probe).
@@ -67,7 +69,23 @@ def reuse_enabled() -> bool:
     return os.environ.get(REUSE_ENV, "0") == "1"
 
 
-def _reset_rank(environ: dict[str, str], modules: set[str]) -> None:
+def _configs() -> list[Any]:
+    """torch's config modules a call may change for good (``torch._dynamo.config.x = ...``)."""
+    import torch._inductor.config
+
+    return [torch._dynamo.config, torch._inductor.config]
+
+
+def _restore(config: Any, saved: dict[str, Any]) -> None:
+    """Set back the entries of ``config`` that differ from ``saved`` (only those: setting a
+    deprecated entry warns)."""
+    now = config.get_config_copy()
+    for name, value in saved.items():
+        if now.get(name) != value:
+            setattr(config, name, value)
+
+
+def _reset_rank(environ: dict[str, str], modules: set[str], configs: list[dict[str, Any]]) -> None:
     """Put back what a call may change in a rank, so the next call sees a fresh rank's state."""
     dist.barrier()  # every peer is done with this call's groups before any is destroyed
     for name in set(sys.modules) - modules:
@@ -78,6 +96,8 @@ def _reset_rank(environ: dict[str, str], modules: set[str]) -> None:
             del sys.modules[name]
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()  # graph breaks are read from them (report.graph_breaks)
+    for config, saved in zip(_configs(), configs):
+        _restore(config, saved)
     context = sys.modules.get("xdit_compile.context")
     if context is not None:
         context.reset()
@@ -112,6 +132,7 @@ def _worker_main(rank_: int, world: int, port: int, backend: str, timeout: float
         reports.send_bytes(dumps(Report(rank_, False, traceback.format_exc())))
         return
     environ = dict(os.environ)
+    configs = [config.get_config_copy() for config in _configs()]
     reports.send_bytes(dumps(Report(rank_, True, _READY)))
     while True:
         try:
@@ -129,7 +150,7 @@ def _worker_main(rank_: int, world: int, port: int, backend: str, timeout: float
         reports.send_bytes(payload)
         if not report.ok:
             break  # the parent ends the pool; peers may be stuck in this call's collectives
-        _reset_rank(environ, modules)
+        _reset_rank(environ, modules, configs)
     dist.destroy_process_group()
 
 
